@@ -1,0 +1,113 @@
+"""Quantized compute, one module per backend, behind one small interface.
+
+Every quantized weight arrives here in one canonical form, `PackedWeight` (the GPTQ
+layout with true zero points), whatever checkpoint format it came from. A backend turns
+it into an `nn.Module` computing `x @ W.T + b` with its own packing, once, at load.
+The model code never knows which backend runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PackedWeight:
+    """A weight W [out_features, in_features] quantized per group along the input dim.
+
+    qweight int32 [K*bits/32, N]: packed along K, low bits first.
+    qzeros  int32 [groups, N*bits/32]: packed along N, **true** zero points (GPTQ v2).
+    scales  [groups, N] (fp16 in files; any float here).
+    g_idx   int32 [K] or None (None means g_idx[k] = k // group_size).
+    W[n, k] = scales[g, n] * (q[k, n] - zero[g, n]) with g = g_idx[k].
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def group_index(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def has_act_order(self) -> bool:
+        """True when g_idx is not the plain k // group_size (desc_act checkpoints)."""
+        if self.g_idx is None:
+            return False
+        plain = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+        return not torch.equal(self.g_idx.long(), plain)
+
+    def nbytes(self) -> int:
+        ts = [self.qweight, self.qzeros, self.scales, self.g_idx, self.bias]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, C] packed along dim 0 (low bits first) -> int32 [R*32/bits, C]."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    vals = (packed.unsqueeze(1) >> shifts.view(1, per, 1)) & ((1 << bits) - 1)
+    return vals.reshape(packed.shape[0] * per, packed.shape[1])
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, C] packed along dim 1 (low bits first) -> int32 [R, C*32/bits]."""
+    return unpack_rows(packed.t().contiguous(), bits).t().contiguous()
+
+
+def pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of unpack_rows: int [R, C] with values < 2**bits -> int32 [R*bits/32, C]."""
+    per = 32 // bits
+    v = vals.to(torch.int64).reshape(-1, per, vals.shape[1])
+    shifts = torch.arange(0, 32, bits, device=vals.device, dtype=torch.int64).view(1, per, 1)
+    packed = (v << shifts).sum(dim=1)
+    # Back to int32 with two's-complement wrap for values >= 2**31.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def pack_cols(vals: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_rows(vals.t().contiguous(), bits).t().contiguous()
+
+
+def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [out_features, in_features] in `dtype`: the exact reference every backend must match."""
+    q = unpack_rows(w.qweight, w.bits)  # [K, N]
+    z = unpack_cols(w.qzeros, w.bits)[:, : w.out_features]  # [G, N]
+    g = w.group_index()
+    s = w.scales.to(torch.float32)
+    wf = (q - z[g]).to(torch.float32) * s[g]
+    return wf.t().contiguous().to(dtype)
+
+
+BACKENDS = {
+    # name -> module implementing `make(w: PackedWeight, dtype) -> nn.Module` and `available() -> str|None`
+    "torch": "lowvram.kernels.torch_ref",
+}
+
+
+def make_linear(w: PackedWeight, backend: str = "torch", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A module computing x @ dequantize(w).T + bias with the named backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
+    mod = importlib.import_module(BACKENDS[backend])
+    why = mod.available()
+    if why:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    return mod.make(w, dtype)

@@ -1,0 +1,168 @@
+"""Build a GLM on the meta device and fill it from a checkpoint, tensor by tensor."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import FUSED_PARTS, Checkpoint, CheckpointError, map_name
+from .config import GLMConfig, load_config
+from .models.glm import GLM
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "weight_scale")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype:
+    """None picks the fast dtype of the device: bf16 on CPU (AMX/AVX512-BF16), fp16 on MPS, bf16/fp16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not understood; use one of float32, float16, bfloat16")
+        return DTYPES[dtype]
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def layer_devices(placement, device: str, num_layers: int) -> list[torch.device]:
+    """One device per block. `placement` is None (all on `device`), a list of devices, or
+    a string like "cuda:0=0-19,cpu=20-39". Names like cpu:1 are distinct targets on one CPU."""
+    if placement is None:
+        return [torch.device(device)] * num_layers
+    if isinstance(placement, (list, tuple)):
+        if len(placement) != num_layers:
+            raise ValueError(f"placement lists {len(placement)} devices for {num_layers} layers")
+        return [torch.device(_phys(d)) for d in placement]
+    out: list[torch.device | None] = [None] * num_layers
+    for part in str(placement).split(","):
+        target, _, rng = part.strip().partition("=")
+        if not rng:
+            raise ValueError(f"placement {placement!r}: expected TARGET=FIRST-LAST[,...], got {part!r}")
+        a, _, b = rng.partition("-")
+        first, last = int(a), int(b or a)
+        if not 0 <= first <= last < num_layers:
+            raise ValueError(f"placement {placement!r}: range {rng} outside 0-{num_layers - 1}")
+        for i in range(first, last + 1):
+            out[i] = torch.device(_phys(target))
+    gaps = [i for i, d in enumerate(out) if d is None]
+    if gaps:
+        raise ValueError(f"placement {placement!r}: no device for layers {gaps}")
+    return out  # type: ignore[return-value]
+
+
+def _phys(target: str) -> str:
+    """cpu:N names a separate placement target but the same physical device."""
+    return "cpu" if str(target).startswith("cpu") else str(target)
+
+
+def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None, placement=None,
+          cfg: GLMConfig | None = None) -> tuple[GLM, GLMConfig, dict]:
+    """The network with every weight loaded; returns (net, config, load report)."""
+    cfg = cfg or load_config(path)
+    ckpt = Checkpoint(path)
+    dtype = resolve_dtype(dtype, device)
+    devs = layer_devices(placement, device, cfg.num_layers)
+    with torch.device("meta"):
+        net = GLM(cfg)
+    report = fill(net, ckpt, cfg, dtype, devs, backend)
+    net.eval()
+    return net, cfg, report
+
+
+def _target_device(name: str, devs: list[torch.device], first: torch.device, last: torch.device) -> torch.device:
+    if name.startswith("layers."):
+        return devs[int(name.split(".")[1])]
+    if name.startswith(("norm.", "output.")):
+        return last
+    if name.startswith("prefix."):
+        return first
+    return first
+
+
+def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
+         backend: str | None) -> dict:
+    expected = dict(net.named_parameters())
+    first, last = devs[0], devs[-1]
+    done: set[str] = set()
+    unexpected, misshaped, ignored = [], [], []
+    fused: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    quant: dict[str, dict] = defaultdict(lambda: defaultdict(dict))  # module -> slot -> suffix -> tensor
+    nparts = FUSED_PARTS.get(cfg.layout, 1)
+
+    def assign(name: str, t: torch.Tensor):
+        want = tuple(expected[name].shape)
+        if tuple(t.shape) != want:
+            misshaped.append(f"{name} (checkpoint {tuple(t.shape)}, expected {want})")
+            return
+        mod_name, _, pname = name.rpartition(".")
+        mod = net.get_submodule(mod_name)
+        dev = _target_device(name, devs, first, last)
+        mod._parameters[pname] = nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=False)
+        done.add(name)
+
+    for cname, t in ckpt.items():
+        mapped = map_name(cfg.layout, cname)
+        if mapped is None:
+            unexpected.append(cname)
+            continue
+        name, slot = mapped
+        if name is None or (name.startswith("vision.") and cfg.vision):
+            ignored.append(cname)
+            continue
+        mod_name, _, suffix = name.rpartition(".")
+        if suffix in QUANT_SUFFIXES or (suffix == "weight" and not torch.is_floating_point(t)):
+            quant[mod_name][slot or 0][suffix] = t
+            continue
+        if quant.get(mod_name) is not None and suffix == "bias":
+            quant[mod_name][slot or 0][suffix] = t
+            continue
+        if name not in expected:
+            unexpected.append(cname)
+            continue
+        if slot is not None:
+            fused[name][slot] = t
+            if len(fused[name]) == nparts:
+                assign(name, torch.cat([fused.pop(name)[i] for i in range(nparts)], dim=0))
+            continue
+        assign(name, t)
+
+    for name, parts in fused.items():
+        if name.rpartition(".")[0] in quant:  # a bias whose weight turned out quantized
+            for slot, t in parts.items():
+                quant[name.rpartition(".")[0]][slot]["bias"] = t
+        else:
+            misshaped.append(f"{name} (only parts {sorted(parts)} of {nparts} present)")
+
+    if quant:
+        from .quantized import build_linear
+
+        for mod_name, parts in quant.items():
+            lin = net.get_submodule(mod_name)
+            dev = _target_device(mod_name + ".weight", devs, first, last)
+            try:
+                new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{ckpt.dir}: quantized tensor {mod_name}: {e}") from None
+            parent, _, attr = mod_name.rpartition(".")
+            setattr(net.get_submodule(parent), attr, new)
+            done.update(n for n in expected if n.rpartition(".")[0] == mod_name)
+
+    missing = [n for n in expected if n not in done]
+    if missing or unexpected or misshaped:
+        msg = [f"{ckpt.dir}: checkpoint does not match its config ({cfg.generation}, layout {cfg.layout})"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+                msg.append(f"{label} {len(items)}: {', '.join(items[:8])}{more}")
+        raise CheckpointError("; ".join(msg))
+    return {"ignored": ignored, "quantized": sorted(quant), "dtype": dtype, "devices": devs}

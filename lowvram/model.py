@@ -1,0 +1,179 @@
+"""The public model object: positions and masks per generation, the KV cache, and generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .config import GLMConfig
+from .generate import Sampling, select
+from .models.glm import GLM
+
+
+class ContextError(ValueError):
+    """The input does not fit the model's context window."""
+
+
+class Model:
+    def __init__(self, net: GLM, config: GLMConfig, path: str | Path | None = None, tokenizer=None,
+                 report: dict | None = None, ctx: int | None = None):
+        self.net = net
+        self.config = config
+        self.path = Path(path) if path else None
+        self.tokenizer = tokenizer
+        self.report = report or {}
+        self.dtype = self.report.get("dtype", net.embed.weight.dtype)
+        self.ctx = min(ctx or config.max_length, config.max_length)
+        self.prefill_chunk = 512  # long prompts run in chunks so attention memory stays linear
+
+    # ---- positions and masks: the one place that knows each generation's scheme ----------
+
+    def positions(self, ids: list[int], start: int, n: int) -> torch.Tensor:
+        """Position ids of tokens start..start+n-1 of a sequence whose prompt is `ids` ([1, n] or [1, 2, n])."""
+        cfg = self.config
+        idx = torch.arange(start, start + n)
+        if cfg.rope != "2d":
+            return idx[None]
+        ctx_len, mask_pos = self._glm1_prompt(ids)
+        if ctx_len is None:  # no <sop>: plain text, plain positions
+            return torch.stack([idx, torch.zeros_like(idx)])[None]
+        pos = torch.where(idx < ctx_len, idx, torch.full_like(idx, mask_pos))
+        block = torch.where(idx < ctx_len, torch.zeros_like(idx), idx - ctx_len + 1)
+        return torch.stack([pos, block])[None]
+
+    def _glm1_prompt(self, ids: list[int]) -> tuple[int | None, int]:
+        """ChatGLM-6B: the prompt up to <sop> is bidirectional; generated positions stay at [gMASK]."""
+        cfg = self.config
+        if cfg.sop_token_id not in ids:
+            return None, 0
+        ctx_len = ids.index(cfg.sop_token_id)
+        mask_id = cfg.gmask_token_id if cfg.gmask_token_id in ids else cfg.mask_token_id
+        mask_pos = ids.index(mask_id) if mask_id in ids else ctx_len
+        return ctx_len, mask_pos
+
+    def _mask(self, ids: list[int], start: int, n: int) -> torch.Tensor | None:
+        """Bool [n, slots] over the cache (prefix slots first), or None for plain causal from slot 0."""
+        pre = self.config.pre_seq_len
+        bidir = (self._glm1_prompt(ids)[0] or 0) if self.config.rope == "2d" else 0
+        if n == 1:
+            return None  # one new token sees everything before it
+        if pre == 0 and start == 0 and bidir == 0:
+            return None
+        q = torch.arange(start, start + n)[:, None]
+        k = torch.arange(start + n)[None, :]
+        m = (k <= q) | (k < bidir)
+        return torch.cat([torch.ones(n, pre, dtype=torch.bool), m], dim=1)
+
+    # ---- the forward pass ------------------------------------------------------------------
+
+    def new_cache(self, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg, net = self.config, self.net
+        caches = []
+        for i in range(cfg.num_layers):
+            shape = (1, cfg.num_kv_heads, slots, cfg.head_dim)
+            dev = net.layer_device(i)
+            caches.append((torch.zeros(shape, dtype=self.dtype, device=dev), torch.zeros(shape, dtype=self.dtype, device=dev)))
+        if net.prefix is not None:
+            pkv = net.prefix().to(self.dtype)
+            P = cfg.pre_seq_len
+            for i, (k, v) in enumerate(caches):
+                k[0, :, :P] = pkv[2 * i].to(k.device)
+                v[0, :, :P] = pkv[2 * i + 1].to(v.device)
+        return caches
+
+    def forward(self, ids: list[int], start: int, n: int, caches) -> torch.Tensor:
+        """Hidden states [n, hidden] of tokens start..start+n-1, written into the cache, in prefill chunks."""
+        P = self.config.pre_seq_len
+        outs = []
+        for s in range(start, start + n, self.prefill_chunk):
+            m = min(self.prefill_chunk, start + n - s)
+            tok = torch.tensor(ids[s : s + m])[None]
+            h = self.net.hidden(tok, self.positions(ids, s, m), caches, P + s, self._mask(ids, s, m))
+            outs.append(h[0])
+        return torch.cat(outs)
+
+    def _check_len(self, n: int):
+        if n > self.ctx:
+            raise ContextError(f"input has {n} tokens but the context window is {self.ctx} tokens "
+                               f"(model {self.config.generation}, max {self.config.max_length})")
+        if n == 0:
+            raise ValueError("input_ids is empty")
+
+    @staticmethod
+    def _as_list(input_ids) -> list[int]:
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 1:
+                raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
+            return input_ids.tolist()
+        return [int(i) for i in input_ids]
+
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        """fp32 logits [len(input_ids), vocab] from one full forward pass."""
+        ids = self._as_list(input_ids)
+        self._check_len(len(ids))
+        caches = self.new_cache(self.config.pre_seq_len + len(ids))
+        h = self.forward(ids, 0, len(ids), caches)
+        return self.net.head(h).float().cpu()
+
+    def stream_generate(self, input_ids, max_new_tokens: int = 256, do_sample: bool = False,
+                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                        repetition_penalty: float = 1.0, seed: int | None = None,
+                        stop_token_ids=None) -> Iterator[int]:
+        """New token ids one at a time; stops at a stop id (not yielded), max_new_tokens, or the context end."""
+        params = Sampling(do_sample, temperature, top_p, top_k, repetition_penalty, seed)
+        ids = self._as_list(input_ids)
+        self._check_len(len(ids))
+        stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        return self._stream(ids, max_new_tokens, params, stops)
+
+    @torch.inference_mode()
+    def _stream(self, ids: list[int], max_new_tokens: int, params: Sampling, stops: set[int]) -> Iterator[int]:
+        total = min(self.ctx, len(ids) + max_new_tokens)
+        caches = self.new_cache(self.config.pre_seq_len + total)
+        gen = params.generator()
+        seen = torch.tensor(ids, dtype=torch.long)
+        h = self.forward(ids, 0, len(ids), caches)[-1:]
+        while len(ids) < total:
+            nxt = select(self.net.head(h)[0].float().cpu(), params, seen, gen)
+            if nxt in stops:
+                return
+            yield nxt
+            ids.append(nxt)
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, torch.tensor([nxt])])
+            if len(ids) >= total:
+                return
+            h = self.forward(ids, len(ids) - 1, 1, caches)
+
+    def generate(self, input_ids, max_new_tokens: int = 256, **kw) -> list[int]:
+        """New token ids (stop id excluded); the KV cache makes each step one token's work."""
+        return list(self.stream_generate(input_ids, max_new_tokens=max_new_tokens, **kw))
+
+    def __repr__(self) -> str:
+        return f"Model({self.config.generation}, layers={self.config.num_layers}, dtype={self.dtype}, path={self.path})"
+
+
+def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None = None, placement=None,
+         ctx: int | None = None, chat_format: str | None = None, tokenizer: bool = True) -> Model:
+    """Load a checkpoint directory (original Hugging Face layout, or lowvram/GPTQ quantized)."""
+    from .loading import build
+
+    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement)
+    tok = None
+    if tokenizer:
+        tok = _try_tokenizer(path, cfg, chat_format)
+    return Model(net, cfg, path, tok, report, ctx)
+
+
+def _try_tokenizer(path, cfg, chat_format):
+    try:
+        from .tokenizer import load_tokenizer, TokenizerNotFound
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(path, chat_format=chat_format, config=cfg)
+    except TokenizerNotFound:
+        return None

@@ -1,0 +1,209 @@
+"""The GLM transformer, every text generation in one file.
+
+ChatGLM-6B, ChatGLM2/3, CodeGeeX2, GLM-4(-1M), glm-4-9b-chat-hf and GLM-4-0414 are the same
+decoder with a few switches taken from `GLMConfig`:
+
+* norm:     LayerNorm with bias (ChatGLM-6B) or RMSNorm computed in fp32 (all later ones)
+* residual: "deepnorm" (ChatGLM-6B: the residual is the *normalised* input times alpha),
+            "pre" (pre-norm), "sandwich" (GLM-4-0414: extra norms after attention and MLP)
+* qkv:      ChatGLM-6B interleaves q|k|v per head; later ones store all q rows, then k, then v,
+            with fewer kv heads (MQA/GQA)
+* RoPE:     "2d" (ChatGLM-6B: first half of each head rotates with the position, second half
+            with the block position, NeoX rotate-half, fp16 tables) or "interleaved" (GPT-J
+            pairs on the first `rotary_dim` dims of each head)
+* MLP:      tanh-GELU (ChatGLM-6B) or SwiGLU with gate and up fused in one matrix
+
+Shapes: activations are [batch, time, features]; the KV cache is [batch, kv_heads, slots, head_dim].
+Layers may live on different devices (placement); the hidden state follows them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GLMConfig
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def rope_tables(cfg: GLMConfig, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions `pos` ([B, T], or [B, 2, T] for 2D RoPE), shaped to broadcast over heads."""
+    half = cfg.rotary_dim // 2
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.rotary_dim, 2, device=pos.device, dtype=torch.float32) / cfg.rotary_dim))
+    if cfg.rope == "2d":
+        # The original computes these tables in fp16, positions included.
+        f = pos.half().unsqueeze(-1) * inv.half()  # [B, 2, T, half]
+        f = torch.cat([f, f], dim=-1)  # NeoX layout: [freqs, freqs]
+        cos, sin = f.cos().float(), f.sin().float()
+        # -> [B, T, 1, 2, rotary_dim]: (position half, block-position half)
+        return cos.permute(0, 2, 1, 3).unsqueeze(2), sin.permute(0, 2, 1, 3).unsqueeze(2)
+    f = pos.float().unsqueeze(-1) * inv  # [B, T, half]
+    assert f.shape[-1] == half
+    return f.cos().unsqueeze(2), f.sin().unsqueeze(2)  # [B, T, 1, half]
+
+
+def apply_rope(cfg: GLMConfig, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, head_dim] -> same, rotated."""
+    if cfg.rope == "2d":
+        xs = x.unflatten(-1, (2, -1))  # two halves of head_dim
+        a, b = xs.chunk(2, dim=-1)  # NeoX rotate_half within each half
+        rot = torch.cat([-b, a], dim=-1)
+        return (xs * cos + rot * sin).to(x.dtype).flatten(-2)
+    r = cfg.rotary_dim
+    xr = x[..., :r].unflatten(-1, (-1, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([out.to(x.dtype), x[..., r:]], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.out = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.linear_bias)
+
+    def forward(self, x, rope, cache, start, mask):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = self.qkv(x)
+        if cfg.layout == "chatglm-v1":
+            q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)
+        else:
+            q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
+        q, k = apply_rope(cfg, q, *rope), apply_rope(cfg, k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            kc, vc = cache
+            kc[:, :, start : start + T] = k
+            vc[:, :, start : start + T] = v
+            k, v = kc[:, :, : start + T], vc[:, :, : start + T]
+        causal = mask is None and T > 1
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=G != H)
+        return self.out(o.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        n_up = 2 * cfg.ffn_hidden_size if self.swiglu else cfg.ffn_hidden_size
+        self.up = nn.Linear(cfg.hidden_size, n_up, bias=cfg.linear_bias)
+        self.down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.linear_bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.swiglu:
+            a, b = h.chunk(2, dim=-1)
+            return self.down(F.silu(a) * b)
+        return self.down(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.residual = cfg.residual
+        self.alpha = cfg.deepnorm_alpha
+        self.attn_norm = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg)
+        self.mlp = MLP(cfg)
+        if cfg.residual == "sandwich":
+            self.post_attn_norm = Norm(cfg)
+            self.post_mlp_norm = Norm(cfg)
+
+    def forward(self, x, rope, cache=None, start=0, mask=None):
+        if self.residual == "deepnorm":
+            h = self.attn_norm(x)
+            x = h * self.alpha + self.attn(h, rope, cache, start, mask)
+            h = self.mlp_norm(x)
+            return h * self.alpha + self.mlp(h)
+        a = self.attn(self.attn_norm(x), rope, cache, start, mask)
+        if self.residual == "sandwich":
+            a = self.post_attn_norm(a)
+        x = x + a
+        m = self.mlp(self.mlp_norm(x))
+        if self.residual == "sandwich":
+            m = self.post_mlp_norm(m)
+        return x + m
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2: learned keys/values for `pre_seq_len` virtual tokens in front of every prompt."""
+
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.num_layers * 2 * cfg.kv_size
+        if cfg.prefix_projection:
+            self.embedding = nn.Embedding(cfg.pre_seq_len, cfg.hidden_size)
+            self.trans = nn.Sequential(
+                nn.Linear(cfg.hidden_size, cfg.prefix_hidden_size), nn.Tanh(), nn.Linear(cfg.prefix_hidden_size, width)
+            )
+        else:
+            self.embedding = nn.Embedding(cfg.pre_seq_len, width)
+            self.trans = None
+
+    def forward(self) -> torch.Tensor:
+        """[num_layers*2, kv_heads, pre_seq_len, head_dim]; index 2l = keys of layer l, 2l+1 values."""
+        cfg = self.cfg
+        p = self.embedding.weight
+        if self.trans is not None:
+            p = self.trans(p)
+        return p.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.head_dim).permute(1, 2, 0, 3)
+
+
+class GLM(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = Norm(cfg)
+        self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.prefix = PrefixEncoder(cfg) if cfg.pre_seq_len else None
+
+    def layer_device(self, i: int) -> torch.device:
+        return self.layers[i].attn_norm.weight.device
+
+    def hidden(self, x, pos, caches=None, start=0, mask=None):
+        """Final-norm hidden states for embeddings or ids `x` at positions `pos`.
+
+        caches: one (k, v) pair per layer, written at slots [start, start+T); None = no cache.
+        mask: bool [T, start+T] (True = may attend), or None for plain causal.
+        """
+        if not torch.is_floating_point(x):
+            x = self.embed(x.to(self.embed.weight.device))
+        ropes = {}
+        for i, layer in enumerate(self.layers):
+            dev = self.layer_device(i)
+            if dev not in ropes:
+                ropes[dev] = rope_tables(self.cfg, pos.to(dev))
+            x = x.to(dev)
+            m = None if mask is None else mask.to(dev)
+            x = layer(x, ropes[dev], None if caches is None else caches[i], start, m)
+        return self.norm(x.to(self.norm.weight.device))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.embed.weight if self.output is None else self.output.weight
+        if self.output is None:
+            return F.linear(h.to(w.device), w)
+        return self.output(h.to(w.device))
