@@ -132,7 +132,8 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         if slot is not None:
             fused[name][slot] = t
             if len(fused[name]) == nparts:
-                assign(name, torch.cat([fused.pop(name)[i] for i in range(nparts)], dim=0))
+                parts = fused.pop(name)
+                assign(name, torch.cat([parts[i] for i in range(nparts)], dim=0))
             continue
         assign(name, t)
 

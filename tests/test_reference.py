@@ -116,7 +116,6 @@ def test_reference_hidden_states(fname, fmt, tmp_path):
         h = model.forward(ids, start, len(x), cache)
         start += len(x)
         err = (h - y).abs().max().item()
-        print(fname, start, err)
         assert err < TOL, f"{fname} step at {start}: max abs error {err:.2e}"
 
 

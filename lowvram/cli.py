@@ -1,0 +1,61 @@
+"""`lowvram` command line: each subcommand lives beside the feature it drives and is imported on use."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). The module defines `<name>_arguments(parser)` and `<name>_main(args) -> int`.
+COMMANDS = {
+    "info": ("lowvram.info", "show a checkpoint's generation, size and tensors"),
+    "chat": ("lowvram.chat_cli", "chat with a model in the terminal"),
+    "generate": ("lowvram.chat_cli", "continue a raw prompt"),
+    "quantize": ("lowvram.converters.quantize", "quantize a checkpoint to INT8/INT4 (RTN or GPTQ)"),
+    "bench": ("lowvram.bench", "measure prefill, decode, load time and memory"),
+    "plan": ("lowvram.plan", "show where every block goes for a memory budget"),
+}
+
+
+def _module(name: str):
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="lowvram", description="Run GLM models quantized on the hardware you own.")
+    p.add_argument("--version", action="version", version=f"lowvram {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        try:
+            getattr(_module(name), f"{name}_arguments")(sp)
+        except (ImportError, AttributeError):
+            sp.set_defaults(_unavailable=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.command:
+        parser().print_help()
+        return 2
+    if getattr(args, "_unavailable", False):
+        print(f"lowvram: error: command {args.command!r} is not available in this build", file=sys.stderr)
+        return 2
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        return int(getattr(_module(args.command), f"{args.command}_main")(args) or 0)
+    except KeyboardInterrupt:
+        print("\nlowvram: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"lowvram: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
