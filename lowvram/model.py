@@ -152,6 +152,26 @@ class Model:
         """New token ids (stop id excluded); the KV cache makes each step one token's work."""
         return list(self.stream_generate(input_ids, max_new_tokens=max_new_tokens, **kw))
 
+    # ---- chat: thin wrappers over lowvram/chat.py ---------------------------------------------
+
+    def chat(self, query_or_messages, history=None, **gen):
+        """(response, history), THUDM style: a query string + history, or a list of messages."""
+        from .chat import chat
+
+        return chat(self, query_or_messages, history, **gen)
+
+    def stream_chat(self, query_or_messages, history=None, **gen):
+        """A ChatStream: iterate for text deltas, then read .response / .history / .message."""
+        from .chat import stream_chat
+
+        return stream_chat(self, query_or_messages, history, **gen)
+
+    def chat_completion(self, messages, tools=None, **gen) -> dict:
+        """An OpenAI-shaped assistant message (content and/or tool_calls)."""
+        from .chat import chat_completion
+
+        return chat_completion(self, messages, tools=tools, **gen)
+
     def __repr__(self) -> str:
         return f"Model({self.config.generation}, layers={self.config.num_layers}, dtype={self.dtype}, path={self.path})"
 
@@ -165,6 +185,10 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
     tok = None
     if tokenizer:
         tok = _try_tokenizer(path, cfg, chat_format)
+        if tok is not None:  # ChatGLM2 and ChatGLM3 share config.json: the tokenizer files decide
+            from .tokenizer import generation_for
+
+            cfg.generation = generation_for(tok, cfg.generation)
     return Model(net, cfg, path, tok, report, ctx)
 
 

@@ -1,0 +1,472 @@
+"""Tokenizers of every GLM generation, read from the files that ship with each checkpoint.
+
+No remote code runs: the sentencepiece / tiktoken / tokenizers files are read as data, and the
+few rules the original Python tokenizers added on top (ChatGLM-6B's whitespace pieces and
+full-width punctuation, the special ids numbered after the vocabulary) are re-stated here.
+
+  ChatGLM-6B         ice_text.model (sentencepiece, specials are pieces)     text + [gMASK] <sop>
+  ChatGLM2/3, CodeGeeX2  tokenizer.model (sentencepiece), specials after it  [gMASK] sop + text
+  GLM-4 / GLM-4V     tokenizer.model (base64 ranks, tiktoken), 14 specials    [gMASK] <sop> + text
+  glm / glm4 (HF)    tokenizer.json (the `tokenizers` package)                [gMASK] <sop> + text
+
+Chat formats (the prompt layout) live in `lowvram.chat`; `Tokenizer.apply_chat_template`
+delegates there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+CHAT_FORMATS = ("chatglm", "chatglm2", "chatglm3", "glm4")
+
+# Default for a ChatGLM2-architecture checkpoint whose files do not say 2 or 3 (same config, same
+# tokenizer.model): ChatGLM3 is the more common release; pass chat_format="chatglm2" to override.
+DEFAULT_CHATGLM2_FAMILY_FORMAT = "chatglm3"
+
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                 "<|begin_of_video|>", "<|end_of_video|>")
+GLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+GLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+GLM1_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
+
+
+class TokenizerNotFound(FileNotFoundError):
+    """The directory holds no tokenizer files (the model then loads without a tokenizer)."""
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that exist but cannot be read, or contradict each other."""
+
+
+# ---- incremental decoding --------------------------------------------------------------------
+
+
+class StreamDecoder:
+    """Text deltas of a growing id sequence that never split a UTF-8 character.
+
+    Decodes a short window (the last emitted token and the new ones) rather than the whole
+    sequence; a delta is released only when the window no longer ends in U+FFFD (an incomplete
+    multi-byte character) and, where the tokenizer post-processes text, when the tail can no
+    longer change (`Tokenizer._unstable_tail`).
+    """
+
+    def __init__(self, tok: "Tokenizer", skip_special_tokens: bool = True):
+        self.tok = tok
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids before this were released
+        self.held = ""  # released by the window but held back by the post-processing rule
+        self.last = ""  # last character handed out (context for post-processing)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prev = self.tok._decode_raw(self.ids[self.prefix:self.read], self.skip)
+        new = self.tok._decode_raw(self.ids[self.prefix:], self.skip)
+        if new.endswith("\ufffd") or len(new) <= len(prev) or not new.startswith(prev):
+            if not new.startswith(prev) and not new.endswith("\ufffd"):
+                # the window re-segmented (should not happen with these tokenizers): resync on it
+                self.prefix, self.read = len(self.ids) - 1, len(self.ids) - 1
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._release(new[len(prev):], final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held; an invalid byte sequence at the end comes out as U+FFFD, as in decode()."""
+        prev = self.tok._decode_raw(self.ids[self.prefix:self.read], self.skip)
+        new = self.tok._decode_raw(self.ids[self.prefix:], self.skip)
+        out = self._release(new[len(prev):] if len(new) > len(prev) else "", final=True)
+        self.ids, self.prefix, self.read = [], 0, 0
+        return out
+
+    def _release(self, delta: str, final: bool) -> str:
+        text = self.held + delta
+        keep = 0 if final else self.tok._unstable_tail(text)
+        ready, self.held = (text[: len(text) - keep], text[len(text) - keep:]) if keep else (text, "")
+        if not ready:
+            return ""
+        out = self.tok._post(ready, before=self.last, after=self.held[:1])
+        self.last = ready[-1]
+        return out
+
+
+# ---- the tokenizer ---------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """One interface over the three backends; subclasses supply the raw encode/decode."""
+
+    chat_format: str
+    prefix_ids: list[int]  # ids that open every prompt ([gMASK], sop)
+    suffix_ids: list[int]  # ids that close every prompt (ChatGLM-6B: [gMASK], <sop>)
+    special_ids: dict[str, int]
+    stop_ids: list[int]
+    path: Path | None = None
+
+    # subclass hooks
+    def _encode_raw(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def _post(self, text: str, before: str = "", after: str = "") -> str:
+        """Text post-processing applied on decode (ChatGLM-6B punctuation); identity elsewhere."""
+        return text
+
+    def _unstable_tail(self, text: str) -> int:
+        """How many trailing characters `_post` may still change once more text arrives."""
+        return 0
+
+    # public API
+    def encode(self, text: str) -> list[int]:
+        """Ids of plain text, no special tokens (special-token strings in the text stay text)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        return self._encode_raw(text) if text else []
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return self._post(self._decode_raw(ids, skip_special_tokens))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw (non-chat) prompt the way the original tokenizer frames it: prefix + text + suffix."""
+        return self.prefix_ids + self.encode(text) + self.suffix_ids
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> list[int]:
+        """Prompt ids of an OpenAI-style conversation in this generation's own format."""
+        from .chat import render
+
+        return render(self, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    def token_id(self, token: str) -> int:
+        if token not in self.special_ids:
+            raise KeyError(f"{token!r} is not a special token of this {self.chat_format} tokenizer "
+                           f"(has: {', '.join(self.special_ids)})")
+        return self.special_ids[token]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.chat_format}, vocab={self.vocab_size}, path={self.path})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """ChatGLM-6B (ice_text.model) and ChatGLM2/3/CodeGeeX2 (tokenizer.model)."""
+
+    def __init__(self, model_file: str | Path, chat_format: str):
+        import sentencepiece as spm
+
+        self.path = Path(model_file)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model_file))
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError with a C++ message
+            raise TokenizerError(f"{model_file}: not a sentencepiece model ({e})") from None
+        self.chat_format = chat_format
+        n = self.sp.GetPieceSize()
+        if chat_format == "chatglm":
+            missing = [t for t in ("[gMASK]", "<sop>", "<eop>", "<n>") if self.sp.PieceToId(t) == self.sp.unk_id()]
+            if missing:
+                raise TokenizerError(
+                    f"{model_file}: ChatGLM-6B ice_text.model without the pieces {missing}; this is the pre-2023-04 "
+                    "revision (icetk, 20000 image tokens) that lowvram does not read - use the current chatglm-6b files")
+            names = GLM1_SPECIALS
+            self.special_ids = {t: self.sp.PieceToId(t) for t in names}
+            self.prefix_ids, self.suffix_ids = [], [self.special_ids["[gMASK]"], self.special_ids["<sop>"]]
+            self.stop_ids = [self.special_ids["<eop>"]]
+            self._blank = re.compile(r"<\|blank_(\d+)\|>")
+        else:
+            names = GLM2_SPECIALS + (GLM3_ROLES if chat_format == "chatglm3" else ())
+            self.special_ids = {t: n + i for i, t in enumerate(names)}
+            self.prefix_ids, self.suffix_ids = [self.special_ids["[gMASK]"], self.special_ids["sop"]], []
+            eos = self.sp.eos_id() if self.sp.eos_id() >= 0 else 2
+            self.stop_ids = [eos] + ([self.special_ids["<|user|>"], self.special_ids["<|observation|>"]]
+                                     if chat_format == "chatglm3" else [])
+        self._by_id = {i: t for t, i in self.special_ids.items()}
+        self.vocab_size = n + (0 if chat_format == "chatglm" else len(names))
+
+    # ChatGLM-6B whitespace: \n -> <n>, \t -> <|tab|>, runs of 2-80 spaces -> <|blank_N|>
+    @staticmethod
+    def _glm1_pre(text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        return re.sub(r" {2,80}", lambda m: f"<|blank_{len(m.group())}|>", text)
+
+    def _glm1_undo(self, text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        return self._blank.sub(lambda m: " " * int(m.group(1)), text)
+
+    def _encode_raw(self, text: str) -> list[int]:
+        if self.chat_format == "chatglm":
+            text = self._glm1_pre(text)
+        return self.sp.EncodeAsIds(text)
+
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        n = self.sp.GetPieceSize()
+        out, run = [], []
+        for i in ids:
+            special = self._by_id.get(i)
+            if special is None and 0 <= i < n and not self.sp.IsControl(i):
+                run.append(i)
+                continue
+            if run:
+                out.append(self.sp.DecodeIds(run))
+                run = []
+            if special is not None and not skip_special_tokens:
+                out.append(special)
+            elif special is None and not (0 <= i < n):
+                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if run:
+            out.append(self.sp.DecodeIds(run))
+        text = "".join(out)
+        return self._glm1_undo(text) if self.chat_format == "chatglm" else text
+
+    # ChatGLM-6B turns ASCII punctuation next to a CJK character full-width (its process_response)
+    _PUNCT = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+
+    def _post(self, text: str, before: str = "", after: str = "") -> str:
+        if self.chat_format != "chatglm" or not any(p in text for p in self._PUNCT):
+            return text
+        s = before + text + after
+        cjk = lambda c: "\u4e00" <= c <= "\u9fff"  # noqa: E731
+        chars = list(s)
+        for i, c in enumerate(s):
+            if c in self._PUNCT and ((i > 0 and cjk(s[i - 1])) or (i + 1 < len(s) and cjk(s[i + 1]))):
+                chars[i] = self._PUNCT[c]
+        return "".join(chars)[len(before): len(s) - len(after)]
+
+    def _unstable_tail(self, text: str) -> int:
+        return 1 if self.chat_format == "chatglm" and text[-1:] in self._PUNCT else 0
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GLM-4 / GLM-4V: `tokenizer.model` is lines of `base64(token) rank`, BPE with the GLM-4 split."""
+
+    def __init__(self, model_file: str | Path, added: dict[str, int] | None = None):
+        import tiktoken
+
+        self.path = Path(model_file)
+        ranks = read_tiktoken_ranks(model_file)
+        n = len(ranks)
+        specials = {t: n + i for i, t in enumerate(GLM4_SPECIALS)}
+        for tok, i in (added or {}).items():  # tokenizer_config.json added_tokens_decoder is authoritative
+            specials[tok] = i
+        self.enc = tiktoken.Encoding(name=f"glm4-{self.path.parent.name}", pat_str=GLM4_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=specials)
+        self.chat_format = "glm4"
+        self.special_ids = specials
+        self._by_id = {i: t for t, i in specials.items()}
+        self.prefix_ids, self.suffix_ids = [specials["[gMASK]"], specials["<sop>"]], []
+        self.stop_ids = [specials["<|endoftext|>"], specials["<|user|>"], specials["<|observation|>"]]
+        self.vocab_size = max(n, max(specials.values()) + 1)
+        self._n = n
+
+    def _encode_raw(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        out, data = [], bytearray()
+        for i in ids:
+            special = self._by_id.get(i)
+            if special is None:
+                if not 0 <= i < self._n:
+                    raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+                data += self.enc.decode_single_token_bytes(i)
+                continue
+            if not skip_special_tokens:
+                out.append(data.decode("utf-8", errors="replace"))
+                out.append(special)
+                data = bytearray()
+        out.append(data.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer(Tokenizer):
+    """`glm` / `glm4` (transformers-native) checkpoints: tokenizer.json through the `tokenizers` package."""
+
+    def __init__(self, json_file: str | Path, eos_ids: list[int]):
+        try:
+            from tokenizers import Tokenizer as _T
+        except ImportError:
+            raise TokenizerError(f"{json_file}: reading tokenizer.json needs the 'tokenizers' package "
+                                 "(pip install tokenizers)") from None
+        self.path = Path(json_file)
+        try:
+            self.tk = _T.from_file(str(json_file))
+        except Exception as e:
+            raise TokenizerError(f"{json_file}: not a readable tokenizer.json ({e})") from None
+        self.chat_format = "glm4"
+        added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
+        self.special_ids = {t: added[t] for t in GLM4_SPECIALS if t in added}
+        for t in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>"):
+            if t not in self.special_ids:
+                raise TokenizerError(f"{json_file}: the special token {t} is not declared; not a GLM-4 tokenizer")
+        self.prefix_ids, self.suffix_ids = [self.special_ids["[gMASK]"], self.special_ids["<sop>"]], []
+        stops = list(eos_ids) or [self.special_ids[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
+                                   if t in self.special_ids]
+        self.stop_ids = stops
+        self._special_set = set(added.values())
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+
+    def _encode_raw(self, text: str) -> list[int]:
+        # The added-token matcher would turn "<|user|>" typed by a user into the role token: encode
+        # such strings in two halves so they stay text.
+        specials = [t for t in self.special_ids if t in text]
+        if not specials:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        out: list[int] = []
+        for piece in re.split("(" + "|".join(re.escape(t) for t in specials) + ")", text):
+            if piece in self.special_ids:
+                out += self.tk.encode(piece[:1], add_special_tokens=False).ids
+                out += self.tk.encode(piece[1:], add_special_tokens=False).ids
+            elif piece:
+                out += self.tk.encode(piece, add_special_tokens=False).ids
+        return out
+
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_set]
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+
+# ---- files and detection ---------------------------------------------------------------------
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split()
+            try:
+                tok, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+                if len(parts) != 2:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise TokenizerError(f"{path}:{n}: expected 'base64(token) rank', got {line[:60]!r}") from None
+            ranks[tok] = rank
+    if not ranks:
+        raise TokenizerError(f"{path}: empty tiktoken rank file")
+    return ranks
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    """GLM-4 tokenizer.model is text (`base64 rank` lines); ChatGLM2/3's is a sentencepiece protobuf."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    first = head.split(b"\n", 1)[0].split()
+    if len(first) != 2 or not first[1].isdigit():
+        return False
+    try:
+        base64.b64decode(first[0], validate=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def detect_chatglm2_family(directory: Path, raw_config: dict, tok_config: dict) -> tuple[str, str]:
+    """ChatGLM2 vs ChatGLM3 from the checkpoint's own metadata: (format, reason)."""
+    names = [str(raw_config.get("_name_or_path") or ""), str(tok_config.get("name_or_path") or ""),
+             str(tok_config.get("_name_or_path") or ""), directory.resolve().name]
+    for name in names:
+        low = name.lower()
+        if "chatglm3" in low:
+            return "chatglm3", f"name {name!r}"
+        if "chatglm2" in low or "codegeex2" in low:
+            return "chatglm2", f"name {name!r}"
+    texts = {"tokenizer_config.json": json.dumps(tok_config, ensure_ascii=False)}
+    for fname in ("tokenization_chatglm.py", "special_tokens_map.json", "tokenizer.json"):
+        p = directory / fname
+        if p.exists() and p.stat().st_size < 5_000_000:
+            texts[fname] = p.read_text(encoding="utf-8", errors="replace")
+    for fname, text in texts.items():
+        if "<|observation|>" in text or "<|assistant|>" in text:
+            return "chatglm3", f"{fname} declares the role tokens"
+    if tok_config.get("chat_template"):
+        return "chatglm3", "tokenizer_config.json has a chat_template"
+    if "[Round {}]\\n\\n问" in texts.get("tokenization_chatglm.py", "") or \
+            "[Round {}]\n\n问" in texts.get("tokenization_chatglm.py", ""):
+        return "chatglm2", "tokenization_chatglm.py builds [Round] prompts"
+    return DEFAULT_CHATGLM2_FAMILY_FORMAT, "undecidable from the files (default; override with chat_format=)"
+
+
+def load_tokenizer(path: str | Path, chat_format: str | None = None, config=None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (or a tokenizer file); `config` is a GLMConfig if known."""
+    p = Path(path)
+    directory = p if p.is_dir() else p.parent
+    if not directory.exists():
+        raise TokenizerNotFound(f"{directory}: no such directory")
+    if chat_format is not None and chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format={chat_format!r}: expected one of {', '.join(CHAT_FORMATS)}")
+    raw = getattr(config, "raw", None) or _read_json(directory / "config.json")
+    tok_config = _read_json(directory / "tokenizer_config.json")
+    files = {f: directory / f for f in ("ice_text.model", "tokenizer.model", "tokenizer.json")}
+    if p.is_file():
+        files = {p.name if p.suffix == ".json" else ("ice_text.model" if p.name == "ice_text.model" else
+                                                     "tokenizer.model"): p}
+    have = {k: v for k, v in files.items() if v.exists()}
+    if not have:
+        raise TokenizerNotFound(f"{directory}: no tokenizer files (ice_text.model, tokenizer.model or tokenizer.json)")
+
+    def check(fmt: str, allowed: tuple[str, ...], what: str):
+        if chat_format is not None and chat_format not in allowed:
+            raise ValueError(f"chat_format={chat_format!r} does not fit the {what} tokenizer in {directory} "
+                             f"(it speaks {' or '.join(allowed)})")
+
+    if "ice_text.model" in have:
+        check("chatglm", ("chatglm",), "ChatGLM-6B")
+        tok: Tokenizer = SentencePieceTokenizer(have["ice_text.model"], "chatglm")
+    elif "tokenizer.model" in have and _is_tiktoken_file(have["tokenizer.model"]):
+        check("glm4", ("glm4",), "GLM-4 (tiktoken)")
+        added = {}
+        for i, entry in (tok_config.get("added_tokens_decoder") or {}).items():
+            content = entry.get("content") if isinstance(entry, dict) else None
+            if content:
+                added[content] = int(i)
+        tok = TiktokenTokenizer(have["tokenizer.model"], added)
+    elif "tokenizer.model" in have:
+        if chat_format is not None:
+            check(chat_format, ("chatglm2", "chatglm3"), "ChatGLM2/3 (sentencepiece)")
+            fmt, reason = chat_format, "chat_format="
+        else:
+            fmt, reason = detect_chatglm2_family(directory, raw, tok_config)
+        tok = SentencePieceTokenizer(have["tokenizer.model"], fmt)
+        tok.format_reason = reason
+    else:
+        check("glm4", ("glm4",), "GLM-4 (tokenizer.json)")
+        eos = raw.get("eos_token_id")
+        eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+        gen = _read_json(directory / "generation_config.json").get("eos_token_id")
+        if gen is not None:
+            eos_ids = [int(e) for e in (gen if isinstance(gen, list) else [gen])]
+        tok = HFTokenizer(have["tokenizer.json"], eos_ids)
+    tok.format_reason = getattr(tok, "format_reason", "tokenizer files")
+    return tok
+
+
+def generation_for(tok: Tokenizer, current: str) -> str:
+    """The generation a ChatGLM2-architecture config really is, once the tokenizer has decided 2 vs 3."""
+    if tok.chat_format == "chatglm3" and current == "chatglm2-6b":
+        return "chatglm3-6b"
+    if tok.chat_format == "glm4" and current == "chatglm2-6b":
+        return "glm-4-9b-chat"  # a small GLM-4-format model (the vocabulary size made config.py guess 2)
+    return current
