@@ -306,22 +306,50 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def assemble(tok, segments: list[tuple[str, str]], tools=None) -> dict:
-    """The OpenAI assistant message from (metadata, body) segments of an answer."""
+def is_call(chat_format: str, metadata: str, tools=None) -> bool:
+    """Whether a segment with this metadata line is a tool call, as the original demos decide.
+
+    ChatGLM3: any metadata once tools are given, and always its code interpreter. GLM-4: the
+    metadata names one of the tools. Elsewhere the line is just text.
+    """
+    name = metadata.strip()
+    if not name:
+        return False
+    if chat_format == "chatglm3":
+        return bool(tools) or name == CODE_INTERPRETER
+    if chat_format == "glm4":
+        try:
+            return name in {fn["name"] for fn in functions_of(tools)}
+        except ValueError:
+            return False
+    return False
+
+
+def assemble(tok, segments: list[tuple[str, str]], tools=None, observation: bool = False) -> dict:
+    """The OpenAI assistant message from the (metadata, body) segments of an answer.
+
+    `observation`: the answer ended on <|observation|>, i.e. the model waits for a tool result; a
+    metadata segment is then parsed as a call even without `tools` (tools described in a system
+    prompt by hand), and kept as text too since it was streamed as text.
+    """
+    fmt = tok.chat_format
     texts, calls, errors = [], [], []
     for meta, body in segments:
-        if not meta.strip():
-            if body.strip():
-                texts.append(body.strip())
-            continue
-        parsed = parse_tool_call(tok.chat_format, meta, body, tools)
-        if "error" in parsed:
-            errors.append(parsed)
-            texts.append(f"{meta.strip()}\n{body.strip()}")
-        else:
+        call = is_call(fmt, meta, tools)
+        if not call:
+            text = (f"{meta}\n{body}" if meta.strip() else body).strip()
+            if text:
+                texts.append(text)
+            if not (observation and meta.strip() and fmt in ROLE_FORMATS):
+                continue
+        parsed = parse_tool_call(fmt, meta, body, tools)
+        if "error" not in parsed:
             calls.append({"id": new_call_id(), "type": "function",
                           "function": {"name": parsed["name"],
                                        "arguments": json.dumps(parsed["arguments"], ensure_ascii=False)}})
+        elif call:
+            errors.append(parsed)
+            texts.append(f"{meta.strip()}\n{body.strip()}")
     msg: dict = {"role": "assistant", "content": "\n".join(texts) if texts or not calls else None}
     if calls:
         msg["tool_calls"] = calls
@@ -332,9 +360,14 @@ def assemble(tok, segments: list[tuple[str, str]], tools=None) -> dict:
 
 
 def parse_response(tok, ids, tools=None) -> dict:
-    """The assistant message (content and/or tool_calls) of generated ids (stop id excluded)."""
-    segs = [_split_meta(tok, tok.decode(s)) for s in _segments(tok, [int(i) for i in ids])]
-    return assemble(tok, segs, tools)
+    """The assistant message (content and/or tool_calls) of generated ids (a final stop id may be included)."""
+    ids = [int(i) for i in ids]
+    observation = tok.special_ids.get("<|observation|>")
+    ended = bool(ids) and observation is not None and ids[-1] == observation
+    if ids and ids[-1] in tok.stop_ids:
+        ids = ids[:-1]
+    segs = [_split_meta(tok, tok.decode(s)) for s in _segments(tok, ids)]
+    return assemble(tok, segs, tools, observation=ended)
 
 
 # ---- streaming ------------------------------------------------------------------------------
@@ -343,8 +376,8 @@ def parse_response(tok, ids, tools=None) -> dict:
 class _Answer:
     """Consumes generated ids; hands out content deltas whose concatenation is the final content."""
 
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, tools=None):
+        self.tok, self.tools = tok, tools
         self.role = tok.chat_format in ROLE_FORMATS
         self.split = tok.token_id("<|assistant|>") if self.role else None
         self.ids: list[int] = []
@@ -355,8 +388,8 @@ class _Answer:
     def _new_segment(self):
         self.dec = self.tok.stream_decoder()
         self.text = ""
-        self.meta = None if self.role else ""
-        self.sent = 0  # chars of this segment's stripped body already handed out
+        self.meta = None if self.role else ""  # None until the metadata line is complete
+        self.sent = 0  # chars of this segment's stripped text already handed out
         self.started = False
 
     def push(self, token_id: int) -> str:
@@ -374,8 +407,7 @@ class _Answer:
     def _close(self) -> str:
         self.text += self.dec.flush()
         out = self._delta(final=True)
-        meta, body = (self.meta, self._body()) if self.meta is not None else ("", self.text)
-        self.done.append((meta, body))
+        self.done.append((self.meta, self._body()))
         return out
 
     def _body(self) -> str:
@@ -387,12 +419,13 @@ class _Answer:
                 self.meta = self.text.split("\n", 1)[0]
             elif final:
                 self.meta = ""  # no metadata line at all: the whole segment is text
-                self.text = "\n" + self.text if self.role else self.text
+                self.text = "\n" + self.text
             else:
                 return ""
-        if self.meta.strip():
+        if is_call(self.tok.chat_format, self.meta, self.tools):
             return ""  # a tool call: not streamed as text
-        ready = self._body().strip()
+        body = self._body()
+        ready = (f"{self.meta}\n{body}" if self.meta.strip() else body).strip()
         if len(ready) <= self.sent:
             return ""
         out = ready[self.sent:]
@@ -425,9 +458,13 @@ class ChatStream:
         room = model.ctx - len(self.prompt_ids)
         self.max_new_tokens = room if max_new_tokens is None else min(int(max_new_tokens), max(room, 0))
         stops = tok.stop_ids if stop_token_ids is None else list(stop_token_ids)
+        # <|observation|> ends the answer too, but this class sees it: it marks a tool call
+        obs = tok.special_ids.get("<|observation|>")
+        self._observation_id = obs if obs in stops else None
         self._tokens = model.stream_generate(self.prompt_ids, max_new_tokens=self.max_new_tokens,
-                                             stop_token_ids=stops, **sampling)
-        self._answer = _Answer(tok)
+                                             stop_token_ids=[i for i in stops if i != obs], **sampling)
+        self._answer = _Answer(tok, tools)
+        self.ended_on_observation = False
         self._cancel = threading.Event()
         self._should_stop = should_stop.is_set if hasattr(should_stop, "is_set") else should_stop
         self._history_style, self._query = history_style, query
@@ -449,6 +486,11 @@ class ChatStream:
                 n = len(self._answer.ids)
                 self._finish("length" if n >= self.max_new_tokens else "stop")
                 break
+            if token == self._observation_id:
+                self.ended_on_observation = True
+                self._tokens.close()
+                self._finish("stop")
+                break
             delta = self._answer.push(token)
             if delta:
                 return delta
@@ -469,7 +511,7 @@ class ChatStream:
 
     def _finish(self, reason: str):
         self._tail += self._answer.finish()
-        self.message = assemble(self.tok, self._answer.done, self.tools)
+        self.message = assemble(self.tok, self._answer.done, self.tools, observation=self.ended_on_observation)
         self.finish_reason = "tool_calls" if self.message.get("tool_calls") and reason == "stop" else reason
 
     def run(self) -> "ChatStream":

@@ -36,12 +36,12 @@ def glm4(tmp_path_factory):
     return lowvram.load_tokenizer(write_glm4_tokenizer(tmp_path_factory.mktemp("glm4")))
 
 
-def stream(tok, ids):
-    ans = _Answer(tok)
+def stream(tok, ids, tools=TOOLS):
+    ans = _Answer(tok, tools)
     deltas = [ans.push(i) for i in ids] + [ans.finish()]
     from lowvram.chat import assemble
 
-    return "".join(deltas), assemble(tok, ans.done, TOOLS)
+    return "".join(deltas), assemble(tok, ans.done, tools)
 
 
 def args_of(msg):
@@ -164,7 +164,6 @@ def test_glm4_plain_answer_streams(glm4):
     ("get_weather", '{"city_name": "北京"', "not valid JSON"),
     ("get_weather", '["北京"]', "must be a JSON object"),
     ("get_weather", "北京", "not valid JSON"),
-    ("send_email", '{"to": "x"}', "not among the tools"),
 ])
 def test_glm4_malformed_answers(glm4, name, body, why):
     err = parse_tool_call("glm4", name, body, TOOLS)
@@ -172,6 +171,24 @@ def test_glm4_malformed_answers(glm4, name, body, why):
     msg = parse_response(glm4, glm4.encode(f"{name}\n{body}"), TOOLS)
     assert msg["error"]["type"] == "tool_call_parse_error" and "tool_calls" not in msg
     assert msg["content"] == f"{name}\n{body}"
+
+
+def test_glm4_first_line_that_names_no_tool_is_text(glm4):
+    # as GLM-4's own server decides: a call only when the first line names one of the tools
+    assert "not among the tools" in parse_tool_call("glm4", "send_email", '{"to": "x"}', TOOLS)["error"]
+    text, msg = stream(glm4, glm4.encode('send_email\n{"to": "x"}'))
+    assert msg == {"role": "assistant", "content": 'send_email\n{"to": "x"}'} and text == msg["content"]
+    text, msg = stream(glm4, glm4.encode("hello world"), tools=None)  # no metadata line at all
+    assert text == msg["content"] == "hello world"
+
+
+def test_chatglm3_tools_described_by_hand(glm3):
+    """Tools written into a system prompt by hand (no `tools=`): the <|observation|> stop marks the call."""
+    answer = glm3.encode("get_weather\n") + glm3.encode("```python\ntool_call(city_name='x')\n```")
+    text, msg = stream(glm3, answer, tools=None)
+    assert "tool_calls" not in msg and text == msg["content"] == "get_weather\n ```python\ntool_call(city_name='x')\n```"
+    msg = parse_response(glm3, answer + [glm3.special_ids["<|observation|>"]])
+    assert args_of(msg) == ("get_weather", {"city_name": "x"}) and msg["content"] == text
 
 
 def test_bad_tools_argument(glm4):
@@ -192,5 +209,48 @@ def test_chatglm3_tools_with_the_real_tokenizer(tmp_path):
     tok = lowvram.load_tokenizer(tmp_path, chat_format="chatglm3")
     # chatglm.cpp's published answer for its random-number tool, as ids of the real tokenizer
     answer = tok.encode("random_number_generator\n") + tok.encode("```python\ntool_call(seed=42, range=(0, 100))\n```")
-    msg = parse_response(tok, answer)
+    msg = parse_response(tok, answer + [64797])  # it stops on <|observation|>
     assert args_of(msg) == ("random_number_generator", {"seed": 42, "range": [0, 100]})
+
+
+class Scripted:
+    """Stands in for a model that answers with fixed ids, to drive ChatStream through a tool call
+    (generation itself is tested on real tiny models in test_tok_chat_api.py)."""
+
+    def __init__(self, tok, answer):
+        self.tokenizer, self.answer, self.ctx, self.path = tok, answer, 4096, None
+
+    def stream_generate(self, ids, max_new_tokens, stop_token_ids, **kw):
+        def gen():
+            for i in self.answer[:max_new_tokens]:
+                if i in stop_token_ids:
+                    return
+                yield i
+
+        return gen()
+
+
+def test_tool_call_through_the_chat_api(glm4, glm3):
+    from lowvram.chat import chat, chat_completion, stream_chat
+
+    obs = glm4.special_ids["<|observation|>"]
+    model = Scripted(glm4, glm4.encode('get_weather\n{"city_name": "北京"}') + [obs, 1, 2, 3])
+    msg = chat_completion(model, [{"role": "user", "content": "北京天气"}], tools=TOOLS)
+    assert msg["content"] is None and args_of(msg) == ("get_weather", {"city_name": "北京"})
+    s = stream_chat(model, "北京天气", tools=TOOLS)
+    assert list(s) == [] and s.finish_reason == "tool_calls" and s.ended_on_observation
+    assert s.usage["completion_tokens"] == len(model.answer) - 4  # stops at <|observation|>
+    response, history = chat(model, "北京天气", tools=TOOLS)
+    assert response == {"name": "get_weather", "arguments": {"city_name": "北京"}}
+    assert history[-1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    # a malformed call: an error object, no exception
+    model = Scripted(glm4, glm4.encode('get_weather\n{"city_name": 北京}') + [obs])
+    response, history = chat(model, "北京天气", tools=TOOLS)
+    assert response["type"] == "tool_call_parse_error" and "not valid JSON" in response["message"]
+    # ChatGLM3: text, then its code interpreter
+    a3 = glm3.special_ids["<|assistant|>"]
+    model = Scripted(glm3, glm3.encode("\n我来算一下。") + [a3] + glm3.encode("interpreter\n```python\nprint(2 ** 10)\n```")
+                     + [glm3.special_ids["<|observation|>"]])
+    s = stream_chat(model, "2 的 10 次方")
+    assert "".join(s) == "我来算一下。" == s.message["content"]
+    assert s.finish_reason == "tool_calls" and s.response == {"name": "interpreter", "arguments": {"code": "print(2 ** 10)"}}
