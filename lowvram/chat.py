@@ -155,10 +155,11 @@ def render(tok, messages, add_generation_prompt: bool = True, tools=None) -> lis
     if tools:
         ids += _message(tok, "system", "", tools_system_prompt(fmt, tools))
     for m in msgs:
-        if m["content"] or fmt == "chatglm3" or m["metadata"]:
-            if not (m["role"] == "assistant" and m.get("tool_calls") and not m["content"]):
-                ids += _message(tok, m["role"], m["metadata"], m["content"])
-        for name, args in m.get("tool_calls", []):
+        calls = m.get("tool_calls", [])
+        # GLM-4's template skips empty messages; ChatGLM3 renders every one (but a pure call is just the call)
+        if m["content"] or (fmt == "chatglm3" and not calls):
+            ids += _message(tok, m["role"], m["metadata"], m["content"])
+        for name, args in calls:
             ids += _message(tok, "assistant", name, _call_body(fmt, name, args))
     if add_generation_prompt:
         ids.append(tok.token_id("<|assistant|>"))

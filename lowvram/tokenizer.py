@@ -69,11 +69,8 @@ class StreamDecoder:
         self.ids.append(int(token_id))
         prev = self.tok._decode_raw(self.ids[self.prefix:self.read], self.skip)
         new = self.tok._decode_raw(self.ids[self.prefix:], self.skip)
-        if new.endswith("\ufffd") or len(new) <= len(prev) or not new.startswith(prev):
-            if not new.startswith(prev) and not new.endswith("\ufffd"):
-                # the window re-segmented (should not happen with these tokenizers): resync on it
-                self.prefix, self.read = len(self.ids) - 1, len(self.ids) - 1
-            return ""
+        if new.endswith("\ufffd") or len(new) <= len(prev):
+            return ""  # an incomplete character, or a token with no text of its own (yet)
         self.prefix, self.read = self.read, len(self.ids)
         return self._release(new[len(prev):], final=False)
 
@@ -427,16 +424,16 @@ def load_tokenizer(path: str | Path, chat_format: str | None = None, config=None
     if not have:
         raise TokenizerNotFound(f"{directory}: no tokenizer files (ice_text.model, tokenizer.model or tokenizer.json)")
 
-    def check(fmt: str, allowed: tuple[str, ...], what: str):
+    def check(allowed: tuple[str, ...], what: str):
         if chat_format is not None and chat_format not in allowed:
             raise ValueError(f"chat_format={chat_format!r} does not fit the {what} tokenizer in {directory} "
                              f"(it speaks {' or '.join(allowed)})")
 
     if "ice_text.model" in have:
-        check("chatglm", ("chatglm",), "ChatGLM-6B")
+        check(("chatglm",), "ChatGLM-6B")
         tok: Tokenizer = SentencePieceTokenizer(have["ice_text.model"], "chatglm")
     elif "tokenizer.model" in have and _is_tiktoken_file(have["tokenizer.model"]):
-        check("glm4", ("glm4",), "GLM-4 (tiktoken)")
+        check(("glm4",), "GLM-4 (tiktoken)")
         added = {}
         for i, entry in (tok_config.get("added_tokens_decoder") or {}).items():
             content = entry.get("content") if isinstance(entry, dict) else None
@@ -445,14 +442,14 @@ def load_tokenizer(path: str | Path, chat_format: str | None = None, config=None
         tok = TiktokenTokenizer(have["tokenizer.model"], added)
     elif "tokenizer.model" in have:
         if chat_format is not None:
-            check(chat_format, ("chatglm2", "chatglm3"), "ChatGLM2/3 (sentencepiece)")
+            check(("chatglm2", "chatglm3"), "ChatGLM2/3 (sentencepiece)")
             fmt, reason = chat_format, "chat_format="
         else:
             fmt, reason = detect_chatglm2_family(directory, raw, tok_config)
         tok = SentencePieceTokenizer(have["tokenizer.model"], fmt)
         tok.format_reason = reason
     else:
-        check("glm4", ("glm4",), "GLM-4 (tokenizer.json)")
+        check(("glm4",), "GLM-4 (tokenizer.json)")
         eos = raw.get("eos_token_id")
         eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
         gen = _read_json(directory / "generation_config.json").get("eos_token_id")

@@ -101,12 +101,10 @@ def test_tokenizer_json_layout(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers
 
-    vocab = {bytes([b]).decode("latin-1"): b for b in range(256)}
-    bl = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    # a byte-level BPE with no merges (256 byte symbols) plus the GLM-4 specials as added tokens
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     t = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    t.pre_tokenizer = bl
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     t.decoder = decoders.ByteLevel()
     t.add_special_tokens(list(GLM4_SPECIALS))
     d = tmp_path / "hf"
