@@ -123,7 +123,7 @@ class Tokenizer:
 
     # public API
     def encode(self, text: str) -> list[int]:
-        """Ids of plain text, no special tokens (special-token strings in the text stay text)."""
+        """Ids of plain text; no special tokens are added (ChatGLM-6B: its whitespace pieces are used)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
         return self._encode_raw(text) if text else []
@@ -158,7 +158,7 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """ChatGLM-6B (ice_text.model) and ChatGLM2/3/CodeGeeX2 (tokenizer.model)."""
 
-    def __init__(self, model_file: str | Path, chat_format: str):
+    def __init__(self, model_file: str | Path, chat_format: str, id_offset: int = 0):
         import sentencepiece as spm
 
         self.path = Path(model_file)
@@ -168,6 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with a C++ message
             raise TokenizerError(f"{model_file}: not a sentencepiece model ({e})") from None
         self.chat_format = chat_format
+        self.offset = id_offset  # ChatGLM-6B revisions with `num_image_tokens`: text ids start after them
         n = self.sp.GetPieceSize()
         if chat_format == "chatglm":
             missing = [t for t in ("[gMASK]", "<sop>", "<eop>", "<n>") if self.sp.PieceToId(t) == self.sp.unk_id()]
@@ -176,7 +177,7 @@ class SentencePieceTokenizer(Tokenizer):
                     f"{model_file}: ChatGLM-6B ice_text.model without the pieces {missing}; this is the pre-2023-04 "
                     "revision (icetk, 20000 image tokens) that lowvram does not read - use the current chatglm-6b files")
             names = GLM1_SPECIALS
-            self.special_ids = {t: self.sp.PieceToId(t) for t in names}
+            self.special_ids = {t: self.sp.PieceToId(t) + id_offset for t in names}
             self.prefix_ids, self.suffix_ids = [], [self.special_ids["[gMASK]"], self.special_ids["<sop>"]]
             self.stop_ids = [self.special_ids["<eop>"]]
             self._blank = re.compile(r"<\|blank_(\d+)\|>")
@@ -188,7 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.stop_ids = [eos] + ([self.special_ids["<|user|>"], self.special_ids["<|observation|>"]]
                                      if chat_format == "chatglm3" else [])
         self._by_id = {i: t for t, i in self.special_ids.items()}
-        self.vocab_size = n + (0 if chat_format == "chatglm" else len(names))
+        self.vocab_size = n + (id_offset if chat_format == "chatglm" else len(names))
 
     # ChatGLM-6B whitespace: \n -> <n>, \t -> <|tab|>, runs of 2-80 spaces -> <|blank_N|>
     @staticmethod
@@ -203,23 +204,26 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_raw(self, text: str) -> list[int]:
         if self.chat_format == "chatglm":
             text = self._glm1_pre(text)
-        return self.sp.EncodeAsIds(text)
+        ids = self.sp.EncodeAsIds(text)
+        return [i + self.offset for i in ids] if self.offset else ids
 
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         n = self.sp.GetPieceSize()
         out, run = [], []
         for i in ids:
             special = self._by_id.get(i)
+            i -= self.offset
             if special is None and 0 <= i < n and not self.sp.IsControl(i):
                 run.append(i)
                 continue
+            if special is None and -self.offset <= i < 0:
+                continue  # a ChatGLM-6B image token: no text
             if run:
                 out.append(self.sp.DecodeIds(run))
                 run = []
             if special is not None and not skip_special_tokens:
                 out.append(special)
-            elif special is None and not (0 <= i < n):
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            # other ids (control pieces, the padding rows of the embedding) have no text
         if run:
             out.append(self.sp.DecodeIds(run))
         text = "".join(out)
@@ -273,9 +277,10 @@ class TiktokenTokenizer(Tokenizer):
         for i in ids:
             special = self._by_id.get(i)
             if special is None:
-                if not 0 <= i < self._n:
-                    raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-                data += self.enc.decode_single_token_bytes(i)
+                try:
+                    data += self.enc.decode_single_token_bytes(i)
+                except KeyError:
+                    pass  # ids past the ranks (the embedding's padding rows) have no text
                 continue
             if not skip_special_tokens:
                 out.append(data.decode("utf-8", errors="replace"))
@@ -328,8 +333,7 @@ class HFTokenizer(Tokenizer):
         return out
 
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self._special_set]
+        ids = [i for i in ids if 0 <= i < self.vocab_size and not (skip_special_tokens and i in self._special_set)]
         return self.tk.decode(ids, skip_special_tokens=False)
 
 
@@ -431,7 +435,14 @@ def load_tokenizer(path: str | Path, chat_format: str | None = None, config=None
 
     if "ice_text.model" in have:
         check(("chatglm",), "ChatGLM-6B")
-        tok: Tokenizer = SentencePieceTokenizer(have["ice_text.model"], "chatglm")
+        offset = int(tok_config.get("num_image_tokens") or 0)
+        tok: Tokenizer = SentencePieceTokenizer(have["ice_text.model"], "chatglm", id_offset=offset)
+        gmask = raw.get("gmask_token_id")
+        if gmask is not None and int(gmask) != tok.special_ids["[gMASK]"]:
+            raise TokenizerError(
+                f"{have['ice_text.model']}: [gMASK] is id {tok.special_ids['[gMASK]']} in the tokenizer "
+                f"(num_image_tokens={offset} in tokenizer_config.json) but {gmask} in config.json (gmask_token_id); "
+                "the tokenizer files and the config come from different revisions")
     elif "tokenizer.model" in have and _is_tiktoken_file(have["tokenizer.model"]):
         check(("glm4",), "GLM-4 (tiktoken)")
         added = {}

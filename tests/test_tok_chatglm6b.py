@@ -120,3 +120,21 @@ def test_old_revision_is_refused(tmp_path):
     (tmp_path / "ice_text.model").write_bytes(buf.getvalue())
     with pytest.raises(TokenizerError, match=r"ice_text.model: ChatGLM-6B ice_text.model without the pieces"):
         lowvram.load_tokenizer(tmp_path)
+
+
+def test_image_token_offset_and_config_check(tmp_path, files, sp):
+    """Revisions with `num_image_tokens` in tokenizer_config.json number text ids after the image tokens."""
+    import json
+    import shutil
+
+    d = tmp_path / "offset"
+    d.mkdir()
+    shutil.copy(files / "ice_text.model", d / "ice_text.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": 1000}))
+    tok = lowvram.load_tokenizer(d)
+    assert tok.encode_prompt("你好") == [i + 1000 for i in sp.encode("你好")] + \
+        [sp.piece_to_id("[gMASK]") + 1000, sp.piece_to_id("<sop>") + 1000]
+    assert tok.decode([7] + tok.encode("你好")) == "你好"  # an image token id has no text
+    (d / "config.json").write_text(json.dumps({"gmask_token_id": sp.piece_to_id("[gMASK]")}))
+    with pytest.raises(TokenizerError, match=r"in config.json \(gmask_token_id\); the tokenizer files and the config"):
+        lowvram.load_tokenizer(d)

@@ -51,6 +51,7 @@ def test_specials(tok):
     assert tok.encode("<|user|>") == list(b"<|user|>")  # special strings in text stay text
     assert tok.decode([GMASK, SOP, USER, NL, NIHAO, ASSISTANT]) == "\n你好"
     assert tok.decode([USER, NL, NIHAO, ASSISTANT], skip_special_tokens=False) == "<|user|>\n你好<|assistant|>"
+    assert tok.decode([NIHAO, N + 20, N + 100]) == "你好"  # the embedding's padding rows have no text
 
 
 def test_added_tokens_decoder_is_trusted(tmp_path):

@@ -91,6 +91,7 @@ def test_special_ids_and_stops(glm3, glm2):
     assert USER not in glm3.encode("<|user|>")
     assert glm3.decode([GMASK, SOP, USER, 30910, 13, 36474, 54591, ASSISTANT]) == "\n 你好"
     assert glm3.decode([USER, 36474, 54591, ASSISTANT], skip_special_tokens=False) == "<|user|>你好<|assistant|>"
+    assert glm3.decode([36474, 64900, 54591, 65023]) == "你好"  # padding rows of the 65024 embedding: no text
 
 
 def test_chatglm3_single_and_multi_turn(glm3):
