@@ -447,7 +447,7 @@ class ChatStream:
     """
 
     def __init__(self, model, messages, tools=None, history_style: str = "dicts", query=None,
-                 max_new_tokens: int | None = None, stop_token_ids=None,
+                 max_new_tokens: int | None = None, max_length: int | None = None, stop_token_ids=None,
                  should_stop: Callable[[], bool] | threading.Event | None = None, **sampling):
         tok = model.tokenizer
         if tok is None:
@@ -456,7 +456,8 @@ class ChatStream:
         self.tok, self.model, self.tools = tok, model, tools
         self.messages = [dict(m) for m in messages]
         self.prompt_ids = tok.apply_chat_template(self.messages, add_generation_prompt=True, tools=tools)
-        room = model.ctx - len(self.prompt_ids)
+        # max_length (THUDM habit) bounds prompt + answer; max_new_tokens the answer; both the context
+        room = min(model.ctx, max_length or model.ctx) - len(self.prompt_ids)
         self.max_new_tokens = room if max_new_tokens is None else min(int(max_new_tokens), max(room, 0))
         stops = tok.stop_ids if stop_token_ids is None else list(stop_token_ids)
         # <|observation|> ends the answer too, but this class sees it: it marks a tool call
@@ -554,6 +555,9 @@ class ChatStream:
 
 def _conversation(query_or_messages, history, role: str):
     """(messages, history_style, query) from the THUDM-style arguments."""
+    if hasattr(query_or_messages, "apply_chat_template"):
+        raise TypeError("model.chat takes no tokenizer argument (the model has its own): "
+                        "model.chat(query, history=None, **generation)")
     style = "dicts"
     msgs: list[dict] = []
     if history:

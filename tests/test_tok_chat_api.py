@@ -183,3 +183,12 @@ def test_chatglm3_chat_with_the_real_tokenizer(tiny):
     assert s.prompt_ids[:3] == [64790, 64792, 64794] and s.prompt_ids[-1] == 64796
     assert "".join(deltas) == s.text
     assert not set(s._answer.ids) & {2, 64795, 64797}  # stop ids are never part of the answer
+
+
+def test_thudm_habits(glm4):
+    with pytest.raises(TypeError, match="model.chat takes no tokenizer argument"):
+        glm4.chat(glm4.tokenizer, "你好")
+    prompt = len(glm4.tokenizer.apply_chat_template([{"role": "user", "content": "你好"}]))
+    s = glm4.stream_chat("你好", max_length=prompt + 3, stop_token_ids=[])
+    run(s)
+    assert s.usage["completion_tokens"] == 3 and s.finish_reason == "length"
