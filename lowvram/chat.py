@@ -471,6 +471,7 @@ class ChatStream:
         self._should_stop = should_stop.is_set if hasattr(should_stop, "is_set") else should_stop
         self._history_style, self._query = history_style, query
         self._tail = ""
+        self._streamed = ""  # every delta handed out so far
         self.finish_reason: str | None = None
         self.message: dict | None = None
 
@@ -495,9 +496,11 @@ class ChatStream:
                 break
             delta = self._answer.push(token)
             if delta:
+                self._streamed += delta
                 return delta
         if self._tail:
             out, self._tail = self._tail, ""
+            self._streamed += out
             return out
         raise StopIteration
 
@@ -514,6 +517,9 @@ class ChatStream:
     def _finish(self, reason: str):
         self._tail += self._answer.finish()
         self.message = assemble(self.tok, self._answer.done, self.tools, observation=self.ended_on_observation)
+        shown, content = self._streamed + self._tail, self.message.get("content") or ""
+        if content.startswith(shown):  # e.g. a malformed call that was held back: show it after all
+            self._tail += content[len(shown):]
         self.finish_reason = "tool_calls" if self.message.get("tool_calls") and reason == "stop" else reason
 
     def run(self) -> "ChatStream":

@@ -422,8 +422,9 @@ def load_tokenizer(path: str | Path, chat_format: str | None = None, config=None
     tok_config = _read_json(directory / "tokenizer_config.json")
     files = {f: directory / f for f in ("ice_text.model", "tokenizer.model", "tokenizer.json")}
     if p.is_file():
-        files = {p.name if p.suffix == ".json" else ("ice_text.model" if p.name == "ice_text.model" else
-                                                     "tokenizer.model"): p}
+        kind = "tokenizer.json" if p.suffix == ".json" else "ice_text.model" if p.name == "ice_text.model" \
+            else "tokenizer.model"
+        files = {kind: p}
     have = {k: v for k, v in files.items() if v.exists()}
     if not have:
         raise TokenizerNotFound(f"{directory}: no tokenizer files (ice_text.model, tokenizer.model or tokenizer.json)")

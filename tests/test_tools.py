@@ -247,6 +247,9 @@ def test_tool_call_through_the_chat_api(glm4, glm3):
     model = Scripted(glm4, glm4.encode('get_weather\n{"city_name": 北京}') + [obs])
     response, history = chat(model, "北京天气", tools=TOOLS)
     assert response["type"] == "tool_call_parse_error" and "not valid JSON" in response["message"]
+    s = stream_chat(model, "北京天气", tools=TOOLS)  # held back while it looked like a call, shown at the end
+    assert "".join(s) == s.message["content"] == 'get_weather\n{"city_name": 北京}'
+    assert s.finish_reason == "stop"
     # ChatGLM3: text, then its code interpreter
     a3 = glm3.special_ids["<|assistant|>"]
     model = Scripted(glm3, glm3.encode("\n我来算一下。") + [a3] + glm3.encode("interpreter\n```python\nprint(2 ** 10)\n```")
