@@ -99,7 +99,29 @@ def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
 BACKENDS = {
     # name -> module implementing `make(w: PackedWeight, dtype) -> nn.Module` and `available() -> str|None`
     "torch": "lowvram.kernels.torch_ref",
+    "ort": "lowvram.kernels.ort",
+    "cpu": "lowvram.kernels.cpu",
+    "cuda": "lowvram.kernels.cuda",
+    "mps": "lowvram.kernels.mps",
 }
+
+
+def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
+    """float32 is the exact reference (dequantize, fp32 matmul); otherwise the fastest kernel for the device.
+
+    LOWVRAM_BACKEND overrides for every device.
+    """
+    import os
+
+    env = os.environ.get("LOWVRAM_BACKEND")
+    if env:
+        return env
+    if dtype == torch.float32:
+        return "torch"
+    kind = torch.device(device).type
+    if kind in ("cuda", "mps"):
+        return kind
+    return "ort" if importlib.import_module(BACKENDS["ort"]).available() is None else "cpu"
 
 
 def make_linear(w: PackedWeight, backend: str = "torch", dtype: torch.dtype = torch.float32) -> nn.Module:

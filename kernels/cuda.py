@@ -1,0 +1,79 @@
+"""CUDA backend: tinygemm int4 (`_weight_int4pack_mm`, Ampere and newer), int8 weight-only, and a
+dequantize-then-matmul path for older cards (Pascal/Turing laptops) and odd group sizes.
+
+Untested on hardware in this repository's CI (no GPU); the dispatch and repacking run on CPU in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import PackedWeight, dequantize, unpack_cols, unpack_rows
+
+
+def available() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def use_tinygemm(w: PackedWeight, capability: tuple[int, int]) -> bool:
+    return w.bits == 4 and capability >= (8, 0) and w.group_size in (32, 64, 128, 256) and w.in_features % 1024 == 0
+
+
+def tinygemm_pack(w: PackedWeight, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(packed int4 weight, scales_and_zeros [K/g, N, 2] bf16, input permutation or None)."""
+    q = unpack_rows(w.qweight, 4)
+    z = unpack_cols(w.qzeros, 4)[:, : w.out_features]
+    g = w.group_index()
+    perm = torch.argsort(g, stable=True) if w.has_act_order() else None
+    if perm is not None:
+        q, g = q[perm], g[perm]
+    blk = g[torch.arange(w.in_features // w.group_size) * w.group_size]
+    s = w.scales.float()[blk]
+    sz = torch.stack([s, s * (8 - z[blk].float())], dim=-1).to(torch.bfloat16)
+    qt = q.t().contiguous()  # [N, K]
+    u8 = (qt[:, 0::2] << 4 | qt[:, 1::2]).to(torch.uint8).to(device)  # tinygemm: even column in the high nibble
+    packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+    return packed, sz.to(device).contiguous(), None if perm is None else perm.to(device)
+
+
+class TinyGemmLinear(nn.Module):
+    def __init__(self, w: PackedWeight, dtype, device):
+        super().__init__()
+        self.out_features, self.group, self.dtype = w.out_features, w.group_size, dtype
+        self.packed, self.sz, self.perm = tinygemm_pack(w, device)
+        self.bias = None if w.bias is None else w.bias.to(device, dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        a = x.reshape(-1, shape[-1])
+        if self.perm is not None:
+            a = a[:, self.perm]
+        y = torch.ops.aten._weight_int4pack_mm(a.to(torch.bfloat16).contiguous(), self.packed, self.group, self.sz)
+        y = y.to(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class DequantLinear(nn.Module):
+    """Keeps the GPTQ packing on the GPU and dequantizes per call: correct everywhere, memory stays 4/8-bit."""
+
+    def __init__(self, w: PackedWeight, dtype, device):
+        super().__init__()
+        self.dtype = dtype
+        self.w = PackedWeight(w.qweight.to(device), w.qzeros.to(device), w.scales.to(device),
+                              None if w.g_idx is None else w.g_idx.to(device), w.bits, w.group_size,
+                              None if w.bias is None else w.bias.to(device, dtype))
+
+    def forward(self, x):
+        return nn.functional.linear(x.to(self.dtype), dequantize(self.w, self.dtype), self.w.bias)
+
+
+def make(w: PackedWeight, dtype: torch.dtype, device: str | torch.device = "cuda") -> nn.Module:
+    cap = torch.cuda.get_device_capability(device)
+    if use_tinygemm(w, cap):
+        return TinyGemmLinear(w, dtype, device)
+    return DequantLinear(w, dtype, device)

@@ -1,0 +1,43 @@
+"""Apple GPU backend: torch's MPS int4/int8 weight-only kernels with fp16 activations.
+
+Untested on hardware (no Mac here); dispatch is exercised on CPU in tests. Falls back to
+dequantize-per-call (`cuda.DequantLinear` works on any device) where the MPS ops do not apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import PackedWeight
+from .cuda import DequantLinear, tinygemm_pack
+
+
+def available() -> str | None:
+    if not torch.backends.mps.is_available():
+        return "no Apple MPS device (torch.backends.mps.is_available() is False)"
+    return None
+
+
+class MpsInt4Linear(nn.Module):
+    def __init__(self, w: PackedWeight, dtype):
+        super().__init__()
+        self.out_features, self.group, self.dtype = w.out_features, w.group_size, dtype
+        self.packed, self.sz, self.perm = tinygemm_pack(w, "mps")
+        self.bias = None if w.bias is None else w.bias.to("mps", dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        a = x.reshape(-1, shape[-1])
+        if self.perm is not None:
+            a = a[:, self.perm]
+        y = torch.ops.aten._weight_int4pack_mm(a.to(self.dtype).contiguous(), self.packed, self.group, self.sz.to(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+def make(w: PackedWeight, dtype: torch.dtype) -> nn.Module:
+    if w.bits == 4 and w.group_size in (32, 64, 128, 256):
+        return MpsInt4Linear(w, dtype)
+    return DequantLinear(w, dtype, "mps")
