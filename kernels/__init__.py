@@ -124,12 +124,15 @@ def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
     return "ort" if importlib.import_module(BACKENDS["ort"]).available() is None else "cpu"
 
 
-def make_linear(w: PackedWeight, backend: str = "torch", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A module computing x @ dequantize(w).T + bias with the named backend."""
+def make_linear(w: PackedWeight, backend: str = "torch", dtype: torch.dtype = torch.float32,
+                device: str | torch.device | None = None) -> nn.Module:
+    """A module computing x @ dequantize(w).T + bias with the named backend (on `device` for GPU backends)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
     mod = importlib.import_module(BACKENDS[backend])
     why = mod.available()
     if why:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    if device is not None and backend == "cuda":
+        return mod.make(w, dtype, device)
     return mod.make(w, dtype)
