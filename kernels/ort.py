@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -40,33 +41,52 @@ def _block_size(group: int, k: int) -> int:
     return bs
 
 
-def _graph(k: int, n: int, bits: int, bs: int, p: dict, accuracy_level: int) -> bytes:
-    """The weights are initializers, not inputs: only constant weights get MatMulNBits' prepacked fast path."""
-    from onnx import numpy_helper
+def _external(arr: np.ndarray, name: str, f, off: int) -> "onnx.TensorProto":
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    t.dims.extend(arr.shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", os.path.basename(f.name)), ("offset", str(off)), ("length", str(arr.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    f.write(arr.tobytes())
+    return t
 
+
+def _session_for(k: int, n: int, bits: int, bs: int, p: dict, accuracy_level: int) -> "ort.InferenceSession":
+    """A one-node MatMulNBits session whose weights are constant initializers.
+
+    Only constant weights get MatMulNBits' prepacked fast path (as graph inputs a GEMV is ~200x slower).
+    They travel through a deleted-at-once external-data file: initializers embedded in the proto stay
+    resident a second time inside ONNX Runtime, doubling the model's memory.
+    """
     names = ["A", "B", "scales", "zero_points"]
-    inits = [numpy_helper.from_array(p[k_], k_) for k_ in ("B", "scales", "zero_points")]
+    consts = ["B", "scales", "zero_points"] + (["bias"] if p["bias"] is not None else [])
     if p["bias"] is not None:
         names += ["", "bias"]  # g_idx slot left empty
-        inits.append(numpy_helper.from_array(p["bias"], "bias"))
-    node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=bs, accuracy_level=accuracy_level)
-    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])
-    out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])
-    model = helper.make_model(helper.make_graph([node], "qlinear", [a], [out], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-def _session(blob: bytes) -> "ort.InferenceSession":
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(os.environ.get("LOWVRAM_THREADS", torch.get_num_threads()))
-    so.inter_op_num_threads = 1
-    # Hundreds of sessions share the cores: spinning idle pools would steal them from each other.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="lowvram-ort-", suffix=".bin") as f:
+        inits, off = [], 0
+        for name in consts:
+            inits.append(_external(np.ascontiguousarray(p[name]), name, f, off))
+            off += p[name].nbytes
+        f.flush()
+        node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                                block_size=bs, accuracy_level=accuracy_level)
+        a = helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])
+        out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])
+        model = helper.make_model(helper.make_graph([node], "qlinear", [a], [out], initializer=inits),
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(os.environ.get("LOWVRAM_THREADS", torch.get_num_threads()))
+        so.inter_op_num_threads = 1
+        # Hundreds of sessions share the cores: spinning idle pools would steal them from each other.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.path.dirname(f.name))
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def repack(w: PackedWeight) -> dict:
@@ -115,7 +135,7 @@ class OrtLinear(nn.Module):
         self.block_size = p["block_size"]
         self.perm = p["perm"]
         self._nbytes = sum(p[k].nbytes for k in ("B", "scales", "zero_points"))
-        self.sess = _session(_graph(self.in_features, self.out_features, w.bits, self.block_size, p, accuracy_level))
+        self.sess = _session_for(self.in_features, self.out_features, w.bits, self.block_size, p, accuracy_level)
         self.binding = self.sess.io_binding()
 
     def nbytes(self) -> int:

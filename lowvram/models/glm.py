@@ -203,7 +203,6 @@ class GLM(nn.Module):
         return self.norm(x.to(self.norm.weight.device))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.embed.weight if self.output is None else self.output.weight
-        if self.output is None:
-            return F.linear(h.to(w.device), w)
-        return self.output(h.to(w.device))
+        if self.output is None:  # tied (ChatGLM-6B)
+            return F.linear(h.to(self.embed.weight.device), self.embed.weight)
+        return self.output(h)
