@@ -214,4 +214,12 @@ def load_config(path: str | Path) -> GLMConfig:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{p}: expected a JSON object")
-    return parse_config(cfg, str(p))
+    parsed = parse_config(cfg, str(p))
+    qc = p.parent / "quantize_config.json"
+    if qc.exists():  # GPTQ checkpoints written without quantization_config in config.json
+        try:
+            extra = json.loads(qc.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{qc}: not valid JSON ({e})") from None
+        parsed.quantization = {**extra, **(parsed.quantization or {})}
+    return parsed

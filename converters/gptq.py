@@ -1,0 +1,124 @@
+"""Round-to-nearest and GPTQ quantization of one weight matrix into the GPTQ layout.
+
+GPTQ (Frantar et al. 2022): quantize columns one at a time and push each column's rounding error
+onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
+H = 2/n Σ x xᵀ. Lazy batches of 128 columns keep the updates matrix-sized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowvram.kernels import pack_cols, pack_rows
+
+
+def fit(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (rounded to fp16, as stored) and integer zero for w [N, g]."""
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    span = xmax - xmin
+    span = torch.where(span == 0, torch.ones_like(span), span)
+    scale = (span / maxq).half().float()
+    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        # zero >= 1: the GPTQ v1 format stores zero-1 in `bits` bits.
+        zero = torch.round(-xmin / scale).clamp(1, maxq)
+    return scale, zero
+
+
+def quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int,
+         v1: bool = True) -> dict[str, torch.Tensor]:
+    """q [N, K] ints, scales/zeros [G, N] -> GPTQ tensors (v1: stored zero-1)."""
+    z = zeros.to(torch.int32) - (1 if v1 else 0)
+    return {
+        "qweight": pack_rows(q.t().to(torch.int32).contiguous(), bits),
+        "qzeros": pack_cols(z & (2**bits - 1), bits),
+        "scales": scales.half().contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True) -> tuple[dict, torch.Tensor]:
+    """Round-to-nearest: (GPTQ tensors, dequantized weight)."""
+    n, k = w.shape
+    g = k if group <= 0 else group
+    if k % g:
+        raise ValueError(f"in_features {k} is not a multiple of group size {g}")
+    wg = w.float().reshape(n, k // g, g).permute(1, 0, 2).reshape(-1, g)  # [G*N, g]
+    scale, zero = fit(wg, bits, sym)
+    q = quant(wg, scale, zero, bits)
+    deq = ((q - zero[:, None]) * scale[:, None]).reshape(k // g, n, g).permute(1, 0, 2).reshape(n, k)
+    q = q.reshape(k // g, n, g).permute(1, 0, 2).reshape(n, k)
+    g_idx = torch.arange(k) // g
+    return pack(q, scale.reshape(k // g, n), zero.reshape(k // g, n), g_idx, bits), deq
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = True, act_order: bool = False,
+         damp: float = 0.01, blocksize: int = 128) -> tuple[dict, torch.Tensor]:
+    """GPTQ of w [N, K] given the input Hessian H [K, K]: (GPTQ tensors, dequantized weight)."""
+    W = w.float().clone()
+    n, k = W.shape
+    g = k if group <= 0 else group
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    Q = torch.zeros_like(W)
+    D = torch.zeros_like(W)
+    scales = torch.zeros(k // g, n)
+    zeros = torch.zeros(k // g, n)
+    scale = zero = None
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.zeros_like(W1)
+        Hi = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                scale, zero = fit(span, bits, sym)
+                scales[col // g], zeros[col // g] = scale, zero
+            wc = W1[:, i]
+            qc = quant(wc[:, None], scale, zero, bits)[:, 0]
+            dq = (qc - zero) * scale
+            Q[:, col], D[:, col] = qc, dq
+            err = (wc - dq) / Hi[i, i]
+            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(k) // g)[inv]
+    return pack(Q[:, inv], scales, zeros, g_idx, bits), D[:, inv]
+
+
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over the rows of every input seen."""
+
+    def __init__(self, k: int):
+        self.H = torch.zeros(k, k)
+        self.n = 0
+
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = (2 / self.n) ** 0.5 * x
+        self.H += x.t() @ x

@@ -1,0 +1,314 @@
+"""`lowvram quantize`: INT8/INT4 round-to-nearest or GPTQ, written in the standard GPTQ format.
+
+The output loads in lowvram, and in transformers+GPTQModel or vLLM for the same model family:
+per quantized linear `qweight`/`qzeros`/`scales`/`g_idx` under the original tensor names,
+`quantization_config` in config.json and a `quantize_config.json` (checkpoint_format "gptq", v1
+zeros). Tensors stream one at a time from the source to size-capped shards in a temporary
+directory that is renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lowvram.checkpoint import Checkpoint, map_name
+from lowvram.config import load_config
+
+from .gptq import Hessian, gptq, rtn
+
+BLOCK_LINEAR = re.compile(r"layers\.(\d+)\.(attn\.qkv|attn\.out|mlp\.up|mlp\.down)\.weight$")
+COPY_FILES = ("tokenizer.model", "ice_text.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json")
+
+
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes`, named and indexed like save_pretrained's."""
+
+    def __init__(self, folder: Path, max_bytes: int = 2 << 30):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor):
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = t.clone() if t.untyped_storage().nbytes() > nbytes else t
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        if not self.pending:
+            return
+        fname = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.folder / fname), metadata={"format": "pt"})
+        self.files.append((fname, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self):
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.folder / self.files[0][0], self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (fname, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / fname, self.folder / final)
+            weight_map.update({k: final for k in names})
+        idx = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2))
+
+
+class Progress:
+    """A one-line bar with ETA on a terminal; silent when stderr is not one."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None):
+        self.total, self.label, self.done, self.t0 = max(total, 1), label, 0, time.time()
+        self.on = sys.stderr.isatty() if enabled is None else enabled
+
+    def step(self, what: str = ""):
+        self.done += 1
+        if not self.on:
+            return
+        el = time.time() - self.t0
+        eta = el / self.done * (self.total - self.done)
+        bar = "#" * int(30 * self.done / self.total)
+        sys.stderr.write(f"\r{self.label} [{bar:30s}] {self.done}/{self.total} ETA {eta:5.0f}s {what[:40]:40s}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 128, sym: bool = True,
+             act_order: bool = False, calib: str | None = None, calib_samples: int = 32, calib_seq_len: int = 128,
+             device: str = "cpu", force: bool = False, quantize_head: bool = False, head_bits: int = 8,
+             max_shard_bytes: int = 2 << 30, progress: bool | None = None, seed: int = 0) -> dict:
+    """Quantize checkpoint `source` (a directory or a known model name) into `out`; returns a summary."""
+    from .hub import resolve
+
+    if bits not in (4, 8):
+        raise ValueError(f"--bits must be 4 or 8, got {bits}")
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"--method must be rtn or gptq, got {method!r}")
+    src = resolve(source)
+    cfg = load_config(src)
+    if cfg.quantization:
+        raise ValueError(f"{src}: already quantized ({cfg.quantization}); quantize a full-precision checkpoint")
+    ckpt = Checkpoint(src)  # every shard opened and indexed before any work: bad files fail here
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t0 = time.time()
+    errors: dict[str, float] = {}
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        names = ckpt.names()
+        bar = Progress(len(names), f"quantize {method} int{bits}", progress)
+        is_q = lambda ours: bool(BLOCK_LINEAR.search(ours)) or (quantize_head and ours == "output.weight")  # noqa: E731
+        done = {}
+        if method == "gptq":
+            done = _calibrate(src, cfg, calib, calib_samples, calib_seq_len, seed, bits, group_size, sym, act_order,
+                              Progress(cfg.num_layers, "gptq calibration", progress))
+        for cname, t in ckpt.items():
+            mapped = map_name(cfg.layout, cname)
+            ours = mapped[0] if mapped else None
+            prefix = cname[: -len(".weight")]
+            if ours and is_q(ours) and torch.is_floating_point(t):
+                head = ours == "output.weight"
+                b, g = (head_bits, -1) if head else (bits, group_size)
+                w = t.float()
+                tensors = done.pop((ours, mapped[1]), None)
+                if tensors is None:
+                    tensors, deq = rtn(w, b, g, sym)
+                else:
+                    deq = _dequant(tensors, b)
+                errors[cname] = float(((deq - w).norm() / w.norm().clamp(min=1e-12)).item())
+                for k, v in tensors.items():
+                    writer.add(f"{prefix}.{k}", v)
+            elif ours is not None or mapped is None:
+                writer.add(cname, t)
+            bar.step(cname)
+        writer.finish()
+        _write_metadata(src, tmp, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size_in = ckpt.nbytes()
+    size_out = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    errs = sorted(errors.values())
+    return {
+        "source": str(src), "out": str(out), "method": method, "bits": bits, "group_size": group_size,
+        "seconds": round(time.time() - t0, 2), "size_in": size_in, "size_out": size_out,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "quantized_linears": len(errors),
+        "rel_error": {"min": errs[0], "median": errs[len(errs) // 2], "max": errs[-1]} if errs else None,
+    }
+
+
+def _calibrate(src, cfg, calib, samples, seq_len, seed, bits, group, sym, act_order, bar) -> dict:
+    """GPTQ of every block linear, block by block, each block fed by the already-quantized ones.
+
+    Returns {(our name, slot): GPTQ tensors}; glm's fused qkv is split back into q/k/v slots.
+    """
+    from lowvram import load
+    from lowvram.checkpoint import FUSED_PARTS
+    from lowvram.kernels import pack_cols, unpack_cols
+    from lowvram.models.glm import rope_tables
+
+    if cfg.pre_seq_len:
+        raise ValueError("GPTQ of P-tuning v2 checkpoints is not supported; use --method rtn")
+    model = load(src, dtype="float32")
+    ids = _calibration_ids(model, calib, samples, seq_len, seed)
+    net = model.net
+    results = {}
+    with torch.no_grad():
+        x = torch.stack([net.embed(torch.tensor(s)) for s in ids])  # [S, T, H]
+        T = x.shape[1]
+        rope = rope_tables(cfg, torch.cat([model.positions(s, 0, T) for s in ids]))
+        mask = model._mask(ids[0], 0, T)
+        for i, block in enumerate(net.layers):
+            lins = {"attn.qkv": block.attn.qkv, "attn.out": block.attn.out, "mlp.up": block.mlp.up,
+                    "mlp.down": block.mlp.down}
+            hs = {k: Hessian(m.in_features) for k, m in lins.items()}
+            hooks = [m.register_forward_pre_hook(lambda _m, a, h=hs[k]: h.add(a[0])) for k, m in lins.items()]
+            block(x, rope, None, 0, mask)
+            for h in hooks:
+                h.remove()
+            for k, m in lins.items():
+                tensors, deq = gptq(m.weight, hs[k].H, bits, group, sym, act_order)
+                m.weight.copy_(deq)  # later blocks see this block quantized
+                name = f"layers.{i}.{k}.weight"
+                if k == "attn.qkv" and cfg.layout in FUSED_PARTS:
+                    sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+                    z = unpack_cols(tensors["qzeros"], bits)
+                    for slot, (qw, sc, zz) in enumerate(zip(tensors["qweight"].split(sizes, 1),
+                                                            tensors["scales"].split(sizes, 1), z.split(sizes, 1))):
+                        results[(name, slot)] = {"qweight": qw.contiguous(), "qzeros": pack_cols(zz.contiguous(), bits),
+                                                 "scales": sc.contiguous(), "g_idx": tensors["g_idx"].clone()}
+                else:
+                    results[(name, None)] = tensors
+            x = block(x, rope, None, 0, mask)
+            if bar is not None:
+                bar.step(f"gptq block {i}")
+    return results
+
+
+def _dequant(tensors: dict, bits: int) -> torch.Tensor:
+    """The weight a GPTQ tensor set stands for (v1 zeros)."""
+    from lowvram.kernels import dequantize
+    from lowvram.quantized import from_gptq
+
+    k = tensors["g_idx"].numel()
+    return dequantize(from_gptq(tensors, 1, k))
+
+
+def _calibration_ids(model, calib, samples, seq_len, seed) -> list[list[int]]:
+    tok = model.tokenizer
+    if calib:
+        p = Path(calib)
+        if not p.exists():
+            raise FileNotFoundError(f"--calib {p}: no such file")
+        if tok is None:
+            raise ValueError(f"--calib needs the source's tokenizer files; {model.path} has none")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".jsonl":
+            text = "\n".join(json.loads(line).get("text", "") for line in text.splitlines() if line.strip())
+        ids = tok.encode(text)
+        if len(ids) < seq_len:
+            raise ValueError(f"--calib {p}: {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - seq_len + 1, (samples,), generator=g).tolist()
+        return [ids[s : s + seq_len] for s in starts]
+    # No data given: let the full-precision model write its own calibration text.
+    out = []
+    vocab = model.config.vocab_size
+    for s in range(samples):
+        g = torch.Generator().manual_seed(seed + s)
+        first = int(torch.randint(0, vocab, (1,), generator=g))
+        seq = [first] + model.generate([first], max_new_tokens=seq_len - 1, do_sample=True, top_k=50, seed=seed + s,
+                                       stop_token_ids=[])
+        out.append(seq[:seq_len])
+    return out
+
+
+def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits):
+    qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym, "quant_method": "gptq",
+          "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": False, "static_groups": False}
+    if quantize_head:
+        head = "transformer.output_layer" if cfg.layout == "chatglm" else "lm_head"
+        qc["dynamic"] = {f"+:{re.escape(head)}": {"bits": head_bits, "group_size": -1}}
+    qc_meta = dict(qc, lowvram={"method": method, "quantize_head": quantize_head, "source": src.name,
+                                "version": __import__("lowvram").__version__})
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = qc_meta
+    config["torch_dtype"] = "float16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (tmp / "quantize_config.json").write_text(json.dumps(qc_meta, indent=2))
+    for f in COPY_FILES + tuple(p.name for p in src.glob("*.py")):
+        if (src / f).exists():
+            shutil.copy2(src / f, tmp / f)
+    (tmp / "README.md").write_text(
+        f"# {src.name} — INT{bits} {method.upper()} (GPTQ format)\n\n"
+        f"Quantized by lowvram from `{src.name}`: every transformer-block linear to {bits} bits, "
+        f"group size {group_size}, {'symmetric' if sym else 'asymmetric'}, act-order {act_order}"
+        f"{f', output layer to {head_bits} bits' if quantize_head else ''}; embeddings and norms unchanged.\n"
+        f"Standard GPTQ tensors (qweight/qzeros/scales/g_idx, v1 zeros) under the original names.\n\n"
+        f"    lowvram chat {tmp.name.split('.tmp-')[0].lstrip('.')}\n")
+
+
+def quantize_arguments(p):
+    p.add_argument("source", help="checkpoint directory or a known model name (e.g. chatglm3-6b)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per row")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_true", default=True)
+    g.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    p.add_argument("--calib", help="calibration text (.txt) or jsonl with a 'text' field; default: sampled from the model")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--quantize-head", action="store_true", help="also quantize the output layer (per-channel)")
+    p.add_argument("--head-bits", type=int, choices=(4, 8), default=8)
+    p.add_argument("-o", "--out", help="output directory (default: SOURCE-int{bits}-{method})")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def quantize_main(args) -> int:
+    out = args.out or f"{Path(args.source).name}-int{args.bits}-{args.method}"
+    s = quantize(args.source, out, bits=args.bits, method=args.method, group_size=args.group_size, sym=args.sym,
+                 act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
+                 calib_seq_len=args.calib_seq_len, device=args.device, force=args.force,
+                 quantize_head=args.quantize_head, head_bits=args.head_bits)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        e = s["rel_error"] or {}
+        print(f"wrote {s['out']}: {s['quantized_linears']} linears to int{s['bits']} ({s['method']}), "
+              f"{s['size_in'] / 2**20:.1f} MiB -> {s['size_out'] / 2**20:.1f} MiB in {s['seconds']} s, "
+              f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB; relative weight error "
+              f"min {e.get('min', 0):.4f} median {e.get('median', 0):.4f} max {e.get('max', 0):.4f}")
+    return 0

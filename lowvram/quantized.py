@@ -1,0 +1,108 @@
+"""Readers of quantized checkpoints: GPTQ (v1 and v2 zeros, act-order) and THUDM INT4/INT8.
+
+Whatever the file says, a quantized linear becomes one `kernels.PackedWeight` (GPTQ layout,
+true zero points) and then a backend module. Bits and group size are read from each module's
+tensor shapes, so a checkpoint may mix them (an int8 output layer beside int4 blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import PackedWeight, default_backend, make_linear, pack_cols, unpack_cols
+
+_KEYS = ("qweight", "qzeros", "scales")
+
+
+def zero_offset(cfg) -> int:
+    """+1 for GPTQ v1 files (they store zero-1), 0 for v2."""
+    fmt = (cfg.quantization or {}).get("checkpoint_format")
+    return 0 if fmt == "gptq_v2" else 1
+
+
+def from_gptq(t: dict, offset: int, in_features: int) -> PackedWeight:
+    missing = [k for k in _KEYS if k not in t]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (GPTQ needs qweight, qzeros, scales)")
+    qweight, qzeros, scales = t["qweight"].to(torch.int32), t["qzeros"].to(torch.int32), t["scales"]
+    bits = 32 * qweight.shape[0] // in_features
+    if bits not in (2, 3, 4, 8) or 32 * qweight.shape[0] != bits * in_features:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack {in_features} inputs at 2/4/8 bits")
+    groups, n = scales.shape
+    if qweight.shape[1] != n:
+        raise ValueError(f"qweight has {qweight.shape[1]} columns but scales {n}")
+    group = in_features // groups
+    if offset:
+        z = unpack_cols(qzeros, bits)[:, :n] + offset
+        if int(z.max()) >= 2**bits:
+            raise ValueError(f"GPTQ v1 zero point {2**bits} overflows {bits} bits (a v1 writer bug); re-quantize")
+        qzeros = pack_cols(z, bits)
+    g_idx = t.get("g_idx")
+    return PackedWeight(qweight, qzeros, scales, None if g_idx is None else g_idx.to(torch.int32), bits, group,
+                        t.get("bias"))
+
+
+def from_thudm(t: dict, bits: int, in_features: int) -> PackedWeight:
+    """THUDM `quantization_bit`: int8 [out, in] or two signed int4 per byte (high nibble first), scale per row."""
+    w, s = t["weight"], t.get("weight_scale")
+    if s is None:
+        raise ValueError("int weight without weight_scale (THUDM INT4/INT8 layout)")
+    w = w.to(torch.int8)
+    if bits == 4:
+        hi = w >> 4
+        lo = (w << 4) >> 4
+        vals = torch.stack([hi, lo], dim=-1).reshape(w.shape[0], -1)
+    else:
+        vals = w
+    if vals.shape[1] != in_features:
+        raise ValueError(f"weight {tuple(w.shape)} holds {vals.shape[1]} inputs at {bits} bits, expected {in_features}")
+    mid = 2 ** (bits - 1)
+    q = (vals.to(torch.int32) + mid).t().contiguous()  # [K, N]
+    from .kernels import pack_rows
+
+    n = q.shape[1]
+    return PackedWeight(pack_rows(q, bits), pack_cols(torch.full((1, n), mid, dtype=torch.int32), bits),
+                        s.reshape(1, n), None, bits, in_features, t.get("bias"))
+
+
+def fuse(ws: list[PackedWeight]) -> PackedWeight:
+    """Concatenate along the outputs (glm's q/k/v projections -> our qkv)."""
+    if len(ws) == 1:
+        return ws[0]
+    a = ws[0]
+    for w in ws[1:]:
+        if (w.bits, w.group_size) != (a.bits, a.group_size) or not torch.equal(w.group_index(), a.group_index()):
+            raise ValueError("q/k/v projections differ in bits, group size or g_idx and cannot be fused")
+    zeros = torch.cat([unpack_cols(w.qzeros, w.bits)[:, : w.out_features] for w in ws], dim=1)
+    biases = [w.bias for w in ws]
+    return PackedWeight(torch.cat([w.qweight for w in ws], 1), pack_cols(zeros, a.bits),
+                        torch.cat([w.scales for w in ws], 1), a.g_idx, a.bits, a.group_size,
+                        None if any(b is None for b in biases) else torch.cat(biases))
+
+
+def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend):
+    """The backend module replacing `linear` (a meta nn.Linear, or one with a float bias already set)."""
+    in_features = linear.in_features
+    q = cfg.quantization or {}
+    packed = []
+    for slot in sorted(parts):
+        t = parts[slot]
+        if "qweight" in t:
+            packed.append(from_gptq(t, zero_offset(cfg), in_features))
+        elif "weight" in t:
+            bits = int(q.get("thudm_bits") or (4 if t["weight"].shape[1] * 2 == in_features else 8))
+            packed.append(from_thudm(t, bits, in_features))
+        else:
+            raise ValueError(f"unrecognised quantized tensors {sorted(t)}")
+    w = fuse(packed)
+    if w.out_features != linear.out_features:
+        raise ValueError(f"{w.out_features} outputs, expected {linear.out_features}")
+    if w.bias is None and linear.bias is not None and not linear.bias.is_meta:
+        w.bias = linear.bias.detach()
+    if w.bias is not None:
+        w.bias = w.bias.float()
+    backend = backend or default_backend(device, dtype)
+    if torch.device(device).type != "cpu" and backend in ("torch",):
+        w = PackedWeight(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
+                           (w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.group_size, w.bias)))
+    return make_linear(w, backend, dtype, device)
