@@ -1,0 +1,113 @@
+"""`lowvram quantize` end to end on tiny checkpoints in the original layouts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lowvram
+from lowvram.converters.quantize import quantize
+from lowvram.kernels.torch_ref import DequantLinear
+
+CLI = [sys.executable, "-m", "lowvram.cli"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("gen", ["chatglm3-6b", "glm-4-9b-chat-hf", "chatglm-6b", "glm-4-0414"])
+def test_rtn_outputs_load_generate_and_stay_packed(gen, tiny, tmp_path):
+    src = tiny(gen)
+    ids = [5, 7, 151, 152, 9] if gen == "chatglm-6b" else [5, 7, 9, 11, 13]
+    ref = lowvram.load(src, dtype="float32").logits(ids)
+    for bits in (8, 4):
+        out = tmp_path / f"{gen}-{bits}"
+        s = quantize(src, out, bits=bits, group_size=32, progress=False)
+        assert s["quantized_linears"] > 0
+        cfg = json.loads((out / "config.json").read_text())
+        qc = json.loads((out / "quantize_config.json").read_text())
+        assert cfg["quantization_config"]["checkpoint_format"] == qc["checkpoint_format"] == "gptq"
+        assert qc["bits"] == bits and qc["quant_method"] == "gptq" and "lowvram" in qc
+        m = lowvram.load(out, dtype="float32")
+        lin = m.net.layers[0].mlp.up
+        assert isinstance(lin, DequantLinear)
+        packed = lin.w.qweight.numel() * 4
+        assert packed == lin.in_features * lin.out_features * bits // 8  # storage stays packed
+        err = rel(m.logits(ids), ref)
+        assert err < (0.05 if bits == 8 else 0.6), err
+        assert len(m.generate(ids, max_new_tokens=4, stop_token_ids=[])) == 4
+
+
+def test_glm_layout_keeps_original_names(tiny, tmp_path):
+    out = tmp_path / "q"
+    quantize(tiny("glm-4-9b-chat-hf"), out, bits=4, group_size=32, progress=False)
+    from lowvram.checkpoint import Checkpoint
+
+    names = Checkpoint(out).names()
+    for part in ("q_proj", "k_proj", "v_proj"):
+        assert f"model.layers.0.self_attn.{part}.qweight" in names
+        assert f"model.layers.0.self_attn.{part}.bias" in names
+    assert "model.embed_tokens.weight" in names and not any("embed_tokens.q" in n for n in names)
+
+
+def test_gptq_beats_rtn_and_fuses_act_order_qkv(tiny, tmp_path):
+    src = tiny("glm-4-9b-chat-hf", seed=5)
+    model = lowvram.load(src, dtype="float32")
+    ids = model.generate([3], max_new_tokens=40, do_sample=True, seed=1, stop_token_ids=[])
+    ref = model.logits(ids)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / method
+        quantize(src, out, bits=4, method=method, group_size=32, act_order=True, calib_samples=8, calib_seq_len=48,
+                 progress=False)
+        errs[method] = rel(lowvram.load(out, dtype="float32").logits(ids), ref)
+    assert errs["gptq"] < errs["rtn"], errs
+    g = lowvram.load(tmp_path / "gptq", dtype="float32").net.layers[0].attn.qkv.w
+    assert g.has_act_order()
+
+
+def test_existing_output_needs_force_and_bad_source_fails_first(tiny, tmp_path):
+    src = tiny("chatglm3-6b", shards=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = subprocess.run(CLI + ["quantize", str(src), "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode != 0 and "exists" in r.stderr and "--force" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    shard = next(src.glob("model-00001-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    r = subprocess.run(CLI + ["quantize", str(src), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode != 0 and shard.name in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_sigint_leaves_nothing_and_rerun_works(tiny, tmp_path):
+    src = tiny("chatglm3-6b", num_layers=6, hidden_size=256, ffn_hidden_size=768, kv_channels=64, shards=6)
+    out = tmp_path / "q"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(CLI + ["quantize", str(src), "-o", str(out), "--method", "gptq", "--calib-samples", "64",
+                                "--calib-seq-len", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".q.tmp-*")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".q.tmp-*")), "quantize never started writing"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0, err
+    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+    r = subprocess.run(CLI + ["quantize", str(src), "-o", str(out), "--bits", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and lowvram.load(out, dtype="float32").generate([1, 2], max_new_tokens=2, stop_token_ids=[])
+
+
+def test_unknown_name_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    r = subprocess.run(CLI + ["quantize", "no-such-model-xyz"], capture_output=True, text=True)
+    assert r.returncode != 0 and "known model name" in r.stderr
