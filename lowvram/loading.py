@@ -89,6 +89,16 @@ def _target_device(name: str, devs: list[torch.device], first: torch.device, las
     return first
 
 
+def _orig(layout: str, name: str) -> str:
+    """The checkpoint's own name for one of ours, for messages users can grep their files for."""
+    from .checkpoint import original_name
+
+    try:
+        return original_name(layout, name, 0 if FUSED_PARTS.get(layout) and ".attn.qkv." in name else None)
+    except KeyError:
+        return name
+
+
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
          backend: str | None) -> dict:
     expected = dict(net.named_parameters())
@@ -102,7 +112,8 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
     def assign(name: str, t: torch.Tensor):
         want = tuple(expected[name].shape)
         if tuple(t.shape) != want:
-            misshaped.append(f"{name} (checkpoint {tuple(t.shape)}, expected {want})")
+            misshaped.append(f"{_orig(cfg.layout, name)} (checkpoint {tuple(t.shape)}, expected {want})")
+            done.add(name)  # reported as misshaped, not also as missing
             return
         mod_name, _, pname = name.rpartition(".")
         mod = net.get_submodule(mod_name)
@@ -158,7 +169,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             setattr(net.get_submodule(parent), attr, new)
             done.update(n for n in expected if n.rpartition(".")[0] == mod_name)
 
-    missing = [n for n in expected if n not in done]
+    missing = [_orig(cfg.layout, n) for n in expected if n not in done]
     if missing or unexpected or misshaped:
         msg = [f"{ckpt.dir}: checkpoint does not match its config ({cfg.generation}, layout {cfg.layout})"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):

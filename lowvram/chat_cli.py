@@ -1,0 +1,122 @@
+"""`lowvram chat MODEL` and `lowvram generate MODEL`: the terminal front ends of the chat API."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _model_arguments(p):
+    p.add_argument("model", help="checkpoint directory (original or quantized)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default=None, help="float32 (exact reference), bfloat16, float16; default per device")
+    p.add_argument("--backend", default=None, help="quantized kernel backend: ort, cpu, torch, cuda, mps")
+    p.add_argument("--placement", default=None, help='blocks per device, e.g. "cuda:0=0-19,cpu=20-27"')
+    p.add_argument("--ctx", type=int, default=None, help="context window to allocate (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _load(args, chat_format=None):
+    import lowvram
+
+    tty = sys.stderr.isatty()
+    if tty:
+        sys.stderr.write(f"loading {args.model} ...")
+        sys.stderr.flush()
+    t0 = time.time()
+    model = lowvram.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                         placement=args.placement, ctx=args.ctx, chat_format=chat_format)
+    if tty:
+        sys.stderr.write(f"\rloaded {model.config.generation} from {args.model} in {time.time() - t0:.1f}s "
+                         f"({model.dtype}, {model.config.num_layers} layers)\n")
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer files (tokenizer.model, ice_text.model or tokenizer.json)")
+    return model
+
+
+def chat_arguments(p):
+    _model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt (generations that have one)")
+    p.add_argument("--chat-format", default=None, help="override: chatglm, chatglm2, chatglm3, glm4")
+
+
+HELP = "Type a message. `clear` starts over, `stop` or Ctrl-D exits, Ctrl-C interrupts an answer."
+
+
+def chat_main(args) -> int:
+    model = _load(args, args.chat_format)
+    gen = _sampling(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    out = sys.stdout
+    out.write(f"{HELP}\n")
+    while True:
+        try:
+            out.write("\nYou: ")
+            out.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        if not line:  # Ctrl-D
+            out.write("\n")
+            return 0
+        query = line.strip()
+        if not query:
+            continue
+        if query == "stop":
+            return 0
+        if query == "clear":
+            history = list(start)
+            out.write("(history cleared)\n")
+            continue
+        out.write(f"{model.config.generation}: ")
+        out.flush()
+        try:
+            stream = model.stream_chat(history + [{"role": "user", "content": query}], **gen)
+        except ValueError as e:
+            out.write(f"\nerror: {e}\n")
+            continue
+        try:
+            for delta in stream:
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            out.write(" [interrupted]")
+        out.write("\n")
+        history = stream.history
+
+
+def generate_arguments(p):
+    _model_arguments(p)
+    p.add_argument("--prompt", default=None, help="text to continue; '-' or omitted: read stdin")
+    p.add_argument("--raw", action="store_true", help="do not add the generation's prompt prefix ([gMASK] sop ...)")
+
+
+def generate_main(args) -> int:
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    model = _load(args)
+    tok = model.tokenizer
+    ids = tok.encode(prompt) if args.raw else tok.encode_prompt(prompt)
+    gen = _sampling(args)
+    dec = tok.stream_decoder()
+    try:
+        for t in model.stream_generate(ids, stop_token_ids=tok.stop_ids, **gen):
+            sys.stdout.write(dec.push(t))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.write(dec.flush() + "\n")
+    return 0

@@ -1,0 +1,36 @@
+"""`lowvram info` through the installed console script."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+from lowvram.converters.synthetic import TINY, state_shapes
+
+EXE = shutil.which("lowvram")
+CMD = [EXE] if EXE else [sys.executable, "-m", "lowvram.cli"]
+
+
+def test_info_plain_and_json(tiny):
+    d = tiny("chatglm3-6b", shards=2)
+    r = subprocess.run(CMD + ["info", str(d)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "chatglm2-6b" in r.stdout and "2 file(s)" in r.stdout
+    r = subprocess.run(CMD + ["info", str(d), "--json"], capture_output=True, text=True)
+    info = json.loads(r.stdout)
+    expect = 0
+    for shape in state_shapes(TINY["chatglm3-6b"]).values():
+        n = 1
+        for s in shape:
+            n *= s
+        expect += n
+    assert info["parameters"] == expect
+    assert info["size_on_disk"] == sum(f.stat().st_size for f in d.glob("model-*.safetensors"))
+    assert info["tensors"] == len(state_shapes(TINY["chatglm3-6b"]))
+    assert info["layers"] == 2 and info["kv_heads"] == 2
+
+
+def test_info_error_is_one_line(tmp_path):
+    r = subprocess.run(CMD + ["info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("lowvram: error:") and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,70 @@
+"""Every way a checkpoint can be broken gets one clear message naming the file or field."""
+
+import json
+
+import pytest
+
+import lowvram
+from lowvram.converters.synthetic import TINY, random_state, write_checkpoint
+
+
+def test_no_config(tmp_path):
+    with pytest.raises(lowvram.ConfigError, match=r"config\.json.*no config\.json found"):
+        lowvram.load(tmp_path)
+
+
+def test_bad_json_and_unknown_type(tmp_path):
+    (tmp_path / "config.json").write_text("{nope")
+    with pytest.raises(lowvram.ConfigError, match="not valid JSON"):
+        lowvram.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(lowvram.ConfigError, match=r"model_type='llama'.*supported: model_type 'chatglm'"):
+        lowvram.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "num_layers": 2}))
+    with pytest.raises(lowvram.ConfigError, match="missing field 'hidden_size'"):
+        lowvram.load(tmp_path)
+
+
+def test_missing_shard(tiny):
+    d = tiny("chatglm3-6b", shards=2)
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(lowvram.CheckpointError, match=f"missing: {victim.name}"):
+        lowvram.load(d)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_truncated_file(tiny, fmt):
+    d = tiny("chatglm3-6b", fmt=fmt)
+    f = next(d.glob(f"*.{'safetensors' if fmt == 'safetensors' else 'bin'}"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(lowvram.CheckpointError, match=f"{f.name}: cannot read.*truncated or corrupt"):
+        lowvram.load(d)
+
+
+def test_no_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY["chatglm3-6b"]))
+    with pytest.raises(lowvram.CheckpointError, match="no weights found"):
+        lowvram.load(tmp_path)
+
+
+def test_wrong_missing_unexpected_tensors(tmp_path):
+    sd = random_state(TINY["chatglm3-6b"])
+    sd["transformer.encoder.layers.0.self_attention.dense.weight"] = sd[
+        "transformer.encoder.layers.0.self_attention.dense.weight"][:, :10]
+    del sd["transformer.encoder.final_layernorm.weight"]
+    sd["transformer.something_else.weight"] = sd["transformer.output_layer.weight"]
+    d = write_checkpoint(tmp_path / "c", TINY["chatglm3-6b"], sd)
+    with pytest.raises(lowvram.CheckpointError) as e:
+        lowvram.load(d)
+    msg = str(e.value)
+    assert "missing 1: transformer.encoder.final_layernorm.weight" in msg
+    assert "unexpected 1: transformer.something_else.weight" in msg
+    assert "transformer.encoder.layers.0.self_attention.dense.weight (checkpoint (64, 10), expected (64, 64))" in msg
+    assert len(msg.splitlines()) == 1
+
+
+def test_tokenizerless_directory_loads(tiny):
+    m = lowvram.load(tiny("glm-4-9b-chat"), dtype="float32")
+    assert m.tokenizer is None and m.config.layout == "chatglm"
+    assert len(m.generate([1, 2, 3], max_new_tokens=2, stop_token_ids=[])) == 2
