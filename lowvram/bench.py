@@ -1,0 +1,85 @@
+"""`lowvram bench MODEL`: load time, prefill tok/s, time to first token, decode ms/token, peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, threads: int | None = None,
+          **load_kw) -> dict:
+    import lowvram
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = lowvram.load(path, tokenizer=False, **load_kw)
+    load_s = time.perf_counter() - t0
+    rss_loaded = peak_rss()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(cfg.vocab_size, 60000), (prompt_len,), generator=g).tolist()
+    if cfg.rope == "2d" and cfg.gmask_token_id is not None:
+        ids[-2:] = [cfg.gmask_token_id, cfg.sop_token_id]
+    total = prompt_len + warmup + decode_steps
+    with torch.inference_mode():
+        caches = model.new_cache(cfg.pre_seq_len + total)
+        t = time.perf_counter()
+        h = model.forward(ids, 0, prompt_len, caches)
+        prefill_s = time.perf_counter() - t
+        nxt = int(model.net.head(h[-1:]).float().argmax())
+        ttft = time.perf_counter() - t
+        steps = []
+        for i in range(warmup + decode_steps):
+            ids.append(nxt)
+            t = time.perf_counter()
+            h = model.forward(ids, len(ids) - 1, 1, caches)
+            nxt = int(model.net.head(h).float().argmax())
+            steps.append(time.perf_counter() - t)
+    dev = {}
+    if torch.cuda.is_available():
+        dev["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    decode = steps[warmup:]
+    return {
+        "model": str(path), "generation": cfg.generation, "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "load_s": round(load_s, 3), "prompt_len": prompt_len,
+        "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4),
+        "decode_ms_median": round(1e3 * statistics.median(decode), 2), "decode_ms_min": round(1e3 * min(decode), 2),
+        "decode_steps": len(decode), "peak_rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(), **dev,
+    }
+
+
+def bench_arguments(p):
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--placement", default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def bench_main(args) -> int:
+    r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, device=args.device,
+              dtype=args.dtype, backend=args.backend, placement=args.placement)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['generation']} ({r['dtype']}, {r['threads']} threads) from {r['model']}")
+    print(f"  load            {r['load_s']:.2f} s")
+    print(f"  prefill         {r['prefill_tok_s']:.1f} tok/s ({r['prompt_len']} tokens), first token {r['ttft_s']:.2f} s")
+    print(f"  decode          {r['decode_ms_median']:.1f} ms/token median (min {r['decode_ms_min']:.1f}, {r['decode_steps']} steps)")
+    print(f"  peak RSS        {r['peak_rss_bytes'] / 2**30:.2f} GiB (after load {r['peak_rss_after_load_bytes'] / 2**30:.2f})")
+    if "peak_cuda_bytes" in r:
+        print(f"  peak CUDA       {r['peak_cuda_bytes'] / 2**30:.2f} GiB")
+    return 0
