@@ -91,6 +91,7 @@ def write_checkpoint(out: str | Path, config: dict, state: dict[str, torch.Tenso
     """Write config.json + weights like `save_pretrained`: one file, or `shards` files with an index."""
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    tmp.chmod(0o755)
     try:
         cfg = dict(config)
         if dtype is not None:

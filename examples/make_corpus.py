@@ -33,6 +33,12 @@ def docstrings():
                 d = inspect.getdoc(obj)
                 if d and len(d) > 40:
                     yield name, f"{name}.{attr}", d
+            if inspect.isclass(obj):
+                for meth, fn in sorted(vars(obj).items()):
+                    if not meth.startswith("_") and inspect.isfunction(fn):
+                        d = inspect.getdoc(fn)
+                        if d and len(d) > 40:
+                            yield name, f"{name}.{attr}.{meth}", d
 
 
 def main(out=Path(__file__).parent / "corpus"):

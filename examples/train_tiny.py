@@ -105,11 +105,11 @@ def main():
     ap.add_argument("--ranks", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=704)
+    ap.add_argument("--ffn", type=int, default=768)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -140,6 +140,9 @@ def main():
             torch.nn.init.zeros_(p)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     pos = torch.arange(args.seq)[None]
+    held = enc.encode_ordinary((HERE / "corpus" / "heldout.txt").read_text(encoding="utf-8"))
+    held = torch.tensor(held[: (len(held) // (args.seq + 1)) * (args.seq + 1)]).view(-1, args.seq + 1)[:32]
+    best, best_state = float("inf"), None
     budget = args.minutes * 60
     t0 = time.time()
     step = 0
@@ -158,12 +161,28 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
+        if step % 100 == 0:
+            hl = heldout_loss(net, held, pos)
+            if hl < best:  # keep the checkpoint that generalises best: the corpus is small
+                best, best_state = hl, {k: v.detach().clone() for k, v in net.state_dict().items()}
+            print(f"step {step} loss {loss.item():.3f} held-out {hl:.3f} (ppl {math.exp(hl):.1f}) lr {lr:.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
         step += 1
+    hl = heldout_loss(net, held, pos)
+    if hl < best:
+        best, best_state = hl, net.state_dict()
+    net.load_state_dict(best_state)
+    print(f"best held-out loss {best:.3f} (ppl {math.exp(best):.1f})")
 
     write(Path(args.out), config, net, tokens, cfg)
     print(f"wrote {args.out} after {step} steps")
+
+
+@torch.no_grad()
+def heldout_loss(net, held, pos) -> float:
+    x, y = held[:, :-1], held[:, 1:]
+    logits = net.head(net.hidden(x, pos.expand(x.shape[0], -1)))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
 
 
 def write(out: Path, config: dict, net: GLM, tokens: list[bytes], cfg):
