@@ -1,0 +1,132 @@
+"""Plan where every block goes: the fastest device first, as many blocks as its budget holds, CPU last.
+
+Blocks run where their weights and KV cache live; only the hidden state (a few KB per token) hops
+between devices, so an offloaded model computes on the CPU instead of copying weights every token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .config import GLMConfig
+from .memory import RUNTIME_OVERHEAD, footprint
+
+# Read bandwidth (GB/s) that decode streams weights at; CPU measured on this project's machine.
+BANDWIDTH_GBS = {"cpu": 32.7, "cuda": 256.0, "mps": 100.0}
+KNOWN_GPUS = {"rtx 4060 laptop": 256, "rtx 4060": 272, "rtx 3060": 360, "rtx 4090": 1008, "a100": 1555,
+              "h100": 3350, "h200": 4800, "t4": 320, "m1": 68, "m2": 100, "m2 pro": 200, "m2 max": 400}
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]i?b?|b)?\s*", str(s).lower())
+    if not m:
+        raise ValueError(f"memory size {s!r} not understood; use e.g. 6GiB, 8GB, 512MiB")
+    unit = m.group(2) or ""
+    unit = unit if unit.endswith("b") or unit == "" else unit + "b"
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_max_memory(s: str) -> dict[str, int]:
+    out = {}
+    for part in s.split(","):
+        dev, _, size = part.partition("=")
+        if not size:
+            raise ValueError(f"--max-memory {s!r}: expected DEVICE=SIZE[,...], e.g. cuda:0=6GiB,cpu=12GiB")
+        out[dev.strip()] = parse_size(size)
+    return out
+
+
+def detect_budgets() -> dict[str, int]:
+    """Free memory per device now: CUDA free bytes, MPS recommended maximum, CPU MemAvailable."""
+    import torch
+
+    out = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out[f"cuda:{i}"] = torch.cuda.mem_get_info(i)[0]
+    if torch.backends.mps.is_available():
+        out["mps"] = torch.mps.recommended_max_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        out["cpu"] = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        import os
+
+        out["cpu"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return out
+
+
+def _kind(dev: str) -> str:
+    return dev.split(":")[0]
+
+
+@dataclass
+class Plan:
+    devices: list[str]
+    blocks: dict[str, list[int]]  # device -> block indices
+    bytes: dict[str, int]  # device -> planned bytes
+    budgets: dict[str, int]
+    ctx: int
+    output_device: str
+    embeddings_device: str = "cpu"
+    decode_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def placement(self) -> str:
+        """The `placement=` string `lowvram.load` and `--placement` accept."""
+        return ",".join(f"{d}={b[0]}-{b[-1]}" for d, b in self.blocks.items() if b)
+
+    def as_dict(self) -> dict:
+        return {"placement": self.placement(), "blocks": {d: len(b) for d, b in self.blocks.items()},
+                "bytes": self.bytes, "budgets": self.budgets, "ctx": self.ctx, "output_device": self.output_device,
+                "embeddings_device": self.embeddings_device, "decode_ms_per_token": round(self.decode_ms, 1),
+                "notes": self.notes}
+
+
+def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | None = 4, group: int = 128,
+         head_bits: int | None = 8, dtype: str = "bfloat16", kv_dtype: str | None = None,
+         bandwidth: dict[str, float] | None = None, vision_bytes: int = 0) -> Plan:
+    """Contiguous block ranges per device; a ValueError says how much is missing and what would help."""
+    fp = footprint(cfg, bits, group, head_bits, dtype, kv_dtype)
+    order = sorted(budgets, key=lambda d: (_kind(d) == "cpu", d))  # accelerators first, CPU last
+    free = {d: budgets[d] - RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
+    used = {d: 0 for d in order}
+    if "cpu" not in free and not any(_kind(d) == "cpu" for d in order):
+        raise ValueError("no cpu budget given: the embeddings live on the CPU")
+    cpu = next(d for d in order if _kind(d) == "cpu")
+    used[cpu] += fp.embeddings
+    out_dev = order[0]
+    used[out_dev] += fp.output + fp.prefill_workspace + vision_bytes
+    blocks: dict[str, list[int]] = {d: [] for d in order}
+    i = 0
+    per_block = fp.block(ctx)
+    for d in order:
+        while i < cfg.num_layers and used[d] + per_block <= free[d]:
+            blocks[d].append(i)
+            used[d] += per_block
+            i += 1
+    if i < cfg.num_layers or any(used[d] > free[d] for d in order):
+        missing = (cfg.num_layers - i) * per_block + sum(max(0, used[d] - free[d]) for d in order)
+        hints = []
+        if bits is None or bits > 4:
+            hints.append("fewer bits (--bits 4)")
+        if ctx > 2048:
+            kv = fp.kv_per_token_per_block * cfg.num_layers * ctx / 2**30
+            hints.append(f"a shorter context (the KV cache of --ctx {ctx} takes {kv:.2f} GiB; try --ctx {ctx // 2})")
+        hints.append("more memory for the CPU or another device (--max-memory)")
+        raise ValueError(f"{cfg.generation} at {bits or dtype}-bit, context {ctx}, does not fit: "
+                         f"{missing / 2**30:.2f} GiB missing across {', '.join(order)}; try {', or '.join(hints)}")
+    bw = dict(BANDWIDTH_GBS, **(bandwidth or {}))
+    ms = 0.0
+    for d in order:
+        streamed = len(blocks[d]) * fp.block_weights + (fp.output if d == out_dev else 0)
+        ms += streamed / (bw.get(d, bw[_kind(d)]) * 1e9) * 1e3
+    total = {d: used[d] + RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
+    p = Plan(order, blocks, total, budgets, ctx, out_dev, decode_ms=ms)
+    if blocks[cpu] and len(order) > 1:
+        p.notes.append(f"{len(blocks[cpu])} of {cfg.num_layers} blocks run on the CPU")
+    return p

@@ -1,0 +1,54 @@
+"""`lowvram plan MODEL`: where every block goes for a memory budget, and the decode speed to expect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import load_config, parse_config
+from .known import known_config
+from .placement import detect_budgets, parse_max_memory, parse_size, plan
+
+
+def model_config(model: str):
+    p = Path(model)
+    if p.exists():
+        return load_config(p)
+    cfg = parse_config(known_config(model), f"known model {model}")
+    cfg.generation = model.lower()
+    return cfg
+
+
+def plan_arguments(p):
+    p.add_argument("model", help="checkpoint directory or known model name (chatglm3-6b, glm-4-9b-chat, ...)")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="16 = unquantized bf16/fp16")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--ctx", type=int, default=2048, help="context length to reserve KV cache for")
+    p.add_argument("--gpu-mem", default=None, help="budget of cuda:0, e.g. 6GiB")
+    p.add_argument("--max-memory", default=None, help="per device, e.g. cuda:0=6GiB,cuda:1=8GiB,cpu=12GiB")
+    p.add_argument("--kv-int8", action="store_true", help="plan an INT8 KV cache")
+    p.add_argument("--json", action="store_true")
+
+
+def plan_main(args) -> int:
+    cfg = model_config(args.model)
+    budgets = parse_max_memory(args.max_memory) if args.max_memory else detect_budgets()
+    if args.gpu_mem:
+        budgets["cuda:0"] = parse_size(args.gpu_mem)
+    bits = None if args.bits == 16 else args.bits
+    p = plan(cfg, budgets, args.ctx, bits, args.group_size, kv_dtype="int8" if args.kv_int8 else None)
+    if args.json:
+        print(json.dumps({"model": args.model, "generation": cfg.generation, **p.as_dict()}, indent=2))
+        return 0
+    print(f"{cfg.generation}: {cfg.num_layers} blocks at {args.bits}-bit, context {args.ctx}")
+    print(f"{'device':10s} {'blocks':>12s} {'planned':>10s} {'budget':>10s}")
+    for d in p.devices:
+        b = p.blocks[d]
+        rng = f"{b[0]}-{b[-1]}" if b else "-"
+        print(f"{d:10s} {rng:>12s} {p.bytes[d] / 2**30:9.2f}G {p.budgets[d] / 2**30:9.2f}G")
+    print(f"embeddings on {p.embeddings_device}, output layer on {p.output_device}")
+    print(f"expected decode ≈ {p.decode_ms:.0f} ms/token (weights streamed at each device's bandwidth)")
+    print(f"placement: {p.placement()}")
+    for n in p.notes:
+        print(f"note: {n}")
+    return 0

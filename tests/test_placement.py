@@ -1,0 +1,88 @@
+"""Memory model, planner, `lowvram plan`, and execution split across placement targets."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowvram
+from lowvram.config import parse_config
+from lowvram.known import known_config
+from lowvram.memory import footprint
+from lowvram.placement import parse_max_memory, parse_size, plan
+
+GiB = 1 << 30
+
+
+def test_sizes():
+    assert parse_size("6GiB") == 6 * GiB and parse_size("8GB") == 8 * 10**9 and parse_size("512MiB") == 512 << 20
+    assert parse_max_memory("cuda:0=6GiB,cpu=12GiB") == {"cuda:0": 6 * GiB, "cpu": 12 * GiB}
+    with pytest.raises(ValueError, match="not understood"):
+        parse_size("six gigs")
+
+
+def test_footprint_matches_a_real_quantized_checkpoint(tiny, tmp_path):
+    from lowvram.converters.quantize import quantize
+    from lowvram.checkpoint import Checkpoint
+
+    src = tiny("chatglm3-6b", hidden_size=128, kv_channels=32, ffn_hidden_size=256)
+    out = quantize(src, tmp_path / "q", bits=4, group_size=32, progress=False)["out"]
+    ck = Checkpoint(out)
+    layer0 = sum(ck.get(n).numel() * ck.get(n).element_size() for n in ck.names() if ".layers.0." in n)
+    fp = footprint(lowvram.load_config(out), bits=4, group=32, dtype="float16")
+    assert abs(fp.block_weights - layer0) / layer0 < 0.1
+
+
+def cfg(name):
+    return parse_config(known_config(name))
+
+
+def test_fits_entirely_on_gpu():
+    p = plan(cfg("chatglm3-6b"), {"cuda:0": 8 * GiB, "cpu": 16 * GiB}, ctx=2048)
+    assert p.placement() == "cuda:0=0-27" and p.output_device == "cuda:0" and p.embeddings_device == "cpu"
+
+
+def test_needs_cpu_offload():
+    p = plan(cfg("glm-4-9b-chat"), {"cuda:0": 4 * GiB, "cpu": 16 * GiB}, ctx=8192)
+    gpu, cpu_ = len(p.blocks["cuda:0"]), len(p.blocks["cpu"])
+    assert gpu > 0 and cpu_ > 0 and gpu + cpu_ == 40
+    assert p.blocks["cuda:0"] == list(range(gpu))  # contiguous, GPU first
+    assert p.bytes["cuda:0"] <= 4 * GiB
+    assert p.placement() == f"cuda:0=0-{gpu - 1},cpu={gpu}-39"
+
+
+def test_needs_two_gpus():
+    p = plan(cfg("glm-4-9b-chat"), {"cuda:0": 4 * GiB, "cuda:1": 4 * GiB, "cpu": 16 * GiB}, ctx=2048)
+    assert p.blocks["cuda:0"] and p.blocks["cuda:1"] and not p.blocks["cpu"]
+    assert p.blocks["cuda:1"][0] == p.blocks["cuda:0"][-1] + 1
+
+
+def test_cannot_fit_says_what_is_missing():
+    with pytest.raises(ValueError, match=r"does not fit: \d+\.\d+ GiB missing.*--ctx 16384.*--max-memory"):
+        plan(cfg("glm-4-9b-chat-1m"), {"cpu": 6 * GiB}, ctx=32768)
+    with pytest.raises(ValueError, match=r"fewer bits \(--bits 4\)"):
+        plan(cfg("glm-4-9b-chat"), {"cpu": 6 * GiB}, ctx=2048, bits=8)
+
+
+def test_plan_console_script():
+    r = subprocess.run([sys.executable, "-m", "lowvram.cli", "plan", "chatglm3-6b", "--max-memory",
+                        "cuda:0=3GiB,cpu=16GiB", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["blocks"]["cuda:0"] + d["blocks"]["cpu"] == 28 and d["blocks"]["cpu"] > 0
+    assert d["decode_ms_per_token"] > 0
+
+
+@pytest.mark.parametrize("gen", ["chatglm-6b", "chatglm3-6b", "glm-4-0414"])
+def test_split_across_targets_equals_one_device(gen, tiny):
+    d = tiny(gen, num_layers=4) if gen != "glm-4-0414" else tiny(gen, num_hidden_layers=4)
+    ids = [9, 4, 30, 151, 152] if gen == "chatglm-6b" else [9, 4, 30, 17]
+    one = lowvram.load(d, dtype="float32")
+    split = lowvram.load(d, dtype="float32", placement="cpu:0=0-1,cpu:1=2-3")
+    assert torch.equal(split.logits(ids), one.logits(ids))
+    assert split.generate(ids, max_new_tokens=5, stop_token_ids=[]) == one.generate(ids, max_new_tokens=5,
+                                                                                     stop_token_ids=[])
+    with pytest.raises(ValueError, match="no device for layers"):
+        lowvram.load(d, placement="cpu:0=0-1")
