@@ -26,24 +26,6 @@ except ImportError as e:  # pragma: no cover - both are core dependencies
     _IMPORT_ERROR = e
 
 
-_POOL = None
-
-
-def _global_pool() -> int:
-    """One intra-op thread pool shared by every session: per-session pools either spin and steal the
-    cores from each other, or sleep and pay a wake-up on every call (2x slower decode)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = int(os.environ.get("LOWVRAM_THREADS", torch.get_num_threads()))
-        try:
-            from onnxruntime.capi import _pybind_state
-
-            _pybind_state.set_global_thread_pool_sizes(_POOL, 1)
-        except (ImportError, AttributeError, RuntimeError):
-            _POOL = -1  # environment already created elsewhere: fall back to per-session pools
-    return _POOL
-
-
 def available() -> str | None:
     if _IMPORT_ERROR is not None:
         return f"onnxruntime/onnx not importable ({_IMPORT_ERROR}); pip install onnxruntime onnx"
@@ -98,13 +80,11 @@ def _session_for(k: int, n: int, bits: int, bs: int, p: dict, accuracy_level: in
                                   opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 8
         so = ort.SessionOptions()
-        if _global_pool() > 0:
-            so.use_per_session_threads = False
-        else:
-            so.intra_op_num_threads = int(os.environ.get("LOWVRAM_THREADS", torch.get_num_threads()))
-            so.inter_op_num_threads = 1
-            # Hundreds of sessions share the cores: spinning idle pools would steal them from each other.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.intra_op_num_threads = int(os.environ.get("LOWVRAM_THREADS", torch.get_num_threads()))
+        so.inter_op_num_threads = 1
+        # Hundreds of sessions share the cores with torch: a spinning idle pool (ORT's default, also for
+        # its global pool) starves torch's own ops between the matmuls (a 30 us softmax took 900 us).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.path.dirname(f.name))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -89,6 +89,16 @@ def _target_device(name: str, devs: list[torch.device], first: torch.device, las
     return first
 
 
+def _trim_heap():
+    """Hand freed load-time buffers back to the OS (glibc keeps them otherwise, and RSS stays high)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _orig(layout: str, name: str) -> str:
     """The checkpoint's own name for one of ours, for messages users can grep their files for."""
     from .checkpoint import original_name
@@ -155,10 +165,12 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         else:
             misshaped.append(f"{name} (only parts {sorted(parts)} of {nparts} present)")
 
+    quantized = sorted(quant)
     if quant:
         from .quantized import build_linear
 
-        for mod_name, parts in quant.items():
+        for mod_name in quantized:
+            parts = quant.pop(mod_name)  # the backend keeps its own copy: drop the file's as we go
             lin = net.get_submodule(mod_name)
             dev = _target_device(mod_name + ".weight", devs, first, last)
             try:
@@ -177,4 +189,5 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
                 more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
                 msg.append(f"{label} {len(items)}: {', '.join(items[:8])}{more}")
         raise CheckpointError("; ".join(msg))
-    return {"ignored": ignored, "quantized": sorted(quant), "dtype": dtype, "devices": devs}
+    _trim_heap()
+    return {"ignored": ignored, "quantized": quantized, "dtype": dtype, "devices": devs}
