@@ -177,11 +177,20 @@ class Model:
 
 
 def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None = None, placement=None,
-         ctx: int | None = None, chat_format: str | None = None, tokenizer: bool = True) -> Model:
-    """Load a checkpoint directory (original Hugging Face layout, or lowvram/GPTQ quantized)."""
+         ctx: int | None = None, chat_format: str | None = None, tokenizer: bool = True,
+         max_memory: dict | str | None = None) -> Model:
+    """Load a checkpoint directory (original Hugging Face layout, or lowvram/GPTQ quantized).
+
+    device="auto" (or a max_memory budget) places blocks with the planner: the fastest device first,
+    the rest on the CPU; an explicit `placement` ("cuda:0=0-19,cpu=20-39") overrides it.
+    """
+    from .config import load_config
     from .loading import build
 
-    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement)
+    cfg = load_config(path)
+    if placement is None and (device == "auto" or max_memory is not None):
+        placement, device = _auto_placement(cfg, max_memory, ctx)
+    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg)
     tok = None
     if tokenizer:
         tok = _try_tokenizer(path, cfg, chat_format)
@@ -190,6 +199,16 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
 
             cfg.generation = generation_for(tok, cfg.generation)
     return Model(net, cfg, path, tok, report, ctx)
+
+
+def _auto_placement(cfg, max_memory, ctx):
+    from .placement import detect_budgets, parse_max_memory, plan
+
+    budgets = parse_max_memory(max_memory) if isinstance(max_memory, str) else (max_memory or detect_budgets())
+    q = cfg.quantization or {}
+    bits = q.get("bits") or q.get("thudm_bits")
+    p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128))
+    return p.placement(), p.devices[0]
 
 
 def _try_tokenizer(path, cfg, chat_format):

@@ -86,3 +86,13 @@ def test_split_across_targets_equals_one_device(gen, tiny):
                                                                                      stop_token_ids=[])
     with pytest.raises(ValueError, match="no device for layers"):
         lowvram.load(d, placement="cpu:0=0-1")
+
+
+def test_load_with_a_budget_applies_the_plan(tiny):
+    d = tiny("chatglm3-6b")
+    m = lowvram.load(d, dtype="float32", max_memory={"cpu": 4 * GiB}, ctx=64)
+    assert all(m.net.layer_device(i).type == "cpu" for i in range(2))
+    assert m.generate([3, 4], max_new_tokens=2, stop_token_ids=[]) == lowvram.load(d, dtype="float32").generate(
+        [3, 4], max_new_tokens=2, stop_token_ids=[])
+    with pytest.raises(ValueError, match="does not fit"):
+        lowvram.load(d, max_memory={"cpu": 1 << 20})
