@@ -53,14 +53,14 @@ def main():
     ref = perplexity(base, ids, a.window)
     fast_ref = perplexity(lowvram.load(a.model), ids, a.window)
     print(f"model {a.model}, {len(ids)} held-out tokens, window {a.window}")
-    print(f"| variant | ppl (exact, fp32 compute) | vs fp32 | ppl (fast kernels) | vs fp32 | quantize s |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| variant | ppl (exact, fp32 compute) | vs fp32 | ppl (fast kernels) | vs fp32 | quantize s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print(f"| fp32 / bf16 reference | {ref:.3f} | — | {fast_ref:.3f} | {100 * (fast_ref / ref - 1):+.2f}% | — |")
     with tempfile.TemporaryDirectory() as d:
         for name, kw in variants:
             out = Path(d) / name.replace(" ", "_")
             t = time.time()
-            quantize(a.model, out, calib=a.calib, calib_samples=64, calib_seq_len=256, progress=False, **kw)
+            quantize(a.model, out, calib=a.calib, calib_samples=64, calib_seq_len=128, progress=False, **kw)
             qs = time.time() - t
             p = perplexity(lowvram.load(out, dtype="float32"), ids, a.window)
             pf = perplexity(lowvram.load(out), ids, a.window)

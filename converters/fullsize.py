@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lowvram.kernels import pack_cols
 from lowvram.known import known_config
 from lowvram.models.glm import GLM
 
+from . import atomic_directory
 from .quantize import BLOCK_LINEAR, ShardWriter, _write_metadata
 
 
@@ -34,10 +34,7 @@ def write_fullsize(name: str, out: str | Path, bits: int = 4, group_size: int = 
         net = GLM(cfg)
     g = torch.Generator().manual_seed(seed)
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         w = ShardWriter(tmp, max_shard_bytes)
         for ours, p in net.named_parameters():
             shape = tuple(p.shape)
@@ -68,12 +65,6 @@ def write_fullsize(name: str, out: str | Path, bits: int = 4, group_size: int = 
         (src / "config.json").write_text(json.dumps(config))
         _write_metadata(src, tmp, cfg, bits, group_size, True, False, "random", quantize_head, head_bits)
         shutil.rmtree(src)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

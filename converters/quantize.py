@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from lowvram.checkpoint import Checkpoint, map_name
 from lowvram.config import load_config
 
+from . import atomic_directory
 from .gptq import Hessian, gptq, rtn
 
 BLOCK_LINEAR = re.compile(r"layers\.(\d+)\.(attn\.qkv|attn\.out|mlp\.up|mlp\.down)\.weight$")
@@ -112,13 +113,9 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.time()
     errors: dict[str, float] = {}
-    try:
+    with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         names = ckpt.names()
         bar = Progress(len(names), f"quantize {method} int{bits}", progress)
@@ -148,12 +145,6 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
             bar.step(cname)
         writer.finish()
         _write_metadata(src, tmp, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size_in = ckpt.nbytes()
     size_out = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     errs = sorted(errors.values())

@@ -8,9 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,8 @@ import torch
 from lowvram.checkpoint import FUSED_PARTS, original_name
 from lowvram.config import parse_config
 from lowvram.models.glm import GLM
+
+from . import atomic_directory
 
 _CHATGLM2 = {
     "model_type": "chatglm", "architectures": ["ChatGLMModel"], "add_bias_linear": False, "add_qkv_bias": True,
@@ -90,9 +89,7 @@ def write_checkpoint(out: str | Path, config: dict, state: dict[str, torch.Tenso
                      shards: int = 1, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + weights like `save_pretrained`: one file, or `shards` files with an index."""
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
-    tmp.chmod(0o755)
-    try:
+    with atomic_directory(out) as tmp:
         cfg = dict(config)
         if dtype is not None:
             cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -111,12 +108,6 @@ def write_checkpoint(out: str | Path, config: dict, state: dict[str, torch.Tenso
             total = sum(t.numel() * t.element_size() for t in state.values())
             idx = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / f"{base}.{ext}.index.json").write_text(json.dumps(idx, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

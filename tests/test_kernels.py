@@ -1,7 +1,6 @@
 """Every backend's quantized linear against the dequantized fp32 reference, and through a whole model."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -2,14 +2,12 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
 import lowvram
 from lowvram.converters.quantize import quantize
