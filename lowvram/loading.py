@@ -131,6 +131,40 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         mod._parameters[pname] = nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=False)
         done.add(name)
 
+    def quant_ready(mod_name: str) -> bool:
+        """All of a quantized linear's tensors are in (they usually sit together in one shard)."""
+        parts, lin = quant[mod_name], net.get_submodule(mod_name)
+        n = nparts if cfg.layout in FUSED_PARTS and mod_name.endswith("attn.qkv") else 1
+        early_bias = fused.get(mod_name + ".bias", {})
+        for slot, t in early_bias.items():  # a fused bias read before its quantized weight
+            parts[slot]["bias"] = t
+        if len(parts) < n:
+            return False
+        for p in parts.values():
+            need = {"qweight", "qzeros", "scales", "g_idx"} if "qweight" in p else {"weight", "weight_scale"}
+            if lin.bias is not None and lin.bias.is_meta:
+                need.add("bias")
+            if not need <= p.keys():
+                return False
+        fused.pop(mod_name + ".bias", None)
+        return True
+
+    def build_quantized(mod_name: str):
+        from .quantized import build_linear
+
+        parts = quant.pop(mod_name)  # the backend keeps its own copy: drop the file's at once
+        lin = net.get_submodule(mod_name)
+        dev = _target_device(mod_name + ".weight", devs, first, last)
+        try:
+            new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt.dir}: quantized tensor {mod_name}: {e}") from None
+        parent, _, attr = mod_name.rpartition(".")
+        setattr(net.get_submodule(parent), attr, new)
+        done.update(n for n in expected if n.rpartition(".")[0] == mod_name)
+        quantized.append(mod_name)
+
+    quantized: list[str] = []
     for cname, t in ckpt.items():
         mapped = map_name(cfg.layout, cname)
         if mapped is None:
@@ -141,45 +175,36 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             ignored.append(cname)
             continue
         mod_name, _, suffix = name.rpartition(".")
-        if suffix in QUANT_SUFFIXES or (suffix == "weight" and not torch.is_floating_point(t)):
+        if suffix in QUANT_SUFFIXES or (suffix == "weight" and not torch.is_floating_point(t)) or (
+                mod_name in quant and suffix == "bias"):
             quant[mod_name][slot or 0][suffix] = t
-            continue
-        if quant.get(mod_name) is not None and suffix == "bias":
-            quant[mod_name][slot or 0][suffix] = t
+            if quant_ready(mod_name):
+                build_quantized(mod_name)
             continue
         if name not in expected:
             unexpected.append(cname)
             continue
         if slot is not None:
             fused[name][slot] = t
-            if len(fused[name]) == nparts:
+            if mod_name in quant:
+                if quant_ready(mod_name):
+                    build_quantized(mod_name)
+            elif len(fused[name]) == nparts:
                 parts = fused.pop(name)
                 assign(name, torch.cat([parts[i] for i in range(nparts)], dim=0))
             continue
         assign(name, t)
 
-    for name, parts in fused.items():
-        if name.rpartition(".")[0] in quant:  # a bias whose weight turned out quantized
+    for name, parts in list(fused.items()):
+        mod_name = name.rpartition(".")[0]
+        if mod_name in quant:  # a bias whose weight turned out quantized
             for slot, t in parts.items():
-                quant[name.rpartition(".")[0]][slot]["bias"] = t
+                quant[mod_name][slot]["bias"] = t
         else:
             misshaped.append(f"{name} (only parts {sorted(parts)} of {nparts} present)")
-
-    quantized = sorted(quant)
-    if quant:
-        from .quantized import build_linear
-
-        for mod_name in quantized:
-            parts = quant.pop(mod_name)  # the backend keeps its own copy: drop the file's as we go
-            lin = net.get_submodule(mod_name)
-            dev = _target_device(mod_name + ".weight", devs, first, last)
-            try:
-                new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{ckpt.dir}: quantized tensor {mod_name}: {e}") from None
-            parent, _, attr = mod_name.rpartition(".")
-            setattr(net.get_submodule(parent), attr, new)
-            done.update(n for n in expected if n.rpartition(".")[0] == mod_name)
+    for mod_name in sorted(quant):  # incomplete sets: build_linear names what is missing
+        build_quantized(mod_name)
+    quantized.sort()
 
     missing = [_orig(cfg.layout, n) for n in expected if n not in done]
     if missing or unexpected or misshaped:
