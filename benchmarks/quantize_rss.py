@@ -1,0 +1,67 @@
+"""Peak RSS and wall time of `lowvram quantize` (RTN) on a random fp16 checkpoint with real shapes.
+
+    python benchmarks/quantize_rss.py [--model chatglm3-6b] [--dir /tmp/lowvram-qrss]
+
+The source (12 GB for chatglm3-6b) is written shard by shard without materialising the model; the
+quantization runs in a child process so its peak RSS is its own. Both directories are deleted after.
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowvram.converters import atomic_directory
+from lowvram.converters.quantize import ShardWriter
+from lowvram.converters.synthetic import state_shapes
+from lowvram.known import known_config
+
+
+def write_source(name: str, out: Path) -> Path:
+    config = known_config(name)
+    g = torch.Generator().manual_seed(0)
+    with atomic_directory(out) as tmp:
+        w = ShardWriter(tmp, 2 << 30)
+        for cname, shape in state_shapes(config).items():
+            t = torch.ones(shape) if "layernorm" in cname else torch.randn(shape, generator=g) * 0.02
+            w.add(cname, t.half())
+        w.finish()
+        (tmp / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="chatglm3-6b")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--dir", default="/tmp/lowvram-qrss")
+    a = ap.parse_args()
+    d = Path(a.dir)
+    src, out = d / f"{a.model}-fp16", d / f"{a.model}-int{a.bits}"
+    try:
+        t = time.time()
+        write_source(a.model, src)
+        print(f"wrote {src} ({sum(f.stat().st_size for f in src.iterdir()) / 1e9:.2f} GB) in {time.time() - t:.0f} s")
+        t = time.time()
+        r = subprocess.run([sys.executable, "-m", "lowvram.cli", "quantize", str(src), "--bits", str(a.bits),
+                            "-o", str(out), "--force", "--json"], capture_output=True, text=True)
+        wall = time.time() - t
+        if r.returncode:
+            raise SystemExit(r.stderr)
+        s = json.loads(r.stdout)
+        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        print(f"RTN int{a.bits} g128 of {a.model}: {wall:.0f} s wall, peak RSS {child / 1e9:.2f} GB, "
+              f"{s['size_in'] / 1e9:.2f} GB -> {s['size_out'] / 1e9:.2f} GB, "
+              f"largest tensor {max(torch.Size(x).numel() for x in state_shapes(known_config(a.model)).values()) * 2 / 1e9:.2f} GB fp16")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
