@@ -14,18 +14,14 @@ import torch
 
 from lowvram.checkpoint import FUSED_PARTS, original_name
 from lowvram.config import parse_config
+from lowvram.known import KNOWN
 from lowvram.models.glm import GLM
 
 from . import atomic_directory
 
-_CHATGLM2 = {
-    "model_type": "chatglm", "architectures": ["ChatGLMModel"], "add_bias_linear": False, "add_qkv_bias": True,
-    "apply_residual_connection_post_layernorm": False, "multi_query_attention": True, "original_rope": True,
-    "post_layer_norm": True, "rmsnorm": True, "tie_word_embeddings": False, "layernorm_epsilon": 1e-5,
-    "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "multi_query_group_num": 2,
-    "ffn_hidden_size": 96, "num_layers": 2, "padded_vocab_size": 160, "seq_length": 256,
-    "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
-}
+# The released configs with small dimensions: every flag stays as in the real model.
+_CHATGLM2 = dict(KNOWN["chatglm2-6b"]["config"], hidden_size=64, num_attention_heads=4, kv_channels=16,
+                 ffn_hidden_size=96, num_layers=2, padded_vocab_size=160, seq_length=256, torch_dtype="float32")
 
 TINY: dict[str, dict] = {
     "chatglm-6b": {
