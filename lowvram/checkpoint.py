@@ -105,9 +105,7 @@ class Checkpoint:
         for f in self.files:
             try:
                 if f.suffix == ".safetensors":
-                    with safe_open(str(f), framework="pt") as sf:
-                        for k in sf.keys():
-                            yield k, sf.get_tensor(k)
+                    yield from read_safetensors(f)
                 else:
                     sd = self._load_bin(f)
                     for k in list(sd):
@@ -126,6 +124,29 @@ class Checkpoint:
             with safe_open(str(f), framework="pt") as sf:
                 return sf.get_tensor(name)
         return self._load_bin(f)[name]
+
+
+def read_safetensors(path: Path):
+    """(name, tensor) in file order with plain reads into fresh tensors.
+
+    safe_open memory-maps the file, and every page it touches stays in the process's RSS until the
+    mapping goes: quantizing a 12 GB checkpoint then "used" 12 GB although one tensor was live at a time.
+    """
+    import json as _json
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            fh.seek(base + start)
+            if fh.readinto(memoryview(buf.numpy())) != end - start:
+                raise CheckpointError(f"{path}: tensor {name} is cut short; the file may be truncated")
+            yield name, buf.view(_st_dtype(info["dtype"])).reshape(info["shape"])
 
 
 def _st_dtype(s: str) -> torch.dtype:
