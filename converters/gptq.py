@@ -48,19 +48,28 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torc
     }
 
 
-def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True) -> tuple[dict, torch.Tensor]:
-    """Round-to-nearest: (GPTQ tensors, dequantized weight)."""
+def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 2048) -> tuple[dict, torch.Tensor]:
+    """Round-to-nearest: (GPTQ tensors, dequantized weight).
+
+    Works on `rows` output rows at a time so its temporaries stay a few MB whatever the matrix.
+    """
     n, k = w.shape
     g = k if group <= 0 else group
     if k % g:
         raise ValueError(f"in_features {k} is not a multiple of group size {g}")
-    wg = w.float().reshape(n, k // g, g).permute(1, 0, 2).reshape(-1, g)  # [G*N, g]
-    scale, zero = fit(wg, bits, sym)
-    q = quant(wg, scale, zero, bits)
-    deq = ((q - zero[:, None]) * scale[:, None]).reshape(k // g, n, g).permute(1, 0, 2).reshape(n, k)
-    q = q.reshape(k // g, n, g).permute(1, 0, 2).reshape(n, k)
+    qs, scales, zeros, deqs = [], [], [], []
+    for r in range(0, n, rows):
+        wr = w[r : r + rows].float()
+        m = wr.shape[0]
+        wg = wr.reshape(m, k // g, g).permute(1, 0, 2).reshape(-1, g)  # [G*m, g]
+        scale, zero = fit(wg, bits, sym)
+        q = quant(wg, scale, zero, bits)
+        deqs.append(((q - zero[:, None]) * scale[:, None]).reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k))
+        qs.append(q.reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k).to(torch.uint8))
+        scales.append(scale.reshape(k // g, m))
+        zeros.append(zero.reshape(k // g, m))
     g_idx = torch.arange(k) // g
-    return pack(q, scale.reshape(k // g, n), zero.reshape(k // g, n), g_idx, bits), deq
+    return pack(torch.cat(qs), torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, bits), torch.cat(deqs)
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = True, act_order: bool = False,

@@ -97,7 +97,7 @@ class Progress:
 def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 128, sym: bool = True,
              act_order: bool = False, calib: str | None = None, calib_samples: int = 32, calib_seq_len: int = 128,
              device: str = "cpu", force: bool = False, quantize_head: bool = False, head_bits: int = 8,
-             max_shard_bytes: int = 2 << 30, progress: bool | None = None, seed: int = 0) -> dict:
+             max_shard_bytes: int = 1 << 30, progress: bool | None = None, seed: int = 0) -> dict:
     """Quantize checkpoint `source` (a directory or a known model name) into `out`; returns a summary."""
     from .hub import resolve
 
