@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from pathlib import Path
 
 
 def _model_arguments(p):
@@ -20,25 +22,59 @@ def _model_arguments(p):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="generate until --max-new-tokens (benchmarks, tests)")
 
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                **({"stop_token_ids": []} if args.ignore_eos else {}))
+
+
+def _read_bytes() -> int | None:
+    """Bytes this process has read so far (Linux); the loader reads checkpoint files with plain reads."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("rchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _progress(path, done: threading.Event):
+    """Redraw one stderr line while loading: share of the weight files read, or seconds elapsed."""
+    files = [f for f in Path(path).glob("*") if f.suffix in (".safetensors", ".bin")]
+    total, start, t0 = sum(f.stat().st_size for f in files), _read_bytes(), time.time()
+    while not done.wait(0.25):
+        now = _read_bytes()
+        line = f"loading {path} ... {time.time() - t0:.0f}s"
+        if total and start is not None and now is not None:
+            got = min(now - start, total)
+            size = f"{total / 2**30:.1f} GiB" if total >= 2**30 else f"{total / 2**20:.0f} MiB"
+            line = f"loading {path} ... {100 * got / total:3.0f}% of {size}, {time.time() - t0:.0f}s"
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()
 
 
 def _load(args, chat_format=None):
-    import lowvram
+    """Load with a progress line on a terminal; nothing on stderr when it is piped."""
+    import lowvram  # imported before the progress line starts counting bytes read
 
     tty = sys.stderr.isatty()
+    done = threading.Event()
     if tty:
         sys.stderr.write(f"loading {args.model} ...")
         sys.stderr.flush()
+        threading.Thread(target=_progress, args=(args.model, done), daemon=True).start()
     t0 = time.time()
-    model = lowvram.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                         placement=args.placement, ctx=args.ctx, chat_format=chat_format)
+    try:
+        model = lowvram.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                             placement=args.placement, ctx=args.ctx, chat_format=chat_format)
+    finally:
+        done.set()
+        if tty:
+            sys.stderr.write("\r\033[K")
     if tty:
-        sys.stderr.write(f"\rloaded {model.config.generation} from {args.model} in {time.time() - t0:.1f}s "
+        sys.stderr.write(f"loaded {model.config.generation} from {args.model} in {time.time() - t0:.1f}s "
                          f"({model.dtype}, {model.config.num_layers} layers)\n")
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer files (tokenizer.model, ice_text.model or tokenizer.json)")
@@ -57,7 +93,10 @@ HELP = "Type a message. `clear` starts over, `stop` or Ctrl-D exits, Ctrl-C inte
 def chat_main(args) -> int:
     model = _load(args, args.chat_format)
     gen = _sampling(args)
+    name = Path(args.model).resolve().name or model.config.generation
     start = [{"role": "system", "content": args.system}] if args.system else []
+    if start:  # a generation without a system role: say so now, not at every turn
+        model.tokenizer.apply_chat_template(start + [{"role": "user", "content": "hi"}])
     history = list(start)
     out = sys.stdout
     out.write(f"{HELP}\n")
@@ -75,26 +114,29 @@ def chat_main(args) -> int:
         query = line.strip()
         if not query:
             continue
-        if query == "stop":
+        if query in ("stop", "exit", "quit"):
             return 0
         if query == "clear":
             history = list(start)
             out.write("(history cleared)\n")
             continue
-        out.write(f"{model.config.generation}: ")
+        out.write(f"{name}: ")
         out.flush()
         try:
             stream = model.stream_chat(history + [{"role": "user", "content": query}], **gen)
         except ValueError as e:
             out.write(f"\nerror: {e}\n")
             continue
+        shown = ""
         try:
             for delta in stream:
+                shown += delta
                 out.write(delta)
                 out.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the partial answer stays in the history
             stream.close()
-            out.write(" [interrupted]")
+            rest = stream.text[len(shown):] if stream.text.startswith(shown) else ""
+            out.write(rest + " [interrupted]")
         out.write("\n")
         history = stream.history
 
@@ -110,10 +152,10 @@ def generate_main(args) -> int:
     model = _load(args)
     tok = model.tokenizer
     ids = tok.encode(prompt) if args.raw else tok.encode_prompt(prompt)
-    gen = _sampling(args)
+    gen = dict({"stop_token_ids": tok.stop_ids}, **_sampling(args))
     dec = tok.stream_decoder()
     try:
-        for t in model.stream_generate(ids, stop_token_ids=tok.stop_ids, **gen):
+        for t in model.stream_generate(ids, **gen):
             sys.stdout.write(dec.push(t))
             sys.stdout.flush()
     except KeyboardInterrupt:

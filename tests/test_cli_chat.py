@@ -1,17 +1,23 @@
 """`lowvram chat` in a pseudo-terminal, typed into as a person would; `lowvram generate` piped."""
 
+import fcntl
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
 import pytest
+from conftest import need_reference
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"
-CMD = [sys.executable, "-m", "lowvram.cli"]
+# the console script pip installed (what a user types), beside this interpreter
+_SCRIPT = Path(sys.executable).with_name("lowvram")
+CMD = [str(_SCRIPT) if _SCRIPT.exists() else shutil.which("lowvram") or ""]
 
 
 def read_until(fd, marker: bytes, buf: bytearray, timeout=120) -> bytes:
@@ -35,24 +41,37 @@ def read_until(fd, marker: bytes, buf: bytearray, timeout=120) -> bytes:
 def example():
     if not MODEL.exists():
         pytest.skip("examples/glm4-tiny not built")
+    if not CMD[0]:
+        pytest.skip("the lowvram console script is not installed (pip install -e .)")
     return MODEL
 
 
-def test_chat_in_a_terminal(example):
+def _controlling_tty():
+    """In the child: a session of its own whose terminal is the pty, so ^C typed there sends SIGINT."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def in_terminal(args):
     master, slave = pty.openpty()
-    p = subprocess.Popen(CMD + ["chat", str(example), "--greedy", "--max-new-tokens", "24"], stdin=slave,
-                         stdout=slave, stderr=slave, close_fds=True)
+    p = subprocess.Popen(CMD + args, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                         preexec_fn=_controlling_tty)
     os.close(slave)
+    return p, master
+
+
+def test_chat_in_a_terminal(example):
+    p, master = in_terminal(["chat", str(example), "--greedy", "--max-new-tokens", "24"])
     buf = bytearray()
     try:
         screen = read_until(master, b"You: ", buf)
         assert b"loaded" in screen and b"clear" in screen
         os.write(master, b"What is json.dumps?\n")
         first = read_until(master, b"You: ", buf)
-        assert b"glm-4-9b-chat: " in first and len(first.split(b"glm-4-9b-chat: ")[1].strip()) > 5
+        assert b"glm4-tiny: " in first and len(first.split(b"glm4-tiny: ")[1].strip()) > 5
         os.write(master, b"And what is os.path.join?\n")
         second = read_until(master, b"You: ", buf)
-        assert b"glm-4-9b-chat: " in second
+        assert b"glm4-tiny: " in second
         os.write(master, b"clear\n")
         assert b"history cleared" in read_until(master, b"You: ", buf)
         os.write(master, b"stop\n")
@@ -63,13 +82,51 @@ def test_chat_in_a_terminal(example):
         os.close(master)
 
 
+def test_ctrl_c_interrupts_the_answer_not_the_session(example):
+    p, master = in_terminal(["chat", str(example), "--ignore-eos", "--max-new-tokens", "100000", "--seed", "0"])
+    buf = bytearray()
+    try:
+        read_until(master, b"You: ", buf)
+        os.write(master, b"What is json.dumps?\n")
+        read_until(master, b"glm4-tiny: ", buf)
+        read_until(master, b" ", buf)  # it is answering (up to the 2048-token context: seconds)
+        os.write(master, b"\x03")
+        assert b"[interrupted]" in read_until(master, b"You: ", buf)
+        os.write(master, b"What is os.path.join?\n")
+        assert b"glm4-tiny: " in read_until(master, b"You: ", buf)
+        os.write(master, b"\x04")  # Ctrl-D
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+
+
 def test_generate_piped(example):
+    prompt = "Return the number of"
     r = subprocess.run(CMD + ["generate", str(example), "--greedy", "--max-new-tokens", "16"],
-                       input="Return the number of", capture_output=True, text=True, timeout=120)
+                       input=prompt, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() and r.stderr == ""  # no progress output when piped
+    assert r.stdout.strip() and r.stderr == ""  # the continuation only: no progress output when piped
+    r2 = subprocess.run(CMD + ["generate", str(example), "--greedy", "--max-new-tokens", "16", "--prompt", prompt],
+                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r2.returncode == 0 and r2.stdout == r.stdout  # --prompt and stdin are the same prompt
+
+
+def test_system_prompt_where_the_format_has_none(tiny, tmp_path):
+    """ChatGLM2 has no system role: one line saying so, non-zero exit, before any turn."""
+    if not CMD[0]:
+        pytest.skip("the lowvram console script is not installed (pip install -e .)")
+    tok = need_reference("tokenizers/chatglm3") / "tokenizer.model"
+    ckpt = tiny("chatglm2-6b", padded_vocab_size=65024)
+    shutil.copy(tok, ckpt / "tokenizer.model")
+    r = subprocess.run(CMD + ["chat", str(ckpt), "--chat-format", "chatglm2", "--system", "Be brief."],
+                       capture_output=True, text=True, input="hello\n", timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "system" in r.stderr, r.stderr
 
 
 def test_missing_model_is_one_line_error(tmp_path):
+    if not CMD[0]:
+        pytest.skip("the lowvram console script is not installed (pip install -e .)")
     r = subprocess.run(CMD + ["chat", str(tmp_path / "none")], capture_output=True, text=True, input="")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
