@@ -3,7 +3,8 @@
 The result is a real GLM-4 checkpoint in the original layout (model_type "chatglm", GLM-4 config
 fields, tiktoken `tokenizer.model` of base64 ranks with the 14 GLM-4 specials after them), trained
 with lowvram's own model code, so every loader path users hit is exercised by a model that
-produces recognizable text. About 10 minutes on 2 cores; deterministic.
+produces recognizable text. About 10 minutes on 2 cores, seed 0; the step count follows the time
+budget (machine speed) unless --steps fixes it.
 
     python examples/train_tiny.py            # writes examples/glm4-tiny
 """
@@ -110,6 +111,7 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--steps", type=int, default=None, help="a fixed step count instead of --minutes (exact re-runs)")
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -147,7 +149,7 @@ def main():
     t0 = time.time()
     step = 0
     for batch in samples(ids_text, chat, args.seq, args.batch, rng):
-        frac = (time.time() - t0) / budget
+        frac = step / args.steps if args.steps else (time.time() - t0) / budget
         if frac >= 1:
             break
         lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
