@@ -80,6 +80,16 @@ def fuse(ws: list[PackedWeight]) -> PackedWeight:
                         None if any(b is None for b in biases) else torch.cat(biases))
 
 
+def _file_name(cfg, mod_name: str, slot: int, nslots: int) -> str:
+    """The module's name in the checkpoint (errors name what users can grep their files for)."""
+    from .checkpoint import original_name
+
+    try:
+        return original_name(cfg.layout, mod_name + ".weight", slot if nslots > 1 else None).removesuffix(".weight")
+    except KeyError:
+        return mod_name
+
+
 def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend):
     """The backend module replacing `linear` (a meta nn.Linear, or one with a float bias already set)."""
     in_features = linear.in_features
@@ -87,13 +97,16 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
     packed = []
     for slot in sorted(parts):
         t = parts[slot]
-        if "qweight" in t:
-            packed.append(from_gptq(t, zero_offset(cfg), in_features))
-        elif "weight" in t:
-            bits = int(q.get("thudm_bits") or (4 if t["weight"].shape[1] * 2 == in_features else 8))
-            packed.append(from_thudm(t, bits, in_features))
-        else:
-            raise ValueError(f"unrecognised quantized tensors {sorted(t)}")
+        try:
+            if "qweight" in t:
+                packed.append(from_gptq(t, zero_offset(cfg), in_features))
+            elif "weight" in t:
+                bits = int(q.get("thudm_bits") or (4 if t["weight"].shape[1] * 2 == in_features else 8))
+                packed.append(from_thudm(t, bits, in_features))
+            else:
+                raise ValueError(f"unrecognised quantized tensors {sorted(t)}")
+        except ValueError as e:
+            raise ValueError(f"{_file_name(cfg, mod_name, slot, len(parts))}: {e}") from None
     w = fuse(packed)
     if w.out_features != linear.out_features:
         raise ValueError(f"{w.out_features} outputs, expected {linear.out_features}")

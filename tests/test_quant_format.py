@@ -1,13 +1,11 @@
-"""The GPTQ and THUDM layouts against an independent dequantizer written from the format description."""
+"""The GPTQ layout against an independent dequantizer written from the format description."""
 
 import pytest
 import torch
 
-import lowvram
 from lowvram.converters.gptq import rtn
-from lowvram.converters.synthetic import random_state, write_checkpoint, TINY
 from lowvram.kernels import dequantize
-from lowvram.quantized import from_gptq, from_thudm
+from lowvram.quantized import from_gptq
 
 
 def reference_dequant(qweight, qzeros, scales, g_idx, bits, v1):
@@ -66,43 +64,3 @@ def test_rtn_writer_round_trips(bits, group):
     assert torch.allclose(ref, deq, atol=1e-5)
     step = (w.abs().amax() / (2 ** (bits - 1) - 1)).item()
     assert (deq - w).abs().max() <= step  # round-to-nearest: error within one step
-
-
-def thudm_pack_int4(w_int: torch.Tensor) -> torch.Tensor:
-    """As the original quantization.py does: byte j of a row = (col 2j << 4) | (col 2j+1 & 0xF)."""
-    hi, lo = w_int[:, 0::2], w_int[:, 1::2]
-    return ((hi << 4) | (lo & 0x0F)).to(torch.int8)
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_thudm_checkpoint_equals_its_dequantized_fp32_model(bits, tmp_path):
-    config = dict(TINY["chatglm2-6b"], quantization_bit=bits)
-    fp = random_state(TINY["chatglm2-6b"], seed=3)
-    qsd, deq_sd = {}, {}
-    maxq = 2 ** (bits - 1) - 1
-    for name, t in fp.items():
-        if name.endswith(".weight") and any(k in name for k in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")) \
-                and "layers." in name:
-            scale = (t.abs().amax(dim=1) / maxq).half()
-            w_int = torch.round(t / scale.float()[:, None]).clamp(-maxq, maxq).to(torch.int8)
-            qsd[name] = thudm_pack_int4(w_int) if bits == 4 else w_int
-            qsd[name[: -len("weight")] + "weight_scale"] = scale
-            deq_sd[name] = w_int.float() * scale.float()[:, None]
-        else:
-            qsd[name] = t
-            deq_sd[name] = t
-    qdir = write_checkpoint(tmp_path / "int", config, qsd)
-    fdir = write_checkpoint(tmp_path / "fp", TINY["chatglm2-6b"], deq_sd)
-    mq, mf = lowvram.load(qdir, dtype="float32"), lowvram.load(fdir, dtype="float32")
-    ids = [3, 9, 27, 81, 5]
-    assert torch.equal(mq.logits(ids), mf.logits(ids))
-    packed = sum(t.numel() * t.element_size() for n, t in qsd.items() if "layers." in n)
-    full = sum(t.numel() * 2 for n, t in fp.items() if "layers." in n)
-    assert packed < full * (0.3 if bits == 4 else 0.55)
-    assert mq.generate(ids, max_new_tokens=3, stop_token_ids=[]) == mf.generate(ids, max_new_tokens=3, stop_token_ids=[])
-
-
-def test_thudm_nibble_order():
-    w = torch.tensor([[1, -2, 7, -7, 0, 3, -1, 5]] * 8, dtype=torch.int8)
-    pw = from_thudm({"weight": thudm_pack_int4(w), "weight_scale": torch.ones(8).half()}, 4, 8)
-    assert dequantize(pw).tolist() == [[1.0, -2.0, 7.0, -7.0, 0.0, 3.0, -1.0, 5.0]] * 8
