@@ -82,16 +82,16 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = Tr
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, device=H.device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     Q = torch.zeros_like(W)
     D = torch.zeros_like(W)
-    scales = torch.zeros(k // g, n)
-    zeros = torch.zeros(k // g, n)
+    scales = torch.zeros(k // g, n, device=W.device)
+    zeros = torch.zeros(k // g, n, device=W.device)
     scale = zero = None
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
@@ -113,15 +113,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = Tr
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
-    g_idx = (torch.arange(k) // g)[inv]
+    g_idx = (torch.arange(k, device=W.device) // g)[inv]
     return pack(Q[:, inv], scales, zeros, g_idx, bits), D[:, inv]
 
 
 class Hessian:
     """Running H = 2/n Σ x xᵀ over the rows of every input seen."""
 
-    def __init__(self, k: int):
-        self.H = torch.zeros(k, k)
+    def __init__(self, k: int, device="cpu"):
+        self.H = torch.zeros(k, k, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor):

@@ -122,8 +122,8 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         is_q = lambda ours: bool(BLOCK_LINEAR.search(ours)) or (quantize_head and ours == "output.weight")  # noqa: E731
         done = {}
         if method == "gptq":
-            done = _calibrate(src, cfg, calib, calib_samples, calib_seq_len, seed, bits, group_size, sym, act_order,
-                              Progress(cfg.num_layers, "gptq calibration", progress))
+            done = _calibrate(src, cfg, ckpt, calib, calib_samples, calib_seq_len, seed, bits, group_size, sym,
+                              act_order, device, Progress(cfg.num_layers, "gptq calibration", progress))
         for cname, t in ckpt.items():
             mapped = map_name(cfg.layout, cname)
             ours = mapped[0] if mapped else None
@@ -157,31 +157,39 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
     }
 
 
-def _calibrate(src, cfg, calib, samples, seq_len, seed, bits, group, sym, act_order, bar) -> dict:
+def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, act_order, device, bar) -> dict:
     """GPTQ of every block linear, block by block, each block fed by the already-quantized ones.
 
-    Returns {(our name, slot): GPTQ tensors}; glm's fused qkv is split back into q/k/v slots.
+    Only the embeddings and one block are materialised (fp32, on `device`) at a time, so memory is
+    one block plus the calibration activations. Returns {(our name, slot): GPTQ tensors on the CPU};
+    glm's fused qkv is split back into q/k/v slots.
     """
-    from lowvram import load
     from lowvram.checkpoint import FUSED_PARTS
     from lowvram.kernels import pack_cols, unpack_cols
-    from lowvram.models.glm import rope_tables
+    from lowvram.model import Model
+    from lowvram.models.glm import GLM, rope_tables
 
     if cfg.pre_seq_len:
         raise ValueError("GPTQ of P-tuning v2 checkpoints is not supported; use --method rtn")
-    model = load(src, dtype="float32")
-    ids = _calibration_ids(model, calib, samples, seq_len, seed)
-    net = model.net
+    ids = _calibration_ids(src, cfg, calib, samples, seq_len, seed, device)
+    with torch.device("meta"):
+        net = GLM(cfg)
+    model = Model(net, cfg, src, report={"dtype": torch.float32})  # for positions and masks only
+    owners = _names_by_owner(ckpt, cfg)
+    _materialise(net, ckpt, cfg, owners.get("embed", []), device)
     results = {}
     with torch.no_grad():
-        x = torch.stack([net.embed(torch.tensor(s)) for s in ids])  # [S, T, H]
+        x = torch.stack([net.embed(torch.tensor(s, device=device)) for s in ids])  # [S, T, H]
+        net.embed.to("meta")
         T = x.shape[1]
-        rope = rope_tables(cfg, torch.cat([model.positions(s, 0, T) for s in ids]))
+        rope = rope_tables(cfg, torch.cat([model.positions(s, 0, T) for s in ids]).to(device))
         mask = model._mask(ids[0], 0, T)
+        mask = None if mask is None else mask.to(device)
         for i, block in enumerate(net.layers):
+            _materialise(net, ckpt, cfg, owners.get(i, []), device)
             lins = {"attn.qkv": block.attn.qkv, "attn.out": block.attn.out, "mlp.up": block.mlp.up,
                     "mlp.down": block.mlp.down}
-            hs = {k: Hessian(m.in_features) for k, m in lins.items()}
+            hs = {k: Hessian(m.in_features, device) for k, m in lins.items()}
             hooks = [m.register_forward_pre_hook(lambda _m, a, h=hs[k]: h.add(a[0])) for k, m in lins.items()]
             block(x, rope, None, 0, mask)
             for h in hooks:
@@ -189,6 +197,7 @@ def _calibrate(src, cfg, calib, samples, seq_len, seed, bits, group, sym, act_or
             for k, m in lins.items():
                 tensors, deq = gptq(m.weight, hs[k].H, bits, group, sym, act_order)
                 m.weight.copy_(deq)  # later blocks see this block quantized
+                tensors = {n: t.cpu() for n, t in tensors.items()}
                 name = f"layers.{i}.{k}.weight"
                 if k == "attn.qkv" and cfg.layout in FUSED_PARTS:
                     sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
@@ -199,10 +208,41 @@ def _calibrate(src, cfg, calib, samples, seq_len, seed, bits, group, sym, act_or
                                                  "scales": sc.contiguous(), "g_idx": tensors["g_idx"].clone()}
                 else:
                     results[(name, None)] = tensors
+            del hs
             x = block(x, rope, None, 0, mask)
+            net.layers[i] = block.to("meta")  # free this block before reading the next
             if bar is not None:
                 bar.step(f"gptq block {i}")
     return results
+
+
+def _names_by_owner(ckpt, cfg) -> dict:
+    """Checkpoint names grouped by what needs them: "embed" or a block index."""
+    out: dict = {}
+    for cname in ckpt.names():
+        mapped = map_name(cfg.layout, cname)
+        ours = mapped[0] if mapped else None
+        if not ours:
+            continue
+        if ours.startswith("embed."):
+            out.setdefault("embed", []).append(cname)
+        elif ours.startswith("layers."):
+            out.setdefault(int(ours.split(".")[1]), []).append(cname)
+    return out
+
+
+def _materialise(net, ckpt, cfg, cnames, device):
+    """Read these checkpoint tensors into the meta network as fp32 parameters on `device`."""
+    from torch import nn
+
+    parts: dict[str, dict] = {}
+    for cname in cnames:
+        ours, slot = map_name(cfg.layout, cname)
+        parts.setdefault(ours, {})[slot] = ckpt.get(cname)
+    for ours, p in parts.items():
+        t = p[None] if None in p else torch.cat([p[k] for k in sorted(p)], dim=0)
+        mod_name, _, pname = ours.rpartition(".")
+        net.get_submodule(mod_name)._parameters[pname] = nn.Parameter(t.to(device, torch.float32), requires_grad=False)
 
 
 def _dequant(tensors: dict, bits: int) -> torch.Tensor:
@@ -214,14 +254,17 @@ def _dequant(tensors: dict, bits: int) -> torch.Tensor:
     return dequantize(from_gptq(tensors, 1, k))
 
 
-def _calibration_ids(model, calib, samples, seq_len, seed) -> list[list[int]]:
-    tok = model.tokenizer
+def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[list[int]]:
     if calib:
+        from lowvram import load_tokenizer
+
         p = Path(calib)
         if not p.exists():
             raise FileNotFoundError(f"--calib {p}: no such file")
-        if tok is None:
-            raise ValueError(f"--calib needs the source's tokenizer files; {model.path} has none")
+        try:
+            tok = load_tokenizer(src)
+        except Exception as e:
+            raise ValueError(f"--calib needs the source's tokenizer files; {src}: {e}") from None
         text = p.read_text(encoding="utf-8")
         if p.suffix == ".jsonl":
             text = "\n".join(json.loads(line).get("text", "") for line in text.splitlines() if line.strip())
@@ -231,9 +274,13 @@ def _calibration_ids(model, calib, samples, seq_len, seed) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, len(ids) - seq_len + 1, (samples,), generator=g).tolist()
         return [ids[s : s + seq_len] for s in starts]
-    # No data given: let the full-precision model write its own calibration text.
+    # No data given: let the full-precision model write its own calibration text (loaded in the
+    # device's default dtype, then freed before the block-by-block pass).
+    from lowvram import load
+
+    model = load(src, device=device, tokenizer=False)
     out = []
-    vocab = model.config.vocab_size
+    vocab = cfg.vocab_size
     for s in range(samples):
         g = torch.Generator().manual_seed(seed + s)
         first = int(torch.randint(0, vocab, (1,), generator=g))
