@@ -72,8 +72,80 @@ class DequantLinear(nn.Module):
         return nn.functional.linear(x.to(self.dtype), dequantize(self.w, self.dtype), self.w.bias)
 
 
+class Int8Linear(nn.Module):
+    """int8 weight-only: int8 [N, K] in memory (half of fp16); per-channel symmetric weights run torch's
+    `_weight_int8pack_mm`, grouped/asymmetric ones dequantize per call from the int8 copy."""
+
+    def __init__(self, w: PackedWeight, dtype, device):
+        super().__init__()
+        self.out_features, self.dtype = w.out_features, dtype
+        q = unpack_rows(w.qweight, 8)
+        z = unpack_cols(w.qzeros, 8)[:, : w.out_features]
+        g = w.group_index()
+        self.perm = None
+        if w.has_act_order():
+            self.perm = torch.argsort(g, stable=True)
+            q, g = q[self.perm], g[self.perm]
+            self.perm = self.perm.to(device)
+        k, n = q.shape
+        ng = int(g.max()) + 1
+        self.group = k // ng
+        blk = g[torch.arange(ng) * self.group]
+        s, zc = w.scales.float()[blk], (z[blk] - 128).float()  # [G, N]
+        self.q = (q - 128).t().contiguous().to(torch.int8).to(device)  # [N, K]
+        self.s = s.t().contiguous().to(device, dtype).unsqueeze(-1)  # [N, G, 1]
+        self.zs = (zc * s).t().contiguous().to(device, dtype).unsqueeze(-1)
+        self.per_channel = ng == 1 and not bool(zc.any())
+        self.bias = None if w.bias is None else w.bias.to(device, dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        a = x.reshape(-1, shape[-1]).to(self.dtype)
+        if self.perm is not None:
+            a = a[:, self.perm]
+        if self.per_channel:
+            y = torch.ops.aten._weight_int8pack_mm(a.contiguous(), self.q, self.s.view(-1)).to(self.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            n, k = self.q.shape
+            wd = (self.q.view(n, -1, self.group).to(self.dtype) * self.s - self.zs).view(n, k)
+            y = nn.functional.linear(a, wd, self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
 def make(w: PackedWeight, dtype: torch.dtype, device: str | torch.device = "cuda") -> nn.Module:
     cap = torch.cuda.get_device_capability(device)
     if use_tinygemm(w, cap):
         return TinyGemmLinear(w, dtype, device)
+    counts = torch.bincount(w.group_index())
+    if w.bits == 8 and bool((counts == counts[0]).all()):
+        return Int8Linear(w, dtype, device)
     return DequantLinear(w, dtype, device)
+
+
+class GraphedStep:
+    """One decode step captured as a CUDA graph and replayed: a token of a 6B model launches ~1000 small
+    kernels, and their Python/launch overhead, not the weight stream, dominates without a graph.
+
+    `fn(*inputs)` must keep its shapes fixed (the model's tensor-slot decode path does); each call
+    copies new values into the captured input buffers and replays.
+    """
+
+    def __init__(self, fn, *inputs, warmup: int = 2):
+        self.inputs = inputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # allocations made while warming up must not land in the graph's pool
+            for _ in range(warmup):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(*inputs)
+
+    def __call__(self, *values):
+        for buf, v in zip(self.inputs, values):
+            buf.copy_(v, non_blocking=True)
+        self.graph.replay()
+        return self.out

@@ -14,8 +14,30 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def graphed_step(model, caches, next_slot: int):
+    """Greedy decode step `ids -> next id` replayed from a CUDA graph (the slot and position are tensors).
+
+    Capturing runs the step on placeholder input, which writes cache slot `next_slot`: the first real
+    step overwrites it."""
+    from lowvram.kernels.cuda import GraphedStep
+
+    net, dev = model.net, model.net.layer_device(0)
+    if any(net.layer_device(i) != dev for i in range(len(net.layers))) or dev.type != "cuda":
+        raise ValueError("--cuda-graph needs the whole model on one CUDA device")
+    P = model.config.pre_seq_len
+    bufs = (torch.zeros(1, 1, dtype=torch.long, device=dev), model.positions([0], 0, 1).to(dev),
+            torch.full((1,), P + next_slot, dtype=torch.long, device=dev))
+    g = GraphedStep(lambda tok, pos, slot: net.head(net.hidden(tok, pos, caches, slot)).argmax(-1), *bufs)
+
+    def step(ids):
+        n = len(ids) - 1
+        return int(g(torch.tensor([[ids[-1]]]), model.positions(ids, n, 1), torch.tensor([P + n])).view(-1)[0])
+
+    return step
+
+
 def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, threads: int | None = None,
-          **load_kw) -> dict:
+          cuda_graph: bool = False, **load_kw) -> dict:
     import lowvram
 
     if threads:
@@ -37,12 +59,16 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
         prefill_s = time.perf_counter() - t
         nxt = int(model.net.head(h[-1:]).float().argmax())
         ttft = time.perf_counter() - t
+        step = graphed_step(model, caches, len(ids)) if cuda_graph else None
         steps = []
         for i in range(warmup + decode_steps):
             ids.append(nxt)
             t = time.perf_counter()
-            h = model.forward(ids, len(ids) - 1, 1, caches)
-            nxt = int(model.net.head(h).float().argmax())
+            if step is not None:
+                nxt = step(ids)
+            else:
+                h = model.forward(ids, len(ids) - 1, 1, caches)
+                nxt = int(model.net.head(h).float().argmax())
             steps.append(time.perf_counter() - t)
     dev = {}
     if torch.cuda.is_available():
@@ -50,7 +76,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     decode = steps[warmup:]
     return {
         "model": str(path), "generation": cfg.generation, "dtype": str(model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "load_s": round(load_s, 3), "prompt_len": prompt_len,
+        "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "load_s": round(load_s, 3), "prompt_len": prompt_len,
         "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4),
         "decode_ms_median": round(1e3 * statistics.median(decode), 2), "decode_ms_min": round(1e3 * min(decode), 2),
         "decode_steps": len(decode), "peak_rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(), **dev,
@@ -66,11 +92,12 @@ def bench_arguments(p):
     p.add_argument("--dtype", default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--placement", default=None)
+    p.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph")
     p.add_argument("--json", action="store_true")
 
 
 def bench_main(args) -> int:
-    r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, device=args.device,
+    r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, cuda_graph=args.cuda_graph, device=args.device,
               dtype=args.dtype, backend=args.backend, placement=args.placement)
     if args.json:
         print(json.dumps(r, indent=2))

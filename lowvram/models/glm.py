@@ -72,16 +72,19 @@ def apply_rope(cfg: GLMConfig, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return torch.cat([out.to(x.dtype), x[..., r:]], dim=-1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
     """One query over the cache, heads grouped per kv head: two small matmuls.
 
     SDPA's CPU flash kernel spends ~6 ms on this shape (1 query, bf16, GQA), longer than the
-    layer's weights take to stream.
+    layer's weights take to stream. `last` (a tensor slot index) masks the slots after it, so a
+    CUDA graph can attend over the whole preallocated cache with fixed shapes.
     """
     B, H, _, D = q.shape
     G = k.shape[1]
     qg = q.view(B, G, H // G, D).float()
     s = torch.matmul(qg, k.float().transpose(-1, -2)) * D**-0.5  # [B, G, H/G, S]
+    if last is not None:
+        s = s.masked_fill(torch.arange(k.shape[2], device=s.device) > last, float("-inf"))
     o = torch.matmul(torch.softmax(s, dim=-1), v.float())
     return o.view(B, H, 1, D).to(q.dtype)
 
@@ -105,6 +108,11 @@ class Attention(nn.Module):
             q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         q, k = apply_rope(cfg, q, *rope), apply_rope(cfg, k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(start, torch.Tensor):  # graph-captured decode: the slot is a tensor, shapes stay fixed
+            kc, vc = cache
+            kc.index_copy_(2, start, k)
+            vc.index_copy_(2, start, v)
+            return self.out(decode_attention(q, kc, vc, start).transpose(1, 2).reshape(B, T, H * D))
         if cache is not None:
             kc, vc = cache
             kc[:, :, start : start + T] = k

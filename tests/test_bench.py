@@ -1,0 +1,47 @@
+"""`lowvram bench` through the installed console script, on a tiny quantized model."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowvram.config import load_config
+from lowvram.converters.quantize import quantize
+
+
+def _lowvram():
+    exe = shutil.which("lowvram") or str(Path(sys.executable).parent / "lowvram")
+    if not Path(exe).exists():
+        pytest.skip("console script `lowvram` not installed (pip install -e .)")
+    return exe
+
+
+def test_bench_json(tiny, tmp_path):
+    out = tmp_path / "q"
+    quantize(tiny("glm-4-9b-chat"), out, bits=4, group_size=32, progress=False)
+    r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "8", "--decode-steps", "3", "--threads", "1",
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["generation"] == load_config(out).generation and d["prompt_len"] == 8 and d["threads"] == 1
+    assert d["prefill_tok_s"] > 0 and d["decode_ms_median"] >= d["decode_ms_min"] > 0 and d["decode_steps"] == 3
+    assert d["ttft_s"] > 0 and d["load_s"] > 0
+    assert d["peak_rss_bytes"] >= d["peak_rss_after_load_bytes"] > 0
+    assert d["cuda_graph"] is False
+
+
+def test_bench_plain_text_and_errors(tiny, tmp_path):
+    out = tmp_path / "q"
+    quantize(tiny("chatglm3-6b"), out, bits=8, group_size=32, progress=False)
+    r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "4", "--decode-steps", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "decode" in r.stdout and "ms/token median" in r.stdout and "prefill" in r.stdout
+    r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "4", "--decode-steps", "2", "--cuda-graph"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--cuda-graph needs the whole model on one CUDA device" in r.stderr
+    r = subprocess.run([_lowvram(), "bench", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert r.returncode != 0 and "missing" in r.stderr
