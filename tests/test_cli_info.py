@@ -28,6 +28,7 @@ def test_info_plain_and_json(tiny):
     assert info["size_on_disk"] == sum(f.stat().st_size for f in d.glob("model-*.safetensors"))
     assert info["tensors"] == len(state_shapes(TINY["chatglm3-6b"]))
     assert info["layers"] == 2 and info["kv_heads"] == 2
+    assert info["generation"] == "chatglm2-6b" and info["dtypes"] == {"float32": info["tensors"]}
 
 
 def test_info_error_is_one_line(tmp_path):

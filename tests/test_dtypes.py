@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import lowvram
+from lowvram.converters.synthetic import TINY
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("gen", ["chatglm-6b", "chatglm3-6b", "glm-4-9b-chat-hf", "glm-4-0414"])
+@pytest.mark.parametrize("gen", list(TINY))
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_half_checkpoints(gen, half, tiny):
     ids = [9, 4, 30, 151, 152] if gen == "chatglm-6b" else [9, 4, 30, 17]
