@@ -101,44 +101,42 @@ def chat_main(args) -> int:
     out = sys.stdout
     out.write(f"{HELP}\n")
     while True:
-        try:
+        stream, shown = None, ""
+        try:  # Ctrl-C anywhere in a turn ends that turn (keeping what was answered), never the session
             out.write("\nYou: ")
             out.flush()
             line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            out.write("\n")
-            continue
-        if not line:  # Ctrl-D
-            out.write("\n")
-            return 0
-        query = line.strip()
-        if not query:
-            continue
-        if query in ("stop", "exit", "quit"):
-            return 0
-        if query == "clear":
-            history = list(start)
-            out.write("(history cleared)\n")
-            continue
-        out.write(f"{name}: ")
-        out.flush()
-        try:
-            stream = model.stream_chat(history + [{"role": "user", "content": query}], **gen)
-        except ValueError as e:
-            out.write(f"\nerror: {e}\n")
-            continue
-        shown = ""
-        try:
+            if not line:  # Ctrl-D
+                out.write("\n")
+                return 0
+            query = line.strip()
+            if query in ("stop", "exit", "quit"):
+                return 0
+            if query == "clear":
+                history = list(start)
+                out.write("(history cleared)\n")
+                continue
+            if not query:
+                continue
+            out.write(f"{name}: ")
+            out.flush()
+            try:
+                stream = model.stream_chat(history + [{"role": "user", "content": query}], **gen)
+            except ValueError as e:  # e.g. the conversation no longer fits the context
+                out.write(f"\nerror: {e}\n")
+                continue
             for delta in stream:
                 shown += delta
                 out.write(delta)
                 out.flush()
-        except KeyboardInterrupt:  # the partial answer stays in the history
-            stream.close()
-            rest = stream.text[len(shown):] if stream.text.startswith(shown) else ""
-            out.write(rest + " [interrupted]")
-        out.write("\n")
-        history = stream.history
+            out.write("\n")
+        except KeyboardInterrupt:
+            if stream is not None:  # the partial answer stays in the history
+                stream.close()
+                out.write((stream.text[len(shown):] if stream.text.startswith(shown) else "") + " [interrupted]")
+            out.write("\n")
+        if stream is not None:
+            history = stream.history
 
 
 def generate_arguments(p):
