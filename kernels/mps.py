@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import PackedWeight
-from .cuda import DequantLinear, tinygemm_pack
+from .cuda import DequantLinear, Int8Linear, tinygemm_pack
 
 
 def available() -> str | None:
@@ -37,7 +37,20 @@ class MpsInt4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+def kind(w: PackedWeight) -> str:
+    """Which kernel a weight gets: torch's MPS int4pack, int8 weight-only, or dequantize per call."""
+    if w.bits == 4 and w.group_size in (32, 64, 128, 256) and w.in_features % w.group_size == 0:
+        return "int4"
+    counts = torch.bincount(w.group_index())
+    if w.bits == 8 and bool((counts == counts[0]).all()):
+        return "int8"
+    return "dequant"
+
+
 def make(w: PackedWeight, dtype: torch.dtype) -> nn.Module:
-    if w.bits == 4 and w.group_size in (32, 64, 128, 256):
+    k = kind(w)
+    if k == "int4":
         return MpsInt4Linear(w, dtype)
+    if k == "int8":
+        return Int8Linear(w, dtype, "mps")
     return DequantLinear(w, dtype, "mps")

@@ -117,6 +117,16 @@ def test_cuda_int8_module_on_cpu():
     assert ((mod(x.bfloat16()).float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_mps_dispatch_on_cpu():
+    from lowvram.kernels import mps
+
+    assert mps.kind(random_packed(64, 256, 4, 64, True, False)) == "int4"
+    assert mps.kind(random_packed(64, 256, 8, 32, True, False)) == "int8"
+    odd = random_packed(64, 96, 4, 32, False, False)
+    odd.group_size = 48  # not a size the MPS int4 kernel takes
+    assert mps.kind(odd) == "dequant"
+
+
 def test_tinygemm_packing_round_trip_on_cpu():
     """tinygemm's input (high nibble = even column, w = (q-8)*s + z) reproduces the weight, act-order included."""
     w = random_packed(64, 256, 4, 64, True, False)
