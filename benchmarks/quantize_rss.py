@@ -1,6 +1,6 @@
 """Peak RSS and wall time of `lowvram quantize` (RTN) on a random fp16 checkpoint with real shapes.
 
-    python benchmarks/quantize_rss.py [--model chatglm3-6b] [--dir /tmp/lowvram-qrss]
+    python benchmarks/quantize_rss.py [--model chatglm3-6b] [--layers N] [--dir /tmp/lowvram-qrss]
 
 The source (12 GB for chatglm3-6b) is written shard by shard without materialising the model; the
 quantization runs in a child process so its peak RSS is its own. Both directories are deleted after.
@@ -8,7 +8,6 @@ quantization runs in a child process so its peak RSS is its own. Both directorie
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,8 +22,10 @@ from lowvram.converters.synthetic import state_shapes
 from lowvram.known import known_config
 
 
-def write_source(name: str, out: Path) -> Path:
+def write_source(name: str, out: Path, layers: int | None = None) -> Path:
     config = known_config(name)
+    if layers:  # same tensor shapes, fewer blocks: a quick check of the peak, which follows the largest tensors
+        config["num_layers" if "num_layers" in config else "num_hidden_layers"] = layers
     g = torch.Generator().manual_seed(0)
     with atomic_directory(out) as tmp:
         w = ShardWriter(tmp, 2 << 30)
@@ -40,13 +41,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="chatglm3-6b")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--layers", type=int, help="fewer blocks than the real model (default: all)")
     ap.add_argument("--dir", default="/tmp/lowvram-qrss")
     a = ap.parse_args()
     d = Path(a.dir)
     src, out = d / f"{a.model}-fp16", d / f"{a.model}-int{a.bits}"
     try:
         t = time.time()
-        write_source(a.model, src)
+        write_source(a.model, src, a.layers)
         print(f"wrote {src} ({sum(f.stat().st_size for f in src.iterdir()) / 1e9:.2f} GB) in {time.time() - t:.0f} s")
         t = time.time()
         r = subprocess.run([sys.executable, "-m", "lowvram.cli", "quantize", str(src), "--bits", str(a.bits),
@@ -55,8 +57,8 @@ def main():
         if r.returncode:
             raise SystemExit(r.stderr)
         s = json.loads(r.stdout)
-        child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        print(f"RTN int{a.bits} g128 of {a.model}: {wall:.0f} s wall, peak RSS {child / 1e9:.2f} GB, "
+        child = s["peak_rss_bytes"]  # the child's own VmHWM: RUSAGE_CHILDREN also counts this process's RSS at fork
+        print(f"RTN int{a.bits} g128 of {a.model}{f' ({a.layers} layers)' if a.layers else ''}: {wall:.0f} s wall, peak RSS {child / 1e9:.2f} GB, "
               f"{s['size_in'] / 1e9:.2f} GB -> {s['size_out'] / 1e9:.2f} GB, "
               f"largest tensor {max(torch.Size(x).numel() for x in state_shapes(known_config(a.model)).values()) * 2 / 1e9:.2f} GB fp16")
     finally:

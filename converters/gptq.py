@@ -39,37 +39,52 @@ def quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int,
          v1: bool = True) -> dict[str, torch.Tensor]:
     """q [N, K] ints, scales/zeros [G, N] -> GPTQ tensors (v1: stored zero-1)."""
+    return dict(qweight=pack_rows(q.t().to(torch.int32).contiguous(), bits), **_pack_groups(scales, zeros, g_idx, bits, v1))
+
+
+def _pack_groups(scales, zeros, g_idx, bits, v1=True) -> dict[str, torch.Tensor]:
     z = zeros.to(torch.int32) - (1 if v1 else 0)
     return {
-        "qweight": pack_rows(q.t().to(torch.int32).contiguous(), bits),
         "qzeros": pack_cols(z & (2**bits - 1), bits),
         "scales": scales.half().contiguous(),
         "g_idx": g_idx.to(torch.int32).contiguous(),
     }
 
 
-def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 2048) -> tuple[dict, torch.Tensor]:
-    """Round-to-nearest: (GPTQ tensors, dequantized weight).
+def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 2048,
+        keep_deq: bool = True) -> tuple[dict, torch.Tensor | float]:
+    """Round-to-nearest: (GPTQ tensors, dequantized weight), or with keep_deq=False (GPTQ tensors,
+    relative error ||deq - w|| / ||w||).
 
-    Works on `rows` output rows at a time so its temporaries stay a few MB whatever the matrix.
+    Works on `rows` output rows at a time, packing as it goes, so its temporaries stay a few
+    hundred MB whatever the matrix (the quantize command's peak memory follows from this).
     """
     n, k = w.shape
     g = k if group <= 0 else group
     if k % g:
         raise ValueError(f"in_features {k} is not a multiple of group size {g}")
-    qs, scales, zeros, deqs = [], [], [], []
+    qws, scales, zeros, deqs = [], [], [], []
+    err2 = w2 = 0.0
     for r in range(0, n, rows):
         wr = w[r : r + rows].float()
         m = wr.shape[0]
         wg = wr.reshape(m, k // g, g).permute(1, 0, 2).reshape(-1, g)  # [G*m, g]
         scale, zero = fit(wg, bits, sym)
         q = quant(wg, scale, zero, bits)
-        deqs.append(((q - zero[:, None]) * scale[:, None]).reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k))
-        qs.append(q.reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k).to(torch.uint8))
+        deq = ((q - zero[:, None]) * scale[:, None]).reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k)
+        if keep_deq:
+            deqs.append(deq)
+        else:
+            err2 += float(((deq - wr) ** 2).sum())
+            w2 += float((wr**2).sum())
+        del deq, wg
+        q = q.reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k)
+        qws.append(pack_rows(q.t().to(torch.int32), bits))  # [K*bits/32, m]
         scales.append(scale.reshape(k // g, m))
         zeros.append(zero.reshape(k // g, m))
     g_idx = torch.arange(k) // g
-    return pack(torch.cat(qs), torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, bits), torch.cat(deqs)
+    tensors = dict(qweight=torch.cat(qws, 1), **_pack_groups(torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, bits))
+    return tensors, (torch.cat(deqs) if keep_deq else (err2 / max(w2, 1e-30)) ** 0.5)
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = True, act_order: bool = False,
