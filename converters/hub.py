@@ -1,7 +1,8 @@
 """Resolve a model name (chatglm3-6b, glm-4-9b-chat, ...) to a local checkpoint directory.
 
-Looks in the Hugging Face and ModelScope caches; downloads only when `huggingface_hub` is installed
-and the network works. Offline, one line says what was looked for and how to fetch it.
+Looks in the Hugging Face and ModelScope caches; downloads only when `huggingface_hub` or
+`modelscope` is installed and the network works. Offline, one line says what was looked for and
+how to fetch it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from pathlib import Path
 
 from lowvram.known import KNOWN
 
+# THUDM's repos moved to zai-org on the Hugging Face hub (the old ids redirect); ModelScope uses ZhipuAI.
+HF_OWNERS = ("THUDM", "zai-org")
+MS_OWNERS = ("ZhipuAI", "THUDM", "zai-org")
+
 
 def _hf_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
@@ -18,15 +23,23 @@ def _hf_cache() -> Path:
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
 
 
+def _ms_cache() -> Path:
+    return Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope" / "hub"))
+
+
 def cached(repo: str) -> Path | None:
-    snaps = _hf_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
-    for snap in sorted(snaps.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) if snaps.exists() else []:
-        if (snap / "config.json").exists():
-            return snap
-    ms = Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope" / "hub"))
-    for cand in (ms / repo, ms / "models" / repo, ms / repo.replace(".", "___")):
-        if (cand / "config.json").exists():
-            return cand
+    """A cached snapshot of `repo` (or its model name under another owner) that has a config.json."""
+    name = repo.split("/")[-1]
+    for owner in HF_OWNERS:
+        snaps = _hf_cache() / f"models--{owner}--{name}" / "snapshots"
+        for snap in sorted(snaps.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) if snaps.exists() else []:
+            if (snap / "config.json").exists():
+                return snap
+    ms = _ms_cache()
+    for owner in MS_OWNERS:
+        for cand in (ms / owner / name, ms / "models" / owner / name, ms / owner / name.replace(".", "___")):
+            if (cand / "config.json").exists():
+                return cand
     return None
 
 
@@ -41,6 +54,8 @@ def resolve(source) -> Path:
     hit = cached(repo)
     if hit:
         return hit
+    name = repo.split("/")[-1]
+    tried = []
     try:
         from huggingface_hub import snapshot_download
 
@@ -48,8 +63,17 @@ def resolve(source) -> Path:
     except ImportError:
         pass
     except Exception as e:  # offline, no such repo, auth
-        raise FileNotFoundError(
-            f"{source}: not in the local cache ({_hf_cache()}) and the download failed ({type(e).__name__}); "
-            f"fetch it with: huggingface-cli download {repo}") from None
-    raise FileNotFoundError(f"{source}: not in the local cache ({_hf_cache()}); fetch it with "
-                            f"`pip install huggingface_hub && huggingface-cli download {repo}`, or pass a directory")
+        tried.append(f"huggingface_hub: {type(e).__name__}")
+    try:
+        from modelscope import snapshot_download as ms_download
+
+        return Path(ms_download(f"ZhipuAI/{name}"))
+    except ImportError:
+        pass
+    except Exception as e:
+        tried.append(f"modelscope: {type(e).__name__}")
+    how = f"; download failed ({', '.join(tried)})" if tried else ""
+    raise FileNotFoundError(
+        f"{source}: looked for {repo} in {_hf_cache()} and ZhipuAI/{name} in {_ms_cache()}, not found{how}; "
+        f"fetch it with `huggingface-cli download {repo}` (pip install huggingface_hub) or "
+        f"`modelscope download ZhipuAI/{name}`, or pass a checkpoint directory")

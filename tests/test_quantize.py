@@ -111,6 +111,22 @@ def test_unknown_name_offline_is_one_clear_line(tmp_path, monkeypatch):
     assert r.returncode != 0 and "known model name" in r.stderr
 
 
+def test_model_names_resolve_to_the_local_caches(tmp_path, monkeypatch):
+    from lowvram.converters.hub import resolve
+
+    hf, ms = tmp_path / "hf", tmp_path / "ms"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(ms))
+    snap = hf / "models--zai-org--chatglm3-6b" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    assert resolve("chatglm3-6b") == snap
+    mdir = ms / "ZhipuAI" / "glm-4-9b-chat"
+    mdir.mkdir(parents=True)
+    (mdir / "config.json").write_text("{}")
+    assert resolve("glm-4-9b-chat") == mdir
+
+
 def test_int8_per_channel_within_one_percent_on_the_trained_example(tmp_path):
     from pathlib import Path
 
