@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -93,10 +94,20 @@ def _session_for(k: int, n: int, bits: int, bs: int, p: dict, accuracy_level: in
 def repack(w: PackedWeight) -> dict:
     """GPTQ layout -> MatMulNBits inputs (numpy, contiguous), plus the input permutation for act-order."""
     k, n, bits = w.in_features, w.out_features, w.bits
-    q = unpack_rows(w.qweight, bits)  # [K, N]
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits backend supports 4 and 8 bits, not {bits}")
     zeros = unpack_cols(w.qzeros, bits)[:, :n]  # [G, N]
     g = w.group_index()
     perm = None
+    if not w.has_act_order() and sys.byteorder == "little":
+        # GPTQ packs K low bits first in little-endian int32 words: its bytes, transposed, already are
+        # MatMulNBits' rows (low nibble = even column). No int32-per-weight unpack (8x the packed size).
+        group = w.group_size if w.group_size > 0 else k
+        bs = _block_size(group, k)
+        nblk = k // bs
+        b = w.qweight.t().contiguous().view(torch.uint8).reshape(n, nblk, bs * bits // 8)
+        return _finish(w, b, zeros, g, bs, None)
+    q = unpack_rows(w.qweight, bits)  # [K, N]
     if w.has_act_order():
         perm = torch.argsort(g, stable=True)
         q, g = q[perm], g[perm]
@@ -108,19 +119,24 @@ def repack(w: PackedWeight) -> dict:
         group = w.group_size if w.group_size > 0 else k
     bs = _block_size(group, k)
     nblk = k // bs
+    qt = q.t().contiguous().to(torch.uint8).reshape(n, nblk, bs)  # [N, nblk, bs]
+    del q
+    b = qt[..., 0::2] | (qt[..., 1::2] << 4) if bits == 4 else qt
+    return _finish(w, b, zeros, g, bs, perm)
+
+
+def _finish(w: PackedWeight, b: torch.Tensor, zeros: torch.Tensor, g: torch.Tensor, bs: int, perm) -> dict:
+    """Scales and zero points per block (in the permuted order when act-order), packed for MatMulNBits."""
+    n, nblk = b.shape[0], b.shape[1]
     blk_group = g[torch.arange(nblk) * bs]  # the group of each block
     scales = w.scales.float()[blk_group].t().contiguous()  # [N, nblk]
     zp = zeros[blk_group].t().contiguous().to(torch.uint8)  # [N, nblk]
-    qt = q.t().contiguous().to(torch.uint8).reshape(n, nblk, bs)  # [N, nblk, bs]
-    if bits == 4:
-        b = qt[..., 0::2] | (qt[..., 1::2] << 4)
+    if w.bits == 4:
         if nblk % 2:
             zp = torch.cat([zp, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
         zpp = zp[:, 0::2] | (zp[:, 1::2] << 4)
-    elif bits == 8:
-        b, zpp = qt, zp
     else:
-        raise ValueError(f"MatMulNBits backend supports 4 and 8 bits, not {bits}")
+        zpp = zp
     return {
         "B": b.contiguous().numpy(), "scales": scales.reshape(-1).numpy(), "zero_points": zpp.reshape(-1).contiguous().numpy(),
         "bias": None if w.bias is None else w.bias.float().contiguous().numpy(), "perm": perm, "block_size": bs,
