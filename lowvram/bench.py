@@ -24,6 +24,8 @@ def graphed_step(model, caches, next_slot: int):
     net, dev = model.net, model.net.layer_device(0)
     if any(net.layer_device(i) != dev for i in range(len(net.layers))) or dev.type != "cuda":
         raise ValueError("--cuda-graph needs the whole model on one CUDA device")
+    if model.kv_int8:
+        raise ValueError("--cuda-graph works with the float KV cache only (not --kv-int8)")
     P = model.config.pre_seq_len
     bufs = (torch.zeros(1, 1, dtype=torch.long, device=dev), model.positions([0], 0, 1).to(dev),
             torch.full((1,), P + next_slot, dtype=torch.long, device=dev))
@@ -37,7 +39,7 @@ def graphed_step(model, caches, next_slot: int):
 
 
 def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, threads: int | None = None,
-          cuda_graph: bool = False, **load_kw) -> dict:
+          cuda_graph: bool = False, kv_int8: bool = False, **load_kw) -> dict:
     import lowvram
 
     if threads:
@@ -46,6 +48,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     model = lowvram.load(path, tokenizer=False, **load_kw)
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss()
+    model.kv_int8 = kv_int8
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(cfg.vocab_size, 60000), (prompt_len,), generator=g).tolist()
@@ -76,7 +79,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     decode = steps[warmup:]
     return {
         "model": str(path), "generation": cfg.generation, "dtype": str(model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "load_s": round(load_s, 3), "prompt_len": prompt_len,
+        "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "kv_int8": kv_int8, "load_s": round(load_s, 3), "prompt_len": prompt_len,
         "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4),
         "decode_ms_median": round(1e3 * statistics.median(decode), 2), "decode_ms_min": round(1e3 * min(decode), 2),
         "decode_steps": len(decode), "peak_rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(), **dev,
@@ -93,11 +96,13 @@ def bench_arguments(p):
     p.add_argument("--backend", default=None)
     p.add_argument("--placement", default=None)
     p.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph")
+    p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
     p.add_argument("--json", action="store_true")
 
 
 def bench_main(args) -> int:
-    r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, cuda_graph=args.cuda_graph, device=args.device,
+    r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, cuda_graph=args.cuda_graph, kv_int8=args.kv_int8,
+              device=args.device,
               dtype=args.dtype, backend=args.backend, placement=args.placement)
     if args.json:
         print(json.dumps(r, indent=2))

@@ -23,14 +23,14 @@ def test_bench_json(tiny, tmp_path):
     out = tmp_path / "q"
     quantize(tiny("glm-4-9b-chat"), out, bits=4, group_size=32, progress=False)
     r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "8", "--decode-steps", "3", "--threads", "1",
-                        "--json"], capture_output=True, text=True)
+                        "--kv-int8", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["generation"] == load_config(out).generation and d["prompt_len"] == 8 and d["threads"] == 1
     assert d["prefill_tok_s"] > 0 and d["decode_ms_median"] >= d["decode_ms_min"] > 0 and d["decode_steps"] == 3
     assert d["ttft_s"] > 0 and d["load_s"] > 0
     assert d["peak_rss_bytes"] >= d["peak_rss_after_load_bytes"] > 0
-    assert d["cuda_graph"] is False
+    assert d["cuda_graph"] is False and d["kv_int8"] is True
 
 
 def test_bench_plain_text_and_errors(tiny, tmp_path):

@@ -189,3 +189,21 @@ def test_cuda_model_and_graph(tiny, tmp_path):
         seq.append(nxt)
         nxt = step(seq)
     assert got == eager
+
+
+@pytest.mark.parametrize("name,over", [("chatglm3-6b", {}), ("glm-4-9b-chat", {}), ("chatglm-6b", {}),
+                                       ("chatglm3-6b", {"pre_seq_len": 4})], ids=["chatglm3", "glm4", "chatglm", "ptuning"])
+def test_int8_kv_cache(name, over, tiny):
+    """The int8 KV cache (one scale per head and slot) stays close to the float cache, prefill and decode."""
+    m = lowvram.load(tiny(name, **over), dtype="float32", tokenizer=False)
+    ids = list(range(5, 40)) if name != "chatglm-6b" else list(range(5, 40)) + [m.config.gmask_token_id, m.config.sop_token_id]
+    ref = m.logits(ids)
+    m.kv_int8 = True
+    caches = m.new_cache(len(ids) + 4)
+    assert caches[0].q[0].dtype == torch.int8
+    got = m.logits(ids)
+    assert ((got - ref).norm() / ref.norm()) < 0.02
+    h = m.forward(ids, 0, len(ids) - 1, caches)  # cached prefill, then one decode step through the int8 cache
+    last = m.net.head(m.forward(ids, len(ids) - 1, 1, caches)).float()
+    assert ((last[0] - ref[-1]).norm() / ref[-1].norm()) < 0.02
+    assert h.shape[0] == len(ids) - 1

@@ -89,6 +89,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
     return o.view(B, H, 1, D).to(q.dtype)
 
 
+class Int8KV:
+    """A layer's KV cache in int8 with one scale per (head, slot): half of bf16's bytes, for the 128K/1M
+    context models. Same [batch, kv_heads, slots, head_dim] layout; read back in the compute dtype."""
+
+    def __init__(self, shape, dtype, device):
+        self.dtype = dtype
+        self.q = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2)]
+        self.s = [torch.zeros(*shape[:-1], 1, dtype=torch.float32, device=device) for _ in range(2)]
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        for q, s, x in zip(self.q, self.s, (k, v)):
+            scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            q[:, :, start : start + T] = torch.round(x.float() / scale).to(torch.int8)
+            s[:, :, start : start + T] = scale
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple((q[:, :, :end].float() * s[:, :, :end]).to(self.dtype) for q, s in zip(self.q, self.s))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GLMConfig):
         super().__init__()
@@ -113,7 +133,10 @@ class Attention(nn.Module):
             kc.index_copy_(2, start, k)
             vc.index_copy_(2, start, v)
             return self.out(decode_attention(q, kc, vc, start).transpose(1, 2).reshape(B, T, H * D))
-        if cache is not None:
+        if isinstance(cache, Int8KV):
+            cache.write(start, k, v)
+            k, v = cache.read(start + T)
+        elif cache is not None:
             kc, vc = cache
             kc[:, :, start : start + T] = k
             vc[:, :, start : start + T] = v
