@@ -99,6 +99,7 @@ def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
 BACKENDS = {
     # name -> module implementing `make(w: PackedWeight, dtype) -> nn.Module` and `available() -> str|None`
     "torch": "lowvram.kernels.torch_ref",
+    "native": "lowvram.kernels.native",
     "ort": "lowvram.kernels.ort",
     "cpu": "lowvram.kernels.cpu",
     "cuda": "lowvram.kernels.cuda",
@@ -107,7 +108,8 @@ BACKENDS = {
 
 
 def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
-    """float32 is the exact reference (dequantize, fp32 matmul); otherwise the fastest kernel for the device.
+    """float32 is the exact reference (dequantize, fp32 matmul); otherwise the fastest kernel for the device:
+    on CPUs with AVX512-VNNI our own C kernel, elsewhere ONNX Runtime, then torch's int4pack.
 
     LOWVRAM_BACKEND overrides for every device.
     """
@@ -121,6 +123,9 @@ def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
     kind = torch.device(device).type
     if kind in ("cuda", "mps"):
         return kind
+    native = importlib.import_module(BACKENDS["native"])
+    if native.available() is None and native.fast():
+        return "native"
     return "ort" if importlib.import_module(BACKENDS["ort"]).available() is None else "cpu"
 
 

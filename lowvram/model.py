@@ -28,10 +28,11 @@ class Model:
         self.ctx = min(ctx or config.max_length, config.max_length)
         self.prefill_chunk = 512  # long prompts run in chunks so attention memory stays linear
         self.kv_int8 = False  # True: int8 KV cache (half the memory of bf16) for long contexts
-        # With ONNX Runtime kernels the matmuls run in ORT's own thread pool; torch's small decode ops
-        # (norms, RoPE, attention over the cache) are then faster on one thread than contending with
-        # ORT's threads for the cores (measured 2-3x less non-matmul time per token on 2 cores).
-        self.decode_threads = 1 if any(type(m).__module__.endswith("kernels.ort") for m in net.modules()) else None
+        # Kernels with their own thread pools (ORT's, the native kernel's OpenMP team) run the matmuls of a
+        # decode step; torch's small ops (norms, RoPE, attention over the cache) are then faster on one
+        # thread than contending for the cores (measured 2-3x less non-matmul time per token on 2 cores).
+        self.decode_threads = 1 if any(type(m).__module__.endswith(("kernels.ort", "kernels.native"))
+                                       for m in net.modules()) else None
 
     # ---- positions and masks: the one place that knows each generation's scheme ----------
 

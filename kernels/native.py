@@ -1,0 +1,185 @@
+"""CPU backend on lowvram's own C kernel (kernels/native/lvq.c), built at install when a compiler is there.
+
+Why a kernel of our own: decode streams every weight once per token, so it is bound by memory
+bandwidth, and ONNX Runtime's MatMulNBits reached only 18-20 GB/s of this machine's 32.7 GB/s from
+DRAM. The C kernel keeps the weights in one flat packed buffer per linear (exactly the int4/int8
+bytes plus fp16 scales and uint8 zeros, nothing resident twice) and computes with AVX512-VNNI on
+int8-quantized activations. Prompts (many rows at once) instead dequantize the weight to bf16 in
+row chunks and use torch's matrix multiply, which runs on AMX/AVX512-BF16 where the CPU has them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+from torch import nn
+
+from . import PackedWeight, unpack_cols
+
+_lib = None
+_why = None
+
+
+def _load():
+    global _lib, _why
+    if _lib is not None or _why is not None:
+        return _lib
+    try:
+        from . import _lvq  # the compiled extension; its functions are reached through ctypes
+    except ImportError as e:
+        _why = (f"the native kernel was not built ({e}); reinstall with a C compiler: pip install -e . "
+                "(or pip install lowvram) with gcc/clang present")
+        return None
+    lib = ctypes.CDLL(_lvq.__file__)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lvq_gemm.argtypes = [p, i64, i64, p, p, p, i64, i32, i32, p, p, i32]
+    lib.lvq_dequant_bf16.argtypes = [p, p, p, i64, i32, i32, i64, i64, p, i32]
+    lib.lvq_repack.argtypes = [p, i64, i64, i32, p, p, i32]
+    for f in (lib.lvq_gemm, lib.lvq_dequant_bf16, lib.lvq_repack, lib.lvq_has_vnni):
+        f.restype = ctypes.c_int
+    lib.lvq_set_generic.argtypes = [i32]
+    lib.lvq_hugepages.argtypes = [p, i64]
+    lib.lvq_hugepages.restype = None
+    _lib = lib
+    return lib
+
+
+def available() -> str | None:
+    _load()
+    return _why
+
+
+def fast() -> bool:
+    """True where the vectorized path runs (x86-64 with AVX512-VNNI); elsewhere ONNX Runtime is faster."""
+    lib = _load()
+    return bool(lib and lib.lvq_has_vnni())
+
+
+def set_generic(on: bool) -> None:
+    """Run the portable C path even on AVX512-VNNI CPUs (tests compare both)."""
+    _load().lvq_set_generic(int(on))
+
+
+def threads() -> int:
+    return int(os.environ.get("LOWVRAM_THREADS", torch.get_num_threads()))
+
+
+def supports(w: PackedWeight) -> str | None:
+    """Why the kernel cannot take this weight, or None."""
+    k, g = w.in_features, w.group_size if w.group_size > 0 else w.in_features
+    if w.bits not in (4, 8):
+        return f"{w.bits}-bit weights (needs 4 or 8)"
+    if k % 128:
+        return f"in_features {k} is not a multiple of 128"
+    if not (g in (32, 64) or g % 128 == 0) or k % g:
+        return f"group size {g} (needs 32, 64 or a multiple of 128 dividing {k})"
+    return None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+_local = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """A per-thread bf16 buffer reused by every prompt chunk: a fresh 32 MiB tensor per chunk spent
+    more time in page faults than in dequantizing."""
+    ws = getattr(_local, "ws", None)
+    if ws is None or ws.numel() < numel:
+        ws = _local.ws = torch.empty(numel, dtype=torch.bfloat16)
+        _load().lvq_hugepages(_ptr(ws), ws.numel() * 2)
+    return ws
+
+
+class NativeLinear(nn.Module):
+    # Above this many rows a prompt chunk dequantizes to bf16 and multiplies on AMX (measured crossover).
+    gemm_rows = 8
+    chunk = 4096  # weight rows dequantized at a time (4096 x 4096 bf16 = 32 MiB transient)
+
+    def __init__(self, w: PackedWeight, dtype: torch.dtype):
+        super().__init__()
+        why = supports(w)
+        if why:
+            raise ValueError(f"native kernel cannot run {why}")
+        lib = _load()
+        self.in_features, self.out_features, self.dtype, self.bits = w.in_features, w.out_features, dtype, w.bits
+        k, n = w.in_features, w.out_features
+        self.group = w.group_size if w.group_size > 0 else k
+        g = w.group_index()
+        self.perm = None
+        if w.has_act_order():
+            self.perm = torch.argsort(g, stable=True)
+            g = g[self.perm]
+            if not torch.equal(g, torch.arange(k) // self.group):
+                raise ValueError("native kernel needs equal groups after sorting by g_idx")
+        qweight = w.qweight.contiguous()
+        self.weight = torch.empty(n, k * w.bits // 8, dtype=torch.uint8)
+        lib.lvq_hugepages(_ptr(self.weight), self.weight.numel())
+        perm32 = None if self.perm is None else self.perm.to(torch.int32).contiguous()
+        rc = lib.lvq_repack(_ptr(qweight), k, n, w.bits, _ptr(perm32), _ptr(self.weight), threads())
+        assert rc == 0, rc
+        # One scale and zero per (row, group); groups in kernel order.
+        first = torch.arange(0, k, self.group)
+        src_g = g[first]
+        self.scales = w.scales.to(torch.float16)[src_g].t().contiguous()  # [N, G]
+        self.zeros = unpack_cols(w.qzeros, w.bits)[:, :n][src_g].t().contiguous().to(torch.uint8)
+        self.bias = None if w.bias is None else w.bias.float().contiguous()
+        self.threads = threads()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales, self.zeros, self.bias)
+                   if t is not None)
+
+    def dequantize(self, n0: int = 0, n1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows n0..n1 of W as bf16, inputs in kernel order (act-order permuted)."""
+        n1 = self.out_features if n1 is None else n1
+        if out is None:
+            out = torch.empty(n1 - n0, self.in_features, dtype=torch.bfloat16)
+        rc = _lib.lvq_dequant_bf16(_ptr(self.weight), _ptr(self.scales), _ptr(self.zeros), self.in_features,
+                                   self.bits, self.group, n0, n1, _ptr(out), self.threads)
+        assert rc == 0, rc
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        a = x.reshape(-1, shape[-1])
+        if self.perm is not None:
+            a = a[:, self.perm]
+        m = a.shape[0]
+        if m > self.gemm_rows:
+            a = a.to(torch.bfloat16)
+            ws = _workspace(self.chunk * self.in_features)
+            y = torch.empty(m, self.out_features, dtype=torch.bfloat16)
+            for n0 in range(0, self.out_features, self.chunk):
+                n1 = min(n0 + self.chunk, self.out_features)
+                wt = self.dequantize(n0, n1, ws[: (n1 - n0) * self.in_features].view(n1 - n0, self.in_features))
+                torch.mm(a, wt.t(), out=y[:, n0:n1]) if n1 - n0 == self.out_features else y[:, n0:n1].copy_(a @ wt.t())
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            a = a.to(torch.float32).contiguous()
+            y = torch.empty(m, self.out_features, dtype=torch.float32)
+            rc = _lib.lvq_gemm(_ptr(a), m, self.in_features, _ptr(self.weight), _ptr(self.scales),
+                               _ptr(self.zeros), self.out_features, self.bits, self.group, _ptr(self.bias),
+                               _ptr(y), self.threads)
+            assert rc == 0, rc
+        return y.view(*shape[:-1], self.out_features).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}, "
+                f"act_order={self.perm is not None}")
+
+
+def make(w: PackedWeight, dtype: torch.dtype) -> nn.Module:
+    """The native module, or ONNX Runtime's for a shape the kernel does not take (in_features not a
+    multiple of 128, odd group sizes), so one model may mix both."""
+    if supports(w) is None:
+        return NativeLinear(w, dtype)
+    from . import ort
+
+    return ort.make(w, dtype)
