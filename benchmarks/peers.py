@@ -240,6 +240,7 @@ def run_chatglm_cpp(path, prompt_len, steps, threads):
     ids = prompt_ids(prompt_len)
     cfg = chatglm_cpp._C.GenerationConfig(max_length=prompt_len + steps + 8, max_context_length=prompt_len + 8,
                                          do_sample=False)
+    p.model.generate_next_token(ids, None, cfg, 0, len(ids))  # warm-up prompt, as every runtime here gets
     t = time.perf_counter()
     nxt = p.model.generate_next_token(ids, None, cfg, 0, len(ids))
     prefill = time.perf_counter() - t
@@ -263,6 +264,8 @@ def run_llama_cpp(path, prompt_len, steps, threads):
                           n_threads=threads, n_threads_batch=threads, use_mmap=False, verbose=False)
     load_s = time.perf_counter() - t
     ids = prompt_ids(prompt_len)
+    llm.eval(ids)  # warm-up prompt, as every runtime here gets
+    llm.reset()
     t = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - t

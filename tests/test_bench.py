@@ -28,7 +28,7 @@ def test_bench_json(tiny, tmp_path):
     d = json.loads(r.stdout)
     assert d["generation"] == load_config(out).generation and d["prompt_len"] == 8 and d["threads"] == 1
     assert d["prefill_tok_s"] > 0 and d["decode_ms_median"] >= d["decode_ms_min"] > 0 and d["decode_steps"] == 3
-    assert d["ttft_s"] > 0 and d["load_s"] > 0
+    assert d["ttft_s"] > 0 and d["ttft_cold_s"] > 0 and d["load_s"] > 0
     assert d["peak_rss_bytes"] >= d["peak_rss_after_load_bytes"] > 0
     assert d["cuda_graph"] is False and d["kv_int8"] is True
 
