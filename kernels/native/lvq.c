@@ -122,6 +122,42 @@ static void quant_x(const float *x, int64_t K, int group, int8_t *xq, float *sx,
     }
 }
 
+
+#ifdef LVQ_X86
+/* quant_x on AVX512: the same rounding (nearest, ties to even) and the same sums. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void quant_x_avx512(const float *x, int64_t K, int group, int8_t *xq, float *sx, float *xsum) {
+    int64_t nb = K / BLK, G = K / group;
+    for (int64_t g = 0; g < G; g++) xsum[g] = 0.f;
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * BLK;
+        __m512 v[8], mx = _mm512_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            v[j] = _mm512_loadu_ps(xb + 16 * j);
+            mx = _mm512_max_ps(mx, _mm512_and_ps(v[j], absmask));
+        }
+        float amax = _mm512_reduce_max_ps(mx);
+        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        sx[b] = s;
+        __m512 vinv = _mm512_set1_ps(inv);
+        int32_t part[8];
+        for (int j = 0; j < 8; j++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v[j], vinv), _MM_FROUND_TO_NEAREST_INT));
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i *)(xq + b * BLK + 16 * j), _mm512_cvtepi32_epi8(q));
+            part[j] = _mm512_reduce_add_epi32(q);
+        }
+        int sub = group < BLK ? group : BLK;
+        for (int k0 = 0; k0 < BLK; k0 += sub) {
+            int acc = 0;
+            for (int j = k0 / 16; j < (k0 + sub) / 16; j++) acc += part[j];
+            xsum[(b * BLK + k0) / group] += (float)acc * s;
+        }
+    }
+}
+#endif
+
 /* The portable path: the same arithmetic in plain C. */
 static void rows_generic(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K,
                          const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits, int group,
@@ -361,8 +397,16 @@ int lvq_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint1
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * G));
-    for (int64_t m = 0; m < M; m++) quant_x(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G);
     int vnni = !force_generic && has_vnni_cpu();
+    for (int64_t m = 0; m < M; m++) {
+#ifdef LVQ_X86
+        if (vnni) {
+            quant_x_avx512(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+            continue;
+        }
+#endif
+        quant_x(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+    }
     if (nthreads < 1) nthreads = 1;
     /* Rows in chunks handed out dynamically: a thread that loses its core to another process
      * delays one chunk, not half of every matrix (a static split ran 6x slower on a busy core). */
