@@ -12,11 +12,39 @@ import torch
 from lowvram.kernels import pack_cols, pack_rows
 
 
-def fit(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale (rounded to fp16, as stored) and integer zero for w [N, g]."""
-    maxq = 2**bits - 1
+def fit(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: int = 100,
+        maxshrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (rounded to fp16, as stored) and integer zero for w [N, g].
+
+    mse=False: the row's full range (min-max, or ±absmax when symmetric). mse=True: GPTQ's `mse`
+    option with a squared norm: also try the range shrunk by p = 1 - i/grid for i = 1 ..
+    maxshrink*grid (both ends by the same p) and keep, per row, the (scale, zero) whose
+    round-to-nearest error sum((deq - w)^2) is lowest. p = 1 is a candidate, so the chosen error is
+    never larger than the plain fit's.
+    """
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
+    scale, zero = _range_params(xmin, xmax, bits, sym)
+    if not mse:
+        return scale, zero
+    step = max(1, (1 << 20) // max(w.shape[1], 1))  # ~4 MB of rows at a time: the search stays in cache
+    for r in range(0, w.shape[0], step):
+        wr, lo, hi = w[r : r + step], xmin[r : r + step], xmax[r : r + step]
+        sc, ze = scale[r : r + step], zero[r : r + step]  # views: updated in place
+        best = _sq_error(wr, sc, ze, bits)
+        for i in range(1, int(maxshrink * grid) + 1):
+            p = 1 - i / grid
+            s, z = _range_params(p * lo, p * hi, bits, sym)
+            err = _sq_error(wr, s, z, bits)
+            better = err < best
+            best = torch.where(better, err, best)
+            sc.copy_(torch.where(better, s, sc))
+            ze.copy_(torch.where(better, z, ze))
+    return scale, zero
+
+
+def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    maxq = 2**bits - 1
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -30,6 +58,13 @@ def fit(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tens
         # zero >= 1: the GPTQ v1 format stores zero-1 in `bits` bits.
         zero = torch.round(-xmin / scale).clamp(1, maxq)
     return scale, zero
+
+
+def _sq_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row sum((dequant(quant(w)) - w)^2), in place on one temporary."""
+    s, z = scale[:, None], zero[:, None]
+    t = torch.div(w, s).round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(w)
+    return t.mul_(t).sum(dim=1)
 
 
 def quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -52,12 +87,13 @@ def _pack_groups(scales, zeros, g_idx, bits, v1=True) -> dict[str, torch.Tensor]
 
 
 def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 2048,
-        keep_deq: bool = True) -> tuple[dict, torch.Tensor | float]:
+        keep_deq: bool = True, mse: bool = False) -> tuple[dict, torch.Tensor | float]:
     """Round-to-nearest: (GPTQ tensors, dequantized weight), or with keep_deq=False (GPTQ tensors,
     relative error ||deq - w|| / ||w||).
 
     Works on `rows` output rows at a time, packing as it goes, so its temporaries stay a few
     hundred MB whatever the matrix (the quantize command's peak memory follows from this).
+    mse=True searches each group's clipping range (see `fit`) within the same chunk.
     """
     n, k = w.shape
     g = k if group <= 0 else group
@@ -69,7 +105,7 @@ def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 20
         wr = w[r : r + rows].float()
         m = wr.shape[0]
         wg = wr.reshape(m, k // g, g).permute(1, 0, 2).reshape(-1, g)  # [G*m, g]
-        scale, zero = fit(wg, bits, sym)
+        scale, zero = fit(wg, bits, sym, mse)
         q = quant(wg, scale, zero, bits)
         deq = ((q - zero[:, None]) * scale[:, None]).reshape(k // g, m, g).permute(1, 0, 2).reshape(m, k)
         if keep_deq:
@@ -88,7 +124,7 @@ def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 20
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = True, act_order: bool = False,
-         damp: float = 0.01, blocksize: int = 128) -> tuple[dict, torch.Tensor]:
+         damp: float = 0.01, blocksize: int = 128, mse: bool = False) -> tuple[dict, torch.Tensor]:
     """GPTQ of w [N, K] given the input Hessian H [K, K]: (GPTQ tensors, dequantized weight)."""
     W = w.float().clone()
     n, k = W.shape
@@ -117,7 +153,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = Tr
             col = i1 + i
             if col % g == 0:
                 span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scale, zero = fit(span, bits, sym)
+                scale, zero = fit(span, bits, sym, mse)
                 scales[col // g], zeros[col // g] = scale, zero
             wc = W1[:, i]
             qc = quant(wc[:, None], scale, zero, bits)[:, 0]

@@ -64,3 +64,29 @@ def test_rtn_writer_round_trips(bits, group):
     assert torch.allclose(ref, deq, atol=1e-5)
     step = (w.abs().amax() / (2 ** (bits - 1) - 1)).item()
     assert (deq - w).abs().max() <= step  # round-to-nearest: error within one step
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (4, -1, True), (8, -1, True), (8, -1, False)])
+def test_mse_clip_search_never_worse_and_same_format(bits, group, sym):
+    """The clipping search only picks other scales/zeros: the GPTQ tensors still round-trip through the
+    reference reader, and every group's squared error is at most the plain min-max fit's."""
+    gen = torch.Generator().manual_seed(bits + group)
+    w = torch.randn(40, 256, generator=gen)
+    w[3, 7] = 9.0  # an outlier row: the case clipping is for
+    plain, deq0 = rtn(w, bits, group, sym)
+    tensors, deq = rtn(w, bits, group, sym, mse=True, rows=16)  # several chunks
+    ref = reference_dequant(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits, True)
+    assert torch.allclose(ref, deq, atol=1e-5)
+    g = w.shape[1] if group <= 0 else group
+    err = lambda d: ((d - w) ** 2).reshape(40, -1, g).sum(-1)  # noqa: E731
+    assert (err(deq) <= err(deq0) * (1 + 1e-5) + 1e-9).all()
+    if bits == 4:
+        assert err(deq).sum() < 0.97 * err(deq0).sum()
+    if sym:
+        assert (unpack_zeros(tensors, bits) == 2 ** (bits - 1) - 1).all()  # v1: stored zero-1, symmetric zero
+
+
+def unpack_zeros(tensors, bits):
+    from lowvram.kernels import unpack_cols
+
+    return unpack_cols(tensors["qzeros"], bits)
