@@ -127,7 +127,7 @@ def test_model_names_resolve_to_the_local_caches(tmp_path, monkeypatch):
     assert resolve("glm-4-9b-chat") == mdir
 
 
-def test_int8_per_channel_within_one_percent_on_the_trained_example(tmp_path):
+def _example():
     from pathlib import Path
 
     ex = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"
@@ -135,11 +135,81 @@ def test_int8_per_channel_within_one_percent_on_the_trained_example(tmp_path):
         pytest.skip("examples/glm4-tiny not built")
     ref_model = lowvram.load(ex, dtype="float32")
     ids = ref_model.tokenizer.encode((ex.parent / "corpus" / "heldout.txt").read_text()[:600])
-    ref = ref_model.logits(ids)
+    return ex, ids, ref_model.logits(ids)
+
+
+def test_int8_per_channel_within_one_percent_on_the_trained_example(tmp_path):
+    ex, ids, ref = _example()
     errs = {}
     for sym in (True, False):
-        out = tmp_path / f"int8-{sym}"
-        quantize(ex, out, bits=8, group_size=-1, sym=sym, progress=False)
-        errs[sym] = rel(lowvram.load(out, dtype="float32").logits(ids), ref)
-    # measured 1.03% (symmetric) and 0.94% (asymmetric) relative L2 over all logits of 150 tokens
-    assert errs[False] < 0.01 and errs[True] < 0.015, errs
+        for mse in (False, True):
+            out = tmp_path / f"int8-{sym}-{mse}"
+            quantize(ex, out, bits=8, group_size=-1, sym=sym, progress=False, mse=mse)
+            errs[sym, mse] = rel(lowvram.load(out, dtype="float32").logits(ids), ref)
+    # Measured (torch 2.13, CPU), relative L2 over all logits of these 195 tokens: 1.029% symmetric,
+    # 0.935% asymmetric (the default, no clipping search at 8 bits); with the MSE clipping search forced
+    # on, 1.033% and 0.938%. Symmetric misses issue 4's 1% by 0.03 points and no per-row scale choice
+    # can close that: the rows are near-Gaussian (kurtosis 2.9, max/std ~3 over 256 columns) and at
+    # 8 bits the MSE-optimal clip for a Gaussian (~4 sigma) lies beyond the row's largest weight, so
+    # the search keeps the full range (median weight error 0.701% -> 0.695%) and the logits move by
+    # noise. The error is spread evenly over the 16 linears (each type alone: 0.4-0.55%, adding in
+    # quadrature), i.e. it is the int8 step itself (error = step^2/12). Calibrated GPTQ int8
+    # per-channel reaches 0.84% / 0.78%.
+    assert errs[False, False] < 0.0095 and errs[True, False] < 0.0105, errs
+    assert abs(errs[True, True] - errs[True, False]) < 0.0005 and abs(errs[False, True] - errs[False, False]) < 0.0005
+
+
+def test_mse_clip_search_is_the_int4_default_and_lowers_the_error(tmp_path):
+    ex, ids, ref = _example()
+    errs = {}
+    for mse in (None, False):
+        out = tmp_path / f"int4-{mse}"
+        s = quantize(ex, out, bits=4, group_size=128, progress=False, mse=mse)
+        qc = json.loads((out / "quantize_config.json").read_text())
+        assert s["mse"] == (mse is None) and qc["lowvram"]["clip_search"] == ("mse" if mse is None else "none")
+        assert ("lowest squared" in (out / "README.md").read_text()) == (mse is None)
+        errs[mse] = rel(lowvram.load(out, dtype="float32").logits(ids), ref)
+    # measured 14.27% with the search (the default) vs 16.07% without (held-out perplexity: BENCHMARKS.md)
+    assert errs[None] < 0.145 and errs[False] > 0.158, errs
+
+
+@pytest.mark.parametrize("gen,sym_bound,asym_bound", [
+    ("chatglm-6b", 0.0016, 0.0014),
+    ("chatglm2-6b", 0.0137, 0.0111),
+    ("chatglm3-6b", 0.0137, 0.0111),
+    ("glm-4-9b-chat", 0.0137, 0.0111),
+    ("glm-4-9b-chat-hf", 0.0137, 0.0111),
+    ("glm-4-0414", 0.0176, 0.0152),
+])
+def test_int8_per_channel_on_random_tiny_models(gen, sym_bound, asym_bound, tiny, tmp_path):
+    """Per-channel INT8 RTN on the random tiny checkpoints (converters/synthetic.py, seed 0).
+
+    Measured (sym / asym): chatglm-6b 0.151% / 0.128%, chatglm2-6b, chatglm3-6b, glm-4-9b-chat and
+    glm-4-9b-chat-hf 1.35% / 1.09-1.10%, glm-4-0414 1.74% / 1.51%; seeds 1 and 2 land within
+    0.4 points of these. The quantizer is not worse on them (median weight error 0.61% / 0.54%, below
+    the trained example's 0.70% / 0.65%, since 64-wide rows have a smaller max/std): the random
+    networks are more sensitive. Gaussian noise of 0.6% of each block linear's norm, instead of
+    rounding, moves their logits by 1.45% (glm-4-0414: 1.92%) against 0.87% on the trained example
+    and 0.15% on random chatglm-6b. Likely causes: glm-4-0414's extra post-sublayer norms add every
+    sublayer output at unit scale; chatglm-6b's DeepNorm residual (sqrt(56)·LN(x) + f(LN(x))) keeps
+    the unquantized normalised stream dominant. The bounds are the measured figures plus 1-6%
+    (the clipping search, off at 8 bits, would not change them beyond noise either).
+    """
+    src = tiny(gen)
+    ids = [5, 7, 151, 152, 9] if gen == "chatglm-6b" else [5, 7, 9, 11, 13]
+    ref = lowvram.load(src, dtype="float32").logits(ids)
+    for sym, bound in ((True, sym_bound), (False, asym_bound)):
+        out = tmp_path / f"q-{sym}"
+        quantize(src, out, bits=8, group_size=-1, sym=sym, progress=False)
+        err = rel(lowvram.load(out, dtype="float32").logits(ids), ref)
+        assert err < bound, (sym, err)
+
+
+def test_cli_mse_flags(tiny, tmp_path):
+    src = tiny("chatglm3-6b")
+    for flags, want in (([], "mse"), (["--no-mse"], "none"), (["--bits", "8"], "none"), (["--bits", "8", "--mse"], "mse")):
+        out = tmp_path / "-".join(["q", *flags])
+        r = subprocess.run(CLI + ["quantize", str(src), "-o", str(out), "--group-size", "32", *flags],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "quantize_config.json").read_text())["lowvram"]["clip_search"] == want, flags
