@@ -35,7 +35,7 @@ def _load():
         return None
     lib = ctypes.CDLL(_lvq.__file__)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lvq_gemm.argtypes = [p, i64, i64, p, p, p, i64, i32, i32, p, p, i32]
+    lib.lvq_gemm.argtypes = [p, i32, i64, i64, p, p, p, i64, i32, i32, p, p, i32, i32]
     lib.lvq_dequant_bf16.argtypes = [p, p, p, i64, i32, i32, i64, i64, p, i32]
     lib.lvq_repack.argtypes = [p, i64, i64, i32, p, p, i32]
     for f in (lib.lvq_gemm, lib.lvq_dequant_bf16, lib.lvq_repack, lib.lvq_has_vnni):
@@ -77,6 +77,9 @@ def supports(w: PackedWeight) -> str | None:
     if not (g in (32, 64) or g % 128 == 0) or k % g:
         return f"group size {g} (needs 32, 64 or a multiple of 128 dividing {k})"
     return None
+
+
+_TYPES = {torch.float32: 0, torch.bfloat16: 1}  # activation/output dtypes the kernel reads and writes
 
 
 def _ptr(t: torch.Tensor | None):
@@ -130,6 +133,8 @@ class NativeLinear(nn.Module):
         self.zeros = unpack_cols(w.qzeros, w.bits)[:, :n][src_g].t().contiguous().to(torch.uint8)
         self.bias = None if w.bias is None else w.bias.float().contiguous()
         self.threads = threads()
+        self._args = (k, _ptr(self.weight), _ptr(self.scales), _ptr(self.zeros), n, w.bits, self.group,
+                      _ptr(self.bias))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scales, self.zeros, self.bias)
@@ -162,11 +167,13 @@ class NativeLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         else:
-            a = a.to(torch.float32).contiguous()
-            y = torch.empty(m, self.out_features, dtype=torch.float32)
-            rc = _lib.lvq_gemm(_ptr(a), m, self.in_features, _ptr(self.weight), _ptr(self.scales),
-                               _ptr(self.zeros), self.out_features, self.bits, self.group, _ptr(self.bias),
-                               _ptr(y), self.threads)
+            xt = _TYPES.get(a.dtype)
+            if xt is None:
+                a, xt = a.float(), 0
+            a = a.contiguous()
+            yt = _TYPES.get(self.dtype, 0)
+            y = torch.empty(m, self.out_features, dtype=self.dtype if self.dtype in _TYPES else torch.float32)
+            rc = _lib.lvq_gemm(a.data_ptr(), xt, m, *self._args, y.data_ptr(), yt, self.threads)
             assert rc == 0, rc
         return y.view(*shape[:-1], self.out_features).to(self.dtype)
 

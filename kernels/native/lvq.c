@@ -388,13 +388,10 @@ static int check_shape(int64_t K, int bits, int group) {
     return 0;
 }
 
-/* y [M][N] = x [M][K] @ W.T (+ bias), float32 in and out. Returns 0, or <0 for shapes it cannot run. */
-int lvq_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *scales,
-             const uint8_t *zeros, int64_t N, int bits, int group, const float *bias, float *y, int nthreads) {
-    int rc = check_shape(K, bits, group);
-    if (rc) return rc;
+static int gemm_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *scales,
+                    const uint8_t *zeros, int64_t N, int bits, int group, const float *bias, float *y, int nthreads) {
     int64_t nb = K / BLK, G = K / group;
-    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 127) / 64 * 64));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * G));
     int vnni = !force_generic && has_vnni_cpu();
@@ -427,6 +424,35 @@ int lvq_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint1
     free(sx);
     free(xq);
     return 0;
+}
+
+/* y [M][N] = x [M][K] @ W.T (+ bias). x and y are float32 (type 0) or bf16 (type 1), so a decode step
+ * needs no dtype conversions around the call. Returns 0, or <0 for shapes it cannot run. */
+int lvq_gemm(const void *x, int xtype, int64_t M, int64_t K, const uint8_t *w, const uint16_t *scales,
+             const uint8_t *zeros, int64_t N, int bits, int group, const float *bias, void *y, int ytype,
+             int nthreads) {
+    int rc = check_shape(K, bits, group);
+    if (rc) return rc;
+    const float *xf = (const float *)x;
+    float *tmpx = NULL, *yf = (float *)y, *tmpy = NULL;
+    if (xtype == 1) {
+        const uint16_t *xb = (const uint16_t *)x;
+        tmpx = (float *)malloc(sizeof(float) * (size_t)(M * K));
+        for (int64_t i = 0; i < M * K; i++) {
+            uint32_t u = (uint32_t)xb[i] << 16;
+            memcpy(tmpx + i, &u, 4);
+        }
+        xf = tmpx;
+    }
+    if (ytype == 1) yf = tmpy = (float *)malloc(sizeof(float) * (size_t)(M * N));
+    rc = gemm_f32(xf, M, K, w, scales, zeros, N, bits, group, bias, yf, nthreads);
+    if (ytype == 1) {
+        uint16_t *yb = (uint16_t *)y;
+        for (int64_t i = 0; i < M * N; i++) yb[i] = f2bf(tmpy[i]);
+    }
+    free(tmpx);
+    free(tmpy);
+    return rc;
 }
 
 #ifdef LVQ_X86
