@@ -100,16 +100,18 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
-    def items(self):
-        """(name, tensor) for every tensor, one file open at a time."""
+    def items(self, skip=()):
+        """(name, tensor) for every tensor not in `skip`, one file open at a time."""
         for f in self.files:
             try:
                 if f.suffix == ".safetensors":
-                    yield from read_safetensors(f)
+                    yield from read_safetensors(f, skip)
                 else:
                     sd = self._load_bin(f)
                     for k in list(sd):
-                        yield k, sd.pop(k)
+                        t = sd.pop(k)
+                        if k not in skip:
+                            yield k, t
                     del sd
             except CheckpointError:
                 raise
@@ -126,7 +128,49 @@ class Checkpoint:
         return self._load_bin(f)[name]
 
 
-def read_safetensors(path: Path):
+    def map_tensor(self, name: str) -> torch.Tensor | None:
+        """`name` read-only and zero-copy from its safetensors file (a private mapping of just its bytes).
+
+        Only the pages that are read become resident, and they are clean file pages: the kernel can drop
+        them again. None for `.bin` files. The mapping lives as long as the tensor (torch.frombuffer holds
+        a reference to the mmap object); the file must not be rewritten in place meanwhile (replacing it,
+        as our writers do with a rename, is safe)."""
+        import mmap
+
+        f = self._where[name]
+        if f.suffix != ".safetensors":
+            return None
+        header, base = _st_header(f)
+        info = header[name]
+        start, end = info["data_offsets"]
+        start += base
+        end += base
+        if end == start:
+            return None
+        page = mmap.ALLOCATIONGRANULARITY
+        at = start - start % page
+        with open(f, "rb") as fh:
+            # ACCESS_COPY: a MAP_PRIVATE mapping. The file is never written; a stray in-place write to the
+            # tensor would get a private copy of that page instead of crashing on a read-only page.
+            mm = mmap.mmap(fh.fileno(), end - at, access=mmap.ACCESS_COPY, offset=at)
+        dtype = _st_dtype(info["dtype"])
+        n = (end - start) // torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mm, dtype=dtype, count=n, offset=start - at).view(info["shape"])
+
+
+def _st_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    import json as _json
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_safetensors(path: Path, skip=()):
     """(name, tensor) in file order with plain reads into fresh tensors.
 
     safe_open memory-maps the file, and every page it touches stays in the process's RSS until the
@@ -141,6 +185,8 @@ def read_safetensors(path: Path):
         header.pop("__metadata__", None)
         base = 8 + n
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if name in skip:
+                continue
             start, end = info["data_offsets"]
             buf = torch.empty(end - start, dtype=torch.uint8)
             fh.seek(base + start)

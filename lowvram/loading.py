@@ -109,11 +109,49 @@ def _orig(layout: str, name: str) -> str:
         return name
 
 
+def mmap_embeddings_enabled() -> bool:
+    """LOWVRAM_MMAP_EMBEDDINGS=0 turns the mapped word-embedding table off (for comparisons)."""
+    import os
+
+    return os.environ.get("LOWVRAM_MMAP_EMBEDDINGS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, first: torch.device) -> str | None:
+    """Look the word embeddings up in the mapped file instead of loading them; the checkpoint name, or None.
+
+    Only on the CPU, from safetensors, and only when the output layer is not tied to the table
+    (ChatGLM-6B's tied head reads every row each token: mapping would gain nothing and convert the whole
+    table per token)."""
+    if first.type != "cpu" or cfg.tie_word_embeddings or not mmap_embeddings_enabled():
+        return None
+    from .checkpoint import original_name
+    from .models.glm import MappedEmbedding
+
+    try:
+        cname = original_name(cfg.layout, "embed.weight")
+    except KeyError:
+        return None
+    want = tuple(net.embed.weight.shape)
+    if cname not in ckpt.names() or ckpt.shape(cname) != want or not ckpt.dtype(cname).is_floating_point:
+        return None
+    try:
+        table = ckpt.map_tensor(cname)
+    except (OSError, ValueError):
+        return None
+    if table is None:
+        return None
+    net.embed = MappedEmbedding(table, dtype)
+    return cname
+
+
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
          backend: str | None) -> dict:
     expected = dict(net.named_parameters())
     first, last = devs[0], devs[-1]
     done: set[str] = set()
+    embed_mapped = _map_embeddings(net, ckpt, cfg, dtype, first)
+    if embed_mapped:
+        done.add("embed.weight")
     unexpected, misshaped, ignored = [], [], []
     fused: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     quant: dict[str, dict] = defaultdict(lambda: defaultdict(dict))  # module -> slot -> suffix -> tensor
@@ -165,7 +203,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         quantized.append(mod_name)
 
     quantized: list[str] = []
-    for cname, t in ckpt.items():
+    for cname, t in ckpt.items(skip={embed_mapped} if embed_mapped else ()):
         mapped = map_name(cfg.layout, cname)
         if mapped is None:
             unexpected.append(cname)
@@ -215,4 +253,5 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
                 msg.append(f"{label} {len(items)}: {', '.join(items[:8])}{more}")
         raise CheckpointError("; ".join(msg))
     _trim_heap()
-    return {"ignored": ignored, "quantized": quantized, "dtype": dtype, "devices": devs}
+    return {"ignored": ignored, "quantized": quantized, "dtype": dtype, "devices": devs,
+            "mapped": ["embed.weight"] if embed_mapped else []}

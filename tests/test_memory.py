@@ -1,0 +1,96 @@
+"""Resident memory: the mapped word-embedding table, and the memory model against measured peak RSS.
+
+RSS is measured in fresh subprocesses (VmRSS / VmHWM from /proc/self/status), so nothing this test
+process has allocated or imported counts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowvram
+from lowvram.converters.synthetic import write_random
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
+
+# A GLM-4-shaped model whose cost is mostly its 151552-row vocabulary: the fp16 embedding is 78 MB.
+BIG_VOCAB = dict(hidden_size=256, kv_channels=32, num_attention_heads=8, ffn_hidden_size=512,
+                 padded_vocab_size=151552)
+IDS = [5, 100, 151000, 7, 65000, 3]
+
+PROBE = r"""
+import json, sys, torch, lowvram
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+path, out, dtype, ids = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+torch.zeros(1)
+with torch.device("meta"):  # the runtime's one-time costs (torch's meta-device machinery) before r0
+    torch.nn.Embedding(2, 2), torch.nn.Linear(2, 2)
+r0 = status("VmRSS")
+m = lowvram.load(path, tokenizer=False, dtype=None if dtype == "default" else dtype)
+r1 = status("VmRSS")
+torch.save(m.logits(ids), out)
+print(json.dumps({"r0": r0, "r1": r1, "r2": status("VmRSS"), "embed": type(m.net.embed).__name__,
+                  "mapped": m.report.get("mapped")}))
+"""
+
+
+def _probe(path, out, dtype="default", mmap=True):
+    env = dict(os.environ, LOWVRAM_MMAP_EMBEDDINGS="1" if mmap else "0")
+    r = subprocess.run([sys.executable, "-c", PROBE, str(path), str(out), dtype, json.dumps(IDS)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+    return write_random(tmp_path_factory.mktemp("bigvocab") / "glm4", "glm-4-9b-chat", dtype=torch.float16,
+                        **BIG_VOCAB)
+
+
+@pytest.mark.parametrize("dtype", ["default", "float32"])
+def test_mapped_embeddings_stay_out_of_rss_and_change_nothing(big_vocab, tmp_path, dtype):
+    emb = 151552 * 256 * (4 if dtype == "float32" else 2)  # the table in the compute dtype
+    on = _probe(big_vocab, tmp_path / "on.pt", dtype, mmap=True)
+    off = _probe(big_vocab, tmp_path / "off.pt", dtype, mmap=False)
+    assert on["embed"] == "MappedEmbedding" and on["mapped"] == ["embed.weight"]
+    assert off["embed"] == "Embedding" and off["mapped"] == []
+    # bit for bit the same logits (fp32: the exact reference path; bf16: rows converted after the lookup)
+    assert torch.equal(torch.load(tmp_path / "on.pt"), torch.load(tmp_path / "off.pt"))
+    grown_on, grown_off = on["r1"] - on["r0"], off["r1"] - off["r0"]
+    assert grown_off - grown_on > 0.8 * emb, (grown_on, grown_off, emb)
+    # what loading still adds is the rest of the model: the 151552-row output layer and two small blocks
+    rest = 151552 * 256 * (4 if dtype == "float32" else 2) + (8 << 20)
+    assert grown_on < rest + 0.1 * emb, (grown_on, rest, emb)
+    # a forward over 6 ids touches a few pages of the table, not the table
+    assert on["r2"] - on["r1"] < off["r2"] - off["r1"] + 0.1 * emb
+
+
+def test_mapping_only_where_it_pays(tiny):
+    ids = [9, 4, 30, 17]
+    # ChatGLM-6B's output layer is the embedding table: it is read in full every token, so it is loaded
+    m = lowvram.load(tiny("chatglm-6b"), tokenizer=False)
+    assert type(m.net.embed).__name__ == "Embedding" and m.report["mapped"] == []
+    # .bin checkpoints keep the loaded table; safetensors are mapped, in every layout
+    assert lowvram.load(tiny("chatglm3-6b", fmt="bin"), tokenizer=False).report["mapped"] == []
+    for gen in ("chatglm3-6b", "glm-4-9b-chat-hf", "glm-4-0414"):
+        src = tiny(gen, seed=3, dtype=torch.bfloat16)
+        m = lowvram.load(src, tokenizer=False, dtype="float16")
+        assert m.report["mapped"] == ["embed.weight"] and m.net.embed.weight.dtype == torch.bfloat16
+        assert m.net.embed(torch.tensor([1])).dtype == torch.float16
+        os.environ["LOWVRAM_MMAP_EMBEDDINGS"] = "0"
+        try:
+            ref = lowvram.load(src, tokenizer=False, dtype="float16")
+        finally:
+            del os.environ["LOWVRAM_MMAP_EMBEDDINGS"]
+        assert ref.report["mapped"] == [] and torch.equal(m.logits(ids), ref.logits(ids))
