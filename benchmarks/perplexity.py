@@ -2,9 +2,10 @@
 
     python benchmarks/perplexity.py [--model examples/glm4-tiny] [--tokens 4096]
 
-Each variant is made by `lowvram.converters.quantize.quantize` (what `lowvram quantize` runs) and
-scored twice: with dtype=float32 (the weights exactly as stored, dequantized) and with the fast
-default kernels (ONNX Runtime MatMulNBits, int8 activations, bf16 elsewhere).
+Each variant is made by `lowvram.converters.quantize.quantize` (what `lowvram quantize` runs, with
+its defaults: the 4-bit ones search each group's clipping range; the "--no-mse" rows repeat them
+without) and scored twice: with dtype=float32 (the weights exactly as stored, dequantized) and with
+the fast default kernels (ONNX Runtime MatMulNBits, int8 activations, bf16 elsewhere).
 """
 
 import argparse
@@ -40,16 +41,20 @@ def main():
     ap.add_argument("--calib", default=str(ROOT / "examples" / "corpus" / "train.txt"))
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--window", type=int, default=128, help="the example model was trained on 128-token windows")
+    ap.add_argument("--no-mse-rows", action="store_true", help="skip the 4-bit rows without the clipping search")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = lowvram.load(a.model, dtype="float32")
     ids = base.tokenizer.encode(Path(a.heldout).read_text(encoding="utf-8"))[: a.tokens]
     variants = [("INT8 RTN per-channel", dict(bits=8, group_size=-1)),
+                ("INT8 RTN per-channel, asym", dict(bits=8, group_size=-1, sym=False)),
                 ("INT8 RTN g128", dict(bits=8, group_size=128)),
                 ("INT4 RTN g128", dict(bits=4, group_size=128)),
                 ("INT4 GPTQ g128", dict(bits=4, group_size=128, method="gptq", act_order=True)),
                 ("INT4 RTN g32", dict(bits=4, group_size=32)),
                 ("INT4 GPTQ g32", dict(bits=4, group_size=32, method="gptq", act_order=True))]
+    if not a.no_mse_rows:  # the 4-bit defaults search the clipping range (mse); also show them without
+        variants += [(f"{n}, --no-mse", dict(kw, mse=False)) for n, kw in variants if kw["bits"] == 4]
     ref = perplexity(base, ids, a.window)
     fast_ref = perplexity(lowvram.load(a.model), ids, a.window)
     print(f"model {a.model}, {len(ids)} held-out tokens, window {a.window}")
