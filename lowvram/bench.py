@@ -11,6 +11,15 @@ import torch
 
 
 def peak_rss() -> int:
+    """This process's peak RSS: VmHWM on Linux (getrusage's ru_maxrss can carry the parent's RSS across a
+    fork+exec), getrusage elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -80,6 +89,14 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
                 nxt = int(model.net.head(h).float().argmax())
             steps.append(time.perf_counter() - t)
     dev = {}
+    if str(load_kw.get("device") or "cpu") == "cpu" and not load_kw.get("placement"):
+        from .memory import predict_rss
+
+        p = predict_rss(path, dtype=model.dtype, backend=load_kw.get("backend"), prompt_len=prompt_len,
+                        new_tokens=warmup + decode_steps, prefill_chunk=model.prefill_chunk, kv_int8=kv_int8,
+                        cfg=cfg)
+        dev["predicted_rss_bytes"] = p.peak
+        dev["predicted_rss"] = p.as_dict()
     if torch.cuda.is_available():
         dev["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     decode = steps[warmup:]
@@ -119,6 +136,10 @@ def bench_main(args) -> int:
           f"({r['ttft_cold_s']:.2f} s for the first prompt after load)")
     print(f"  decode          {r['decode_ms_median']:.1f} ms/token median (min {r['decode_ms_min']:.1f}, {r['decode_steps']} steps)")
     print(f"  peak RSS        {r['peak_rss_bytes'] / 2**30:.2f} GiB (after load {r['peak_rss_after_load_bytes'] / 2**30:.2f})")
+    if "predicted_rss_bytes" in r:
+        p = r["predicted_rss"]
+        print(f"  predicted RSS   {r['predicted_rss_bytes'] / 2**30:.2f} GiB (runtime {p['runtime'] / 2**30:.2f}, weights "
+              f"{p['weights'] / 2**30:.2f}, KV {p['kv_cache'] / 2**30:.2f}, embeddings mapped {p['mapped'] / 2**30:.2f})")
     if "peak_cuda_bytes" in r:
         print(f"  peak CUDA       {r['peak_cuda_bytes'] / 2**30:.2f} GiB")
     return 0

@@ -116,24 +116,35 @@ def mmap_embeddings_enabled() -> bool:
     return os.environ.get("LOWVRAM_MMAP_EMBEDDINGS", "1").lower() not in ("0", "false", "no", "off")
 
 
-def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, first: torch.device) -> str | None:
-    """Look the word embeddings up in the mapped file instead of loading them; the checkpoint name, or None.
+def embeddings_mappable(ckpt: Checkpoint, cfg: GLMConfig, first: torch.device) -> str | None:
+    """The checkpoint name of the word embeddings when they will be looked up from the mapped file.
 
     Only on the CPU, from safetensors, and only when the output layer is not tied to the table
     (ChatGLM-6B's tied head reads every row each token: mapping would gain nothing and convert the whole
     table per token)."""
-    if first.type != "cpu" or cfg.tie_word_embeddings or not mmap_embeddings_enabled():
+    if torch.device(first).type != "cpu" or cfg.tie_word_embeddings or not mmap_embeddings_enabled():
         return None
     from .checkpoint import original_name
-    from .models.glm import MappedEmbedding
 
     try:
         cname = original_name(cfg.layout, "embed.weight")
     except KeyError:
         return None
-    want = tuple(net.embed.weight.shape)
+    want = (cfg.vocab_size, cfg.hidden_size)
     if cname not in ckpt.names() or ckpt.shape(cname) != want or not ckpt.dtype(cname).is_floating_point:
         return None
+    if ckpt._where[cname].suffix != ".safetensors":
+        return None
+    return cname
+
+
+def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, first: torch.device) -> str | None:
+    """Look the word embeddings up in the mapped file instead of loading them; the checkpoint name, or None."""
+    cname = embeddings_mappable(ckpt, cfg, first)
+    if cname is None or tuple(net.embed.weight.shape) != ckpt.shape(cname):
+        return None
+    from .models.glm import MappedEmbedding
+
     try:
         table = ckpt.map_tensor(cname)
     except (OSError, ValueError):

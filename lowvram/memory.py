@@ -59,3 +59,95 @@ def footprint(cfg: GLMConfig, bits: int | None = 4, group: int = 128, head_bits:
     work = prefill_chunk * (4 * cfg.hidden_size + up + cfg.q_size + 2 * cfg.kv_size) * 4
     work += prefill_chunk * cfg.vocab_size * 4 // prefill_chunk  # logits of the last position only
     return Footprint(blk, emb, out, kv, work)
+
+
+# ---- peak RSS of a CPU run, predicted from a checkpoint's own tensors --------------------------------
+# The runtime baseline: VmHWM of a process that imported torch + lowvram, built a tiny float model and
+# generated a few tokens (measured on this project's machine, torch 2.x, Python 3.11: 313 MiB, of which
+# ~100 MiB are mapped shared libraries). Building any model on the meta device costs ~67 MiB of it once
+# (torch's lazy machinery for meta tensors). ONNX Runtime (backend "ort", or "native" handing it the shapes
+# it does not take: in_features not a multiple of 128) adds its libraries and session state: +36 MiB
+# measured the same way; the native kernel and torch's int4pack/int8pack add nothing measurable. Re-measure on another machine/torch with
+# `python -c "import lowvram; m = lowvram.load('examples/glm4-tiny'); m.generate([1, 2, 3], 4)"` and VmHWM.
+CPU_RUNTIME_BYTES = 313 << 20
+QUANT_KERNEL_RUNTIME_BYTES = {"ort": 36 << 20}
+
+
+@dataclass
+class RSSPrediction:
+    runtime: int  # imported runtime (CPU_RUNTIME_BYTES + ONNX Runtime when it runs a linear)
+    weights: int  # resident weights after load (mapped embeddings: only the rows a run looks up)
+    mapped: int  # bytes of the mapped embedding table that are NOT counted (they stay in the file)
+    kv_cache: int
+    workspace: int  # prefill activations of one chunk + the last position's logits
+    load_transient: int  # largest buffer alive beside the weights while loading (a tensor being converted)
+
+    @property
+    def peak(self) -> int:
+        return self.runtime + self.weights + max(self.load_transient, self.kv_cache + self.workspace)
+
+    def as_dict(self) -> dict:
+        return {"peak": self.peak, "runtime": self.runtime, "weights": self.weights, "mapped": self.mapped,
+                "kv_cache": self.kv_cache, "workspace": self.workspace, "load_transient": self.load_transient}
+
+
+def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 512, new_tokens: int = 32,
+                prefill_chunk: int = 512, kv_int8: bool = False, cfg: GLMConfig | None = None) -> RSSPrediction:
+    """Peak RSS of loading checkpoint `path` on the CPU and generating `new_tokens` after a `prompt_len` prompt.
+
+    Weights come from the checkpoint's tensors as stored: float tensors in the compute dtype, quantized
+    linears at their file bytes (every CPU backend keeps about the GPTQ layout's bytes), the word
+    embeddings at ~0 when they are looked up from the mapped file (see loading._map_embeddings)."""
+    import torch
+
+    from .checkpoint import Checkpoint, map_name
+    from .config import load_config
+    from .kernels import default_backend
+    from .loading import QUANT_SUFFIXES, embeddings_mappable, resolve_dtype
+
+    cfg = cfg or load_config(path)
+    ckpt = Checkpoint(path)
+    dt = resolve_dtype(dtype, "cpu")
+    db = torch.empty((), dtype=dt).element_size()
+    mapped_name = embeddings_mappable(ckpt, cfg, torch.device("cpu"))
+    weights = mapped = transient = 0
+    quant_mods: dict[str, int] = {}
+    needs_ort = False  # the native kernel hands shapes it does not take to ORT (its libraries then load)
+    for name in ckpt.names():
+        m = map_name(cfg.layout, name)
+        if m is None or m[0] is None or (m[0].startswith("vision.") and cfg.vision):
+            continue
+        ours = m[0]
+        numel = 1
+        for s in ckpt.shape(name):
+            numel *= s
+        fbytes = numel * ckpt.dtype(name).itemsize
+        mod, _, suffix = ours.rpartition(".")
+        if suffix in QUANT_SUFFIXES or not ckpt.dtype(name).is_floating_point:
+            weights += fbytes
+            quant_mods[mod] = quant_mods.get(mod, 0) + fbytes
+            if suffix == "g_idx" or suffix == "weight":
+                k = ckpt.shape(name)[0] if suffix == "g_idx" else 0
+                scales = name.rpartition(".")[0] + ".scales"
+                groups = ckpt.shape(scales)[0] if suffix == "g_idx" and scales in ckpt.names() else 0
+                g = k // groups if groups else 0
+                needs_ort |= not k or k % 128 != 0 or not (g in (32, 64) or g % 128 == 0)
+            continue
+        if name == mapped_name:
+            mapped += numel * db
+            weights += min(prompt_len + new_tokens, cfg.vocab_size) * cfg.hidden_size * ckpt.dtype(name).itemsize
+            continue
+        weights += numel * db
+        if ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
+            transient = max(transient, fbytes)
+    if quant_mods:  # a quantized linear's file tensors live beside the backend's repacked copy
+        transient = max(transient, max(quant_mods.values()))
+    backend = backend or (default_backend(torch.device("cpu"), dt) if quant_mods else None)
+    uses_ort = backend == "ort" or (backend == "native" and needs_ort)
+    runtime = CPU_RUNTIME_BYTES + (QUANT_KERNEL_RUNTIME_BYTES["ort"] if quant_mods and uses_ort else 0)
+    slots = cfg.pre_seq_len + prompt_len + new_tokens
+    kv = cfg.num_layers * 2 * cfg.num_kv_heads * slots * (cfg.head_dim + 4 if kv_int8 else cfg.head_dim * db)
+    T = min(prompt_len, prefill_chunk)
+    up = 2 * cfg.ffn_hidden_size if cfg.mlp == "swiglu" else cfg.ffn_hidden_size
+    work = T * (4 * cfg.hidden_size + up + cfg.q_size + 2 * cfg.kv_size) * 4 + cfg.vocab_size * 4
+    return RSSPrediction(runtime, weights, mapped, kv, work, transient)

@@ -37,8 +37,18 @@ def plan_main(args) -> int:
         budgets["cuda:0"] = parse_size(args.gpu_mem)
     bits = None if args.bits == 16 else args.bits
     p = plan(cfg, budgets, args.ctx, bits, args.group_size, kv_dtype="int8" if args.kv_int8 else None)
+    rss = None
+    if Path(args.model).is_dir():  # a checkpoint at hand: its own tensors, run entirely on the CPU
+        from .memory import predict_rss
+
+        try:
+            rss = predict_rss(args.model, prompt_len=min(512, args.ctx), new_tokens=max(0, args.ctx - 512),
+                              kv_int8=args.kv_int8, cfg=cfg)
+        except Exception:  # a checkpoint the planner can read the config of but not the tensors
+            rss = None
     if args.json:
-        print(json.dumps({"model": args.model, "generation": cfg.generation, **p.as_dict()}, indent=2))
+        extra = {"cpu_only_predicted_rss": rss.as_dict()} if rss else {}
+        print(json.dumps({"model": args.model, "generation": cfg.generation, **p.as_dict(), **extra}, indent=2))
         return 0
     print(f"{cfg.generation}: {cfg.num_layers} blocks at {args.bits}-bit, context {args.ctx}")
     print(f"{'device':10s} {'blocks':>12s} {'planned':>10s} {'budget':>10s}")
@@ -49,6 +59,10 @@ def plan_main(args) -> int:
     print(f"embeddings on {p.embeddings_device}, output layer on {p.output_device}")
     print(f"expected decode ≈ {p.decode_ms:.0f} ms/token (weights streamed at each device's bandwidth)")
     print(f"placement: {p.placement()}")
+    if rss:
+        print(f"all on the CPU, this checkpoint: predicted peak RSS {rss.peak / 2**30:.2f} GiB at context {args.ctx} "
+              f"(runtime {rss.runtime / 2**30:.2f}, weights {rss.weights / 2**30:.2f}, KV {rss.kv_cache / 2**30:.2f}, "
+              f"embeddings mapped from the file {rss.mapped / 2**30:.2f} not counted)")
     for n in p.notes:
         print(f"note: {n}")
     return 0

@@ -31,6 +31,7 @@ def test_bench_json(tiny, tmp_path):
     assert d["ttft_s"] > 0 and d["ttft_cold_s"] > 0 and d["load_s"] > 0
     assert d["peak_rss_bytes"] >= d["peak_rss_after_load_bytes"] > 0
     assert d["cuda_graph"] is False and d["kv_int8"] is True
+    assert abs(d["predicted_rss_bytes"] / d["peak_rss_bytes"] - 1) < 0.10
 
 
 def test_bench_plain_text_and_errors(tiny, tmp_path):

@@ -94,3 +94,42 @@ def test_mapping_only_where_it_pays(tiny):
         finally:
             del os.environ["LOWVRAM_MMAP_EMBEDDINGS"]
         assert ref.report["mapped"] == [] and torch.equal(m.logits(ids), ref.logits(ids))
+
+
+GEN_PROBE = r"""
+import json, sys, lowvram
+m = lowvram.load(sys.argv[1], tokenizer=False)
+m.generate(list(range(3, 3 + int(sys.argv[2]))), max_new_tokens=int(sys.argv[3]))
+print(json.dumps({k: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                  for k in ("VmHWM",) if l.startswith(k + ":")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, big_vocab):
+    from lowvram.converters.quantize import quantize
+
+    root = tmp_path_factory.mktemp("rss")
+    tiny16 = write_random(root / "tiny16", "chatglm3-6b", dtype=torch.float16)
+    out = {"tiny-fp16": tiny16, "vocab151k-fp16": big_vocab}
+    out["tiny-int4"] = root / "tiny4"
+    quantize(tiny16, out["tiny-int4"], bits=4, group_size=32, progress=False)
+    out["vocab151k-int4"] = root / "big4"
+    quantize(big_vocab, out["vocab151k-int4"], bits=4, group_size=128, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny-fp16", "tiny-int4", "vocab151k-fp16", "vocab151k-int4"])
+def test_memory_model_predicts_peak_rss_within_10_percent(checkpoints, which):
+    from lowvram.memory import predict_rss
+
+    path, prompt, new = checkpoints[which], 48, 8
+    r = subprocess.run([sys.executable, "-c", GEN_PROBE, str(path), str(prompt), str(new)],
+                       capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items()
+                                                                         if k != "LOWVRAM_MMAP_EMBEDDINGS"})
+    assert r.returncode == 0, r.stderr
+    measured = json.loads(r.stdout.strip().splitlines()[-1])["VmHWM"]
+    p = predict_rss(path, prompt_len=prompt, new_tokens=new)
+    assert abs(p.peak / measured - 1) < 0.10, (which, p.as_dict(), measured)
+    if which.startswith("vocab151k"):  # the table is counted as mapped, not resident
+        assert p.mapped == 151552 * 256 * 2 and p.weights < p.mapped + (8 << 20)
