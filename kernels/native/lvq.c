@@ -238,6 +238,7 @@ static void pair_vnni(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, co
 }
 
 
+
 /* Per-row combined scales (activation block scale x weight group scale) and the zero correction. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 static float row_prep(const uint16_t *sr, const uint8_t *zr, const float *sxm, const float *xs, int64_t G,
@@ -272,14 +273,19 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
     int64_t n = n0;
     if (M == 1 && group >= BLK) {
         float *sf2 = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
-        for (; n + 2 <= n1; n += 2) {
-            float c0 = row_prep(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, bsc);
-            float c1 = row_prep(scales + (n + 1) * G, zeros + (n + 1) * G, sx, xsum, G, nb, group, sf2, cs);
+        /* The two rows come from the two halves of the range: two distant sequential streams, each
+         * followed by the hardware prefetcher. */
+        int64_t h = (n1 - n0) / 2;
+        for (int64_t i = 0; i < h; i++) {
+            int64_t na = n0 + i, nb2 = n0 + h + i;
+            float c0 = row_prep(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, bsc);
+            float c1 = row_prep(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs);
             float r0, r1;
-            pair_vnni(xq, w + n * rowbytes, w + (n + 1) * rowbytes, bsc, cs, nb, bits, &r0, &r1);
-            y[n] = r0 - c0 + (bias ? bias[n] : 0.f);
-            y[n + 1] = r1 - c1 + (bias ? bias[n + 1] : 0.f);
+            pair_vnni(xq, w + na * rowbytes, w + nb2 * rowbytes, bsc, cs, nb, bits, &r0, &r1);
+            y[na] = r0 - c0 + (bias ? bias[na] : 0.f);
+            y[nb2] = r1 - c1 + (bias ? bias[nb2] : 0.f);
         }
+        n = n0 + 2 * h;
         free(sf2);
     }
     for (; n < n1; n++) {
