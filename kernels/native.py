@@ -102,7 +102,7 @@ def _workspace(numel: int) -> torch.Tensor:
 class NativeLinear(nn.Module):
     # Above this many rows a prompt chunk dequantizes to bf16 and multiplies on AMX (measured crossover).
     gemm_rows = 8
-    chunk = 4096  # weight rows dequantized at a time (4096 x 4096 bf16 = 32 MiB transient)
+    chunk = 2048  # weight rows dequantized at a time (2048 x 4096 bf16 = 16 MiB, reused)
 
     def __init__(self, w: PackedWeight, dtype: torch.dtype):
         super().__init__()

@@ -100,25 +100,34 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
-    def items(self, skip=()):
-        """(name, tensor) for every tensor not in `skip`, one file open at a time."""
+    def items(self, skip=(), first=()):
+        """(name, tensor) for every tensor not in `skip`, one file open at a time; the tensors named in
+        `first` come before all others (the loader reads the largest one while little else is resident)."""
+        first = [n for n in first if n in self._where and n not in skip]
+        if first:
+            for f in dict.fromkeys(self._where[n] for n in first):
+                yield from self._items_of(f, set(self._where) - set(first))
+            skip = set(skip) | set(first)
         for f in self.files:
-            try:
-                if f.suffix == ".safetensors":
-                    yield from read_safetensors(f, skip)
-                else:
-                    sd = self._load_bin(f)
-                    for k in list(sd):
-                        t = sd.pop(k)
-                        if k not in skip:
-                            yield k, t
-                    del sd
-            except CheckpointError:
+            yield from self._items_of(f, skip)
+
+    def _items_of(self, f: Path, skip):
+        try:
+            if f.suffix == ".safetensors":
+                yield from read_safetensors(f, skip)
+            else:
+                sd = self._load_bin(f)
+                for k in list(sd):
+                    t = sd.pop(k)
+                    if k not in skip:
+                        yield k, t
+                del sd
+        except CheckpointError:
+            raise
+        except Exception as e:
+            if isinstance(e, (KeyboardInterrupt, GeneratorExit)):
                 raise
-            except Exception as e:
-                if isinstance(e, (KeyboardInterrupt, GeneratorExit)):
-                    raise
-                raise CheckpointError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
 
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
