@@ -45,9 +45,11 @@ def peak_rss() -> int:
 
 
 def prompt_ids(n: int, vocab: int = 64000) -> list[int]:
-    import torch
+    """Random ids without importing torch (a peer's process should hold only the peer)."""
+    import random
 
-    return torch.randint(100, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    rng = random.Random(0)
+    return [rng.randrange(100, vocab) for _ in range(n)]
 
 
 # ---- writers (run in the parent, one at a time) ---------------------------------------------------
@@ -264,17 +266,20 @@ def run_llama_cpp(path, prompt_len, steps, threads):
                           n_threads=threads, n_threads_batch=threads, use_mmap=False, verbose=False)
     load_s = time.perf_counter() - t
     ids = prompt_ids(prompt_len)
+    def last_logits():  # llama-cpp-python 0.3 keeps no scores without logits_all; read the context's own
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     llm.eval(ids)  # warm-up prompt, as every runtime here gets
     llm.reset()
     t = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - t
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    nxt = int(np.argmax(last_logits()))
     times = []
     for _ in range(steps + 3):
         t = time.perf_counter()
         llm.eval([nxt])
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
         times.append(time.perf_counter() - t)
     return {"load_s": load_s, "prefill_tok_s": prompt_len / prefill, "decode_ms": 1e3 * statistics.median(times[3:]),
             "peak_rss": peak_rss()}

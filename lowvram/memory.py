@@ -63,13 +63,14 @@ def footprint(cfg: GLMConfig, bits: int | None = 4, group: int = 128, head_bits:
 
 # ---- peak RSS of a CPU run, predicted from a checkpoint's own tensors --------------------------------
 # The runtime baseline: VmHWM of a process that imported torch + lowvram, built a tiny float model and
-# generated a few tokens (measured on this project's machine, torch 2.x, Python 3.11: 313 MiB, of which
-# ~100 MiB are mapped shared libraries). Building any model on the meta device costs ~67 MiB of it once
-# (torch's lazy machinery for meta tensors). ONNX Runtime (backend "ort", or "native" handing it the shapes
-# it does not take: in_features not a multiple of 128) adds its libraries and session state: +36 MiB
-# measured the same way; the native kernel and torch's int4pack/int8pack add nothing measurable. Re-measure on another machine/torch with
+# generated a few tokens (measured on this project's machine, torch 2.13, Python 3.11: 255 MiB, of which
+# ~100 MiB are mapped shared libraries; it was 313 MiB while building on the meta device still ran nn's
+# initialisers, which import torch._dynamo and sympy). ONNX Runtime (backend "ort", or "native" handing
+# it the shapes it does not take: in_features not a multiple of 128) adds its libraries and session state:
+# +36 MiB measured the same way; the native kernel and torch's int4pack/int8pack add nothing measurable.
+# Re-measure on another machine/torch with
 # `python -c "import lowvram; m = lowvram.load('examples/glm4-tiny'); m.generate([1, 2, 3], 4)"` and VmHWM.
-CPU_RUNTIME_BYTES = 313 << 20
+CPU_RUNTIME_BYTES = 255 << 20
 QUANT_KERNEL_RUNTIME_BYTES = {"ort": 36 << 20}
 
 
