@@ -331,9 +331,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--table", metavar="FILE", help="print the table of a saved --json run and exit")
     a = ap.parse_args(argv)
     if a.run:
         return _child(a)
+    if a.table:
+        d = json.loads(Path(a.table).read_text())
+        table(d["results"], sorted({r["bits"] for r in d["results"]}), d["threads"], d["read_bandwidth_GBps"] * 1e9,
+              d.get("prompt_len", 512))
+        return 0
 
     from roofline import read_bandwidth
 
@@ -373,14 +379,21 @@ def main(argv=None) -> int:
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
     if a.json:
-        print(json.dumps({"threads": a.threads, "read_bandwidth_GBps": round(bw / 1e9, 2), "results": results}, indent=2))
+        print(json.dumps({"threads": a.threads, "prompt_len": a.prompt_len, "read_bandwidth_GBps": round(bw / 1e9, 2),
+                          "results": results}, indent=2))
         return 0
-    print(f"read bandwidth ({a.threads} threads): {bw / 1e9:.1f} GB/s; prompt {a.prompt_len} tokens; "
+    table(results, a.bits, a.threads, bw, a.prompt_len)
+    return 0
+
+
+def table(results, bits_list, threads, bw, prompt_len):
+    """The side-by-side markdown table (also from a saved --json run: --table FILE)."""
+    print(f"read bandwidth ({threads} threads): {bw / 1e9:.1f} GB/s; prompt {prompt_len} tokens; "
           f"ratios are peer / lowvram")
     print("| runtime | format | bits/weight | decode ms/token | ×lowvram | roofline ms | prefill tok/s | ×lowvram "
           "| peak RSS GB | ×lowvram |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for bits in a.bits:
+    for bits in bits_list:
         rows = [r for r in results if r["bits"] == bits]
         base = next((r for r in rows if r["runtime"] == "lowvram" and "error" not in r), None)
         for r in rows:
@@ -391,7 +404,6 @@ def main(argv=None) -> int:
             print(f"| {r['runtime']} | {r['format']} | {r['bits_per_weight']} | {r['decode_ms']:.0f} | {ratio('decode_ms')} "
                   f"| {r['roofline_ms']} | {r['prefill_tok_s']:.1f} | {ratio('prefill_tok_s')} | {r['peak_rss'] / 1e9:.2f} "
                   f"| {ratio('peak_rss')} |")
-    return 0
 
 
 if __name__ == "__main__":
