@@ -129,6 +129,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = Tr
     W = w.float().clone()
     n, k = W.shape
     g = k if group <= 0 else group
+    if k % g:
+        raise ValueError(f"in_features {k} is not a multiple of group size {g}")
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1

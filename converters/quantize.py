@@ -119,6 +119,13 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if group_size > 0:  # every block linear's input width must split into whole groups; say so before any work
+        widths = {"hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
+                  "attention output (heads x head_dim)": cfg.q_size}
+        bad = [f"{k} {v}" for k, v in widths.items() if v % group_size]
+        if bad:
+            raise ValueError(f"--group-size {group_size} does not divide {', '.join(bad)} of {src}; "
+                             "pick a group size that divides them (e.g. 32) or -1 for one group per row")
     t0 = time.time()
     use_mse = lambda b: (b == 4) if mse is None else bool(mse)  # noqa: E731
     errors: dict[str, float] = {}
@@ -284,6 +291,16 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[li
         p = Path(calib)
         if not p.exists():
             raise FileNotFoundError(f"--calib {p}: no such file")
+        if p.suffix == ".jsonl":  # pre-tokenized calibration: {"input_ids": [...]} per line, no tokenizer needed
+            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if rows and all("input_ids" in r for r in rows):
+                seqs = [r["input_ids"][:seq_len] for r in rows if len(r["input_ids"]) >= seq_len][:samples]
+                if not seqs:
+                    raise ValueError(f"--calib {p}: no input_ids row has --calib-seq-len {seq_len} tokens")
+                bad = [i for s in seqs for i in s if not 0 <= int(i) < cfg.vocab_size]
+                if bad:
+                    raise ValueError(f"--calib {p}: token id {bad[0]} outside the vocabulary (0..{cfg.vocab_size - 1})")
+                return [[int(i) for i in s] for s in seqs]
         try:
             tok = load_tokenizer(src)
         except Exception as e:
@@ -365,7 +382,8 @@ def quantize_arguments(p):
                    help="search each group's clipping range for the lowest squared error (default: on for 4 bits)")
     m.add_argument("--no-mse", dest="mse", action="store_false", help="plain min-max scales (default for 8 bits)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
-    p.add_argument("--calib", help="calibration text (.txt) or jsonl with a 'text' field; default: sampled from the model")
+    p.add_argument("--calib", help="calibration text (.txt), or jsonl with a 'text' field or pre-tokenized 'input_ids'; "
+                   "default: sampled from the model")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))

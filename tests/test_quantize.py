@@ -71,6 +71,32 @@ def test_gptq_beats_rtn_and_fuses_act_order_qkv(tiny, tmp_path):
     assert g.has_act_order()
 
 
+def test_gptq_calibrates_on_pre_tokenized_jsonl(tiny, tmp_path):
+    """A jsonl of input_ids needs no tokenizer (the random source here has none); the ids used are the file's."""
+    import json
+
+    from lowvram.converters.quantize import _calibration_ids
+    from lowvram.config import load_config
+
+    src = tiny("chatglm3-6b", seed=2)
+    calib = tmp_path / "ids.jsonl"
+    rows = [list(range(5 + i, 45 + i)) for i in range(3)] + [[1, 2]]  # the short row is skipped
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    seqs = _calibration_ids(src, load_config(src), str(calib), 2, 32, 0, "cpu")
+    assert seqs == [rows[0][:32], rows[1][:32]]
+    out = tmp_path / "q"
+    quantize(src, out, bits=4, method="gptq", group_size=32, calib=str(calib), calib_samples=3, calib_seq_len=32,
+             progress=False)
+    assert lowvram.load(out).generate([5, 6, 7], max_new_tokens=3)
+    calib.write_text(json.dumps({"input_ids": [10**9] * 40}) + "\n")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        _calibration_ids(src, load_config(src), str(calib), 1, 32, 0, "cpu")
+    # the tiny model's widths do not split into groups of 128: one clear error before any work
+    with pytest.raises(ValueError, match="--group-size 128 does not divide hidden_size"):
+        quantize(src, tmp_path / "g128", bits=4, method="gptq", calib=str(calib), progress=False)
+    assert not (tmp_path / "g128").exists()
+
+
 def test_existing_output_needs_force_and_bad_source_fails_first(tiny, tmp_path):
     src = tiny("chatglm3-6b", shards=2)
     out = tmp_path / "out"
