@@ -3,6 +3,7 @@
 import fcntl
 import os
 import pty
+import signal
 import select
 import shutil
 import subprocess
@@ -47,7 +48,11 @@ def example():
 
 
 def _controlling_tty():
-    """In the child: a session of its own whose terminal is the pty, so ^C typed there sends SIGINT."""
+    """In the child: a session of its own whose terminal is the pty, so ^C typed there sends SIGINT.
+
+    SIGINT back to its default too: a test run started in the background by a non-interactive shell
+    inherits SIGINT ignored, and Python then never turns ^C into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 

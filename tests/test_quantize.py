@@ -116,14 +116,21 @@ def test_sigint_leaves_nothing_and_rerun_works(tiny, tmp_path):
     src = tiny("chatglm3-6b", num_layers=6, hidden_size=256, ffn_hidden_size=768, kv_channels=64, shards=6)
     out = tmp_path / "q"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # SIGINT at its default in the child even when this test run was started in the background (which
+    # leaves SIGINT ignored, and Python then raises no KeyboardInterrupt)
     p = subprocess.Popen(CLI + ["quantize", str(src), "-o", str(out), "--method", "gptq", "--calib-samples", "64",
-                                "--calib-seq-len", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                "--calib-seq-len", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".q.tmp-*")):
         time.sleep(0.05)
     assert list(tmp_path.glob(".q.tmp-*")), "quantize never started writing"
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
     assert p.returncode != 0, err
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
     r = subprocess.run(CLI + ["quantize", str(src), "-o", str(out), "--bits", "8"], capture_output=True, text=True)
