@@ -130,7 +130,10 @@ class NativeLinear(nn.Module):
         first = torch.arange(0, k, self.group)
         src_g = g[first]
         self.scales = w.scales.to(torch.float16)[src_g].t().contiguous()  # [N, G]
-        self.zeros = unpack_cols(w.qzeros, w.bits)[:, :n][src_g].t().contiguous().to(torch.uint8)
+        zeros = unpack_cols(w.qzeros, w.bits)[:, :n][src_g].t().contiguous()
+        if int(zeros.max()) > 255 or int(zeros.min()) < 0:  # a v1 file's zero 0 is stored as -1 -> true zero 256
+            raise ValueError("native kernel keeps zero points in a byte; this checkpoint has one outside 0..255")
+        self.zeros = zeros.to(torch.uint8)
         self.bias = None if w.bias is None else w.bias.float().contiguous()
         self.threads = threads()
         self._args = (k, _ptr(self.weight), _ptr(self.scales), _ptr(self.zeros), n, w.bits, self.group,
@@ -163,7 +166,10 @@ class NativeLinear(nn.Module):
             for n0 in range(0, self.out_features, self.chunk):
                 n1 = min(n0 + self.chunk, self.out_features)
                 wt = self.dequantize(n0, n1, ws[: (n1 - n0) * self.in_features].view(n1 - n0, self.in_features))
-                torch.mm(a, wt.t(), out=y[:, n0:n1]) if n1 - n0 == self.out_features else y[:, n0:n1].copy_(a @ wt.t())
+                if n1 - n0 == self.out_features:
+                    torch.mm(a, wt.t(), out=y)
+                else:
+                    y[:, n0:n1] = a @ wt.t()
             if self.bias is not None:
                 y = y + self.bias
         else:
@@ -186,7 +192,10 @@ def make(w: PackedWeight, dtype: torch.dtype) -> nn.Module:
     """The native module, or ONNX Runtime's for a shape the kernel does not take (in_features not a
     multiple of 128, odd group sizes), so one model may mix both."""
     if supports(w) is None:
-        return NativeLinear(w, dtype)
+        try:
+            return NativeLinear(w, dtype)
+        except ValueError:
+            pass
     from . import ort
 
     return ort.make(w, dtype)
