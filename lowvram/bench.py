@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import collections
 import statistics
 import time
 
@@ -100,8 +101,12 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     if torch.cuda.is_available():
         dev["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     decode = steps[warmup:]
+    # which quantized-linear modules ran, by backend module (e.g. {"native": 113}): says what was measured
+    kernels = dict(collections.Counter(type(m).__module__.rpartition(".")[2] for m in model.net.modules()
+                                       if type(m).__module__.startswith("lowvram.kernels")))
     return {
         "model": str(path), "generation": cfg.generation, "dtype": str(model.dtype).removeprefix("torch."),
+        "kernels": kernels,
         "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "kv_int8": kv_int8, "load_s": round(load_s, 3), "prompt_len": prompt_len,
         "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4), "ttft_cold_s": round(ttft_cold, 4),
         "decode_ms_median": round(1e3 * statistics.median(decode), 2), "decode_ms_min": round(1e3 * min(decode), 2),

@@ -31,6 +31,8 @@ def test_bench_json(tiny, tmp_path):
     assert d["ttft_s"] > 0 and d["ttft_cold_s"] > 0 and d["load_s"] > 0
     assert d["peak_rss_bytes"] >= d["peak_rss_after_load_bytes"] > 0
     assert d["cuda_graph"] is False and d["kv_int8"] is True
+    # every block linear is quantized and counted by the backend module that ran it
+    assert sum(d["kernels"].values()) == 4 * load_config(out).num_layers, d["kernels"]
     assert abs(d["predicted_rss_bytes"] / d["peak_rss_bytes"] - 1) < 0.10
 
 
