@@ -71,6 +71,9 @@ def footprint(cfg: GLMConfig, bits: int | None = 4, group: int = 128, head_bits:
 # Re-measure on another machine/torch with
 # `python -c "import lowvram; m = lowvram.load('examples/glm4-tiny'); m.generate([1, 2, 3], 4)"` and VmHWM.
 CPU_RUNTIME_BYTES = 255 << 20
+# What is resident when the first tensor is read (torch and lowvram imported, nothing built or run yet):
+# the baseline of the output layer's load, which comes first (`python -c "import lowvram"`: 220 MiB).
+CPU_IMPORT_BYTES = 220 << 20
 QUANT_KERNEL_RUNTIME_BYTES = {"ort": 36 << 20}
 
 
@@ -82,14 +85,17 @@ class RSSPrediction:
     kv_cache: int
     workspace: int  # prefill activations of one chunk + the last position's logits
     load_transient: int  # largest buffer alive beside the weights while loading (a tensor being converted)
+    head_first: int = 0  # the output layer, loaded first, with its file copy: resident before anything else
 
     @property
     def peak(self) -> int:
-        return self.runtime + self.weights + max(self.load_transient, self.kv_cache + self.workspace)
+        return max(self.runtime + self.weights + max(self.load_transient, self.kv_cache + self.workspace),
+                   CPU_IMPORT_BYTES + self.head_first)
 
     def as_dict(self) -> dict:
         return {"peak": self.peak, "runtime": self.runtime, "weights": self.weights, "mapped": self.mapped,
-                "kv_cache": self.kv_cache, "workspace": self.workspace, "load_transient": self.load_transient}
+                "kv_cache": self.kv_cache, "workspace": self.workspace, "load_transient": self.load_transient,
+                "head_first": self.head_first}
 
 
 def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 512, new_tokens: int = 32,
@@ -111,7 +117,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     dt = resolve_dtype(dtype, "cpu")
     db = torch.empty((), dtype=dt).element_size()
     mapped_name = embeddings_mappable(ckpt, cfg, torch.device("cpu"))
-    weights = mapped = transient = 0
+    weights = mapped = transient = head_first = 0
     quant_mods: dict[str, int] = {}
     needs_ort = False  # the native kernel hands shapes it does not take to ORT (its libraries then load)
     for name in ckpt.names():
@@ -139,10 +145,16 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
             weights += min(prompt_len + new_tokens, cfg.vocab_size) * cfg.hidden_size * ckpt.dtype(name).itemsize
             continue
         weights += numel * db
-        if ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
+        if ours.startswith("output."):  # loaded first (loading.fill): its conversion overlaps nothing else
+            head_first += numel * db + (fbytes if ckpt.dtype(name) != dt else 0)
+        elif ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
             transient = max(transient, fbytes)
-    if quant_mods:  # a quantized linear's file tensors live beside the backend's repacked copy
-        transient = max(transient, max(quant_mods.values()))
+    head_q = quant_mods.get("output", 0)
+    if head_q:  # a quantized output layer: its file tensors beside the backend's copy, before the blocks
+        head_first += 2 * head_q
+    others = [v for k, v in quant_mods.items() if k != "output"]
+    if others:  # a quantized linear's file tensors live beside the backend's repacked copy
+        transient = max(transient, max(others))
     backend = backend or (default_backend(torch.device("cpu"), dt) if quant_mods else None)
     uses_ort = backend == "ort" or (backend == "native" and needs_ort)
     runtime = CPU_RUNTIME_BYTES + (QUANT_KERNEL_RUNTIME_BYTES["ort"] if quant_mods and uses_ort else 0)
@@ -151,4 +163,4 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     T = min(prompt_len, prefill_chunk)
     up = 2 * cfg.ffn_hidden_size if cfg.mlp == "swiglu" else cfg.ffn_hidden_size
     work = T * (4 * cfg.hidden_size + up + cfg.q_size + 2 * cfg.kv_size) * 4 + cfg.vocab_size * 4
-    return RSSPrediction(runtime, weights, mapped, kv, work, transient)
+    return RSSPrediction(runtime, weights, mapped, kv, work, transient, head_first)
