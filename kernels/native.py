@@ -103,7 +103,7 @@ class NativeLinear(nn.Module):
     # Above this many rows a prompt chunk dequantizes to bf16 and multiplies on AMX: measured on a 4096 x 27392
     # int4 matrix, 2 threads, the row-by-row kernel takes 15 ms at 16 rows and 22 ms at 24, the AMX path 20-22 ms.
     gemm_rows = 16
-    chunk = 2048  # weight rows dequantized at a time (2048 x 4096 bf16 = 16 MiB, reused)
+    chunk_elems = 8 << 20  # weights dequantized at a time: 16 MiB of bf16, reused (rows = this / in_features)
 
     def __init__(self, w: PackedWeight, dtype: torch.dtype):
         super().__init__()
@@ -162,10 +162,11 @@ class NativeLinear(nn.Module):
         m = a.shape[0]
         if m > self.gemm_rows:
             a = a.to(torch.bfloat16)
-            ws = _workspace(self.chunk * self.in_features)
+            rows = max(64, self.chunk_elems // self.in_features // 64 * 64)
+            ws = _workspace(rows * self.in_features)
             y = torch.empty(m, self.out_features, dtype=torch.bfloat16)
-            for n0 in range(0, self.out_features, self.chunk):
-                n1 = min(n0 + self.chunk, self.out_features)
+            for n0 in range(0, self.out_features, rows):
+                n1 = min(n0 + rows, self.out_features)
                 wt = self.dequantize(n0, n1, ws[: (n1 - n0) * self.in_features].view(n1 - n0, self.in_features))
                 if n1 - n0 == self.out_features:
                     torch.mm(a, wt.t(), out=y)
