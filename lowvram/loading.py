@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     ckpt = Checkpoint(path)
     dtype = resolve_dtype(dtype, device)
     devs = layer_devices(placement, device, cfg.num_layers)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"):
         net = GLM(cfg)
     _mmap_threshold(1 << 20)
     try:
@@ -92,24 +91,6 @@ def _target_device(name: str, devs: list[torch.device], first: torch.device, las
     if name.startswith("prefix."):
         return first
     return first
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Skip nn's random initialisation while building on the meta device: every weight is overwritten by
-    the checkpoint, and torch's meta-device init path imports torch._dynamo (and sympy), ~67 MB of RSS
-    that a 4-bit 6B model on a 16 GB laptop has better uses for."""
-    from torch.nn import init
-
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "xavier_uniform_", "trunc_normal_")
-    saved = {n: getattr(init, n) for n in names if hasattr(init, n)}
-    for n in saved:
-        setattr(init, n, lambda t, *a, **k: t)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(init, n, f)
 
 
 def _mmap_threshold(nbytes: int):
