@@ -185,14 +185,8 @@ def read_safetensors(path: Path, skip=()):
     safe_open memory-maps the file, and every page it touches stays in the process's RSS until the
     mapping goes: quantizing a 12 GB checkpoint then "used" 12 GB although one tensor was live at a time.
     """
-    import json as _json
-    import struct
-
+    header, base = _st_header(path)
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = _json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        base = 8 + n
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if name in skip:
                 continue
