@@ -51,6 +51,7 @@ def graphed_step(model, caches, next_slot: int):
 def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, threads: int | None = None,
           cuda_graph: bool = False, kv_int8: bool = False, **load_kw) -> dict:
     import lowvram
+    from .tokenizer import generation_of
 
     if threads:
         torch.set_num_threads(threads)
@@ -105,7 +106,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     kernels = dict(collections.Counter(type(m).__module__.rpartition(".")[2] for m in model.net.modules()
                                        if type(m).__module__.startswith("lowvram.kernels")))
     return {
-        "model": str(path), "generation": cfg.generation, "dtype": str(model.dtype).removeprefix("torch."),
+        "model": str(path), "generation": generation_of(path, cfg), "dtype": str(model.dtype).removeprefix("torch."),
         "kernels": kernels,
         "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "kv_int8": kv_int8, "load_s": round(load_s, 3), "prompt_len": prompt_len,
         "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4), "ttft_cold_s": round(ttft_cold, 4),

@@ -7,6 +7,7 @@ from collections import Counter
 
 from .checkpoint import Checkpoint
 from .config import load_config
+from .tokenizer import generation_of
 
 
 def describe(path) -> dict:
@@ -30,7 +31,7 @@ def describe(path) -> dict:
     quant = cfg.quantization
     return {
         "path": str(ckpt.dir),
-        "generation": cfg.generation,
+        "generation": generation_of(path, cfg),
         "layout": cfg.layout,
         "layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,

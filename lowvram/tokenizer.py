@@ -479,3 +479,13 @@ def generation_for(tok: Tokenizer, current: str) -> str:
     if tok.chat_format == "glm4" and current == "chatglm2-6b":
         return "glm-4-9b-chat"  # a small GLM-4-format model (the vocabulary size made config.py guess 2)
     return current
+
+
+def generation_of(path, cfg) -> str:
+    """cfg.generation corrected by the tokenizer files beside the checkpoint, when there are any (ChatGLM2 vs 3
+    vs a small GLM-4-format model share one config.json), for reports that do not load a tokenizer otherwise."""
+    try:
+        tok = load_tokenizer(path, config=cfg)
+    except Exception:  # no tokenizer files, or ones we cannot read: the config's guess stands
+        return cfg.generation
+    return generation_for(tok, cfg.generation)

@@ -27,6 +27,11 @@ def test_is_a_glm4_checkpoint(model):
     assert sum(f.stat().st_size for f in MODEL.iterdir()) < 12 * 2**20  # a few MB
     text = "Return a new list containing all items from the iterable."
     assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
+    # its 2112-token vocabulary would make config.json alone read as ChatGLM2: the tokenizer files decide,
+    # for the loaded model and for `lowvram info`, which does not load the weights
+    from lowvram.info import describe
+
+    assert cfg.generation == describe(MODEL)["generation"] == "glm-4-9b-chat"
 
 
 def test_better_than_unigram_on_heldout(model):
