@@ -239,7 +239,8 @@ static void pair_vnni(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, co
 
 
 
-/* Per-row combined scales (activation block scale x weight group scale) and the zero correction. */
+/* One row for one activation row: its weight scales as floats (sf), the combined scale of each block
+ * (activation x weight, cs; groups of >= 128 only) and the zero-point correction it returns. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 static float row_prep(const uint16_t *sr, const uint8_t *zr, const float *sxm, const float *xs, int64_t G,
                       int64_t nb, int group, float *sf, float *cs) {
@@ -266,43 +267,37 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
                       int64_t n0, int64_t n1, int64_t N, const float *bias, float *y) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
-    float *bsc = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
     float *cs = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i zero = _mm512_setzero_si512();
     int64_t n = n0;
     if (M == 1 && group >= BLK) {
+        float *cs2 = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
         float *sf2 = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
         /* The two rows come from the two halves of the range: two distant sequential streams, each
          * followed by the hardware prefetcher. */
         int64_t h = (n1 - n0) / 2;
         for (int64_t i = 0; i < h; i++) {
             int64_t na = n0 + i, nb2 = n0 + h + i;
-            float c0 = row_prep(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, bsc);
-            float c1 = row_prep(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs);
+            float c0 = row_prep(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs);
+            float c1 = row_prep(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2);
             float r0, r1;
-            pair_vnni(xq, w + na * rowbytes, w + nb2 * rowbytes, bsc, cs, nb, bits, &r0, &r1);
+            pair_vnni(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
             y[na] = r0 - c0 + (bias ? bias[na] : 0.f);
             y[nb2] = r1 - c1 + (bias ? bias[nb2] : 0.f);
         }
         n = n0 + 2 * h;
+        free(cs2);
         free(sf2);
     }
     for (; n < n1; n++) {
         const uint8_t *wr = w + n * rowbytes;
-        const uint16_t *sr = scales + n * G;
-        const uint8_t *zr = zeros + n * G;
-        int64_t g = 0;
-        for (; g + 16 <= G; g += 16)
-            _mm512_store_ps(sf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sr + g))));
-        for (; g < G; g++) sf[g] = _cvtsh_ss(sr[g]);
-        if (group >= BLK)
-            for (int64_t gi = 0, b = 0, bpg = group / BLK; gi < G; gi++)
-                for (int64_t j = 0; j < bpg; j++) bsc[b++] = sf[gi];
         if (n + 1 < n1) _mm_prefetch((const char *)(scales + (n + 1) * G), _MM_HINT_T0);
         for (int64_t m = 0; m < M; m++) {
             const int8_t *xm = xq + m * K;
             const float *sxm = sx + m * nb;
+            /* weight scales (sf), combined block scales (cs, groups >= 128) and the zero-point term */
+            float corr = row_prep(scales + n * G, zeros + n * G, sxm, xsum + m * G, G, nb, group, sf, cs);
             __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
 #define LVQ_LOAD(b)                                                                 \
     __m512i lo, hi;                                                                 \
@@ -324,13 +319,6 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
                  * was the limit with one. */
                 __m512 acc3 = _mm512_setzero_ps(), acc4 = _mm512_setzero_ps();
                 int64_t b = 0;
-                /* Combined scale of each block (activation x weight), broadcast from memory below. */
-                for (b = 0; b < nb; b += 16) {
-                    __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
-                    _mm512_mask_storeu_ps(cs + b, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sxm + b),
-                                                                   _mm512_maskz_loadu_ps(k, bsc + b)));
-                }
-                b = 0;
 #define LVQ_BLOCK(bb, A)                                                                    \
     {                                                                                       \
         LVQ_LOAD(bb)                                                                        \
@@ -369,19 +357,10 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
             }
 #undef LVQ_LOAD
             acc = _mm512_add_ps(acc, acc2);
-            const float *xs = xsum + m * G;
-            __m512 c = _mm512_setzero_ps();
-            for (g = 0; g < G; g += 16) {
-                __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-                __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)));
-                __m512 s = _mm512_maskz_load_ps(k, sf + g);
-                c = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(k, xs + g), c);
-            }
-            y[m * N + n] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(c) + (bias ? bias[n] : 0.f);
+            y[m * N + n] = _mm512_reduce_add_ps(acc) - corr + (bias ? bias[n] : 0.f);
         }
     }
     free(cs);
-    free(bsc);
     free(sf);
 }
 #endif
