@@ -69,9 +69,14 @@ def threads() -> int:
 
 def supports(w: PackedWeight) -> str | None:
     """Why the kernel cannot take this weight, or None."""
-    k, g = w.in_features, w.group_size if w.group_size > 0 else w.in_features
-    if w.bits not in (4, 8):
-        return f"{w.bits}-bit weights (needs 4 or 8)"
+    return supports_shape(w.bits, w.in_features, w.group_size)
+
+
+def supports_shape(bits: int, k: int, group: int) -> str | None:
+    """The same from a linear's bits, in_features and group size (<= 0: one group per row)."""
+    g = group if group > 0 else k
+    if bits not in (4, 8):
+        return f"{bits}-bit weights (needs 4 or 8)"
     if k % 128:
         return f"in_features {k} is not a multiple of 128"
     if not (g in (32, 64) or g % 128 == 0) or k % g:

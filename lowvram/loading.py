@@ -235,8 +235,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
     quantized: list[str] = []
     # The output layer is the largest matrix (a vocabulary of rows); built first, its file copy and the
     # backend's copy coexist while little else is resident, so they do not add to the final peak.
-    head_first = [c for c in ckpt.names() if (map_name(cfg.layout, c) or (None,))[0] and
-                  map_name(cfg.layout, c)[0].startswith("output.")]
+    head_first = [c for c in ckpt.names() if ((map_name(cfg.layout, c) or (None,))[0] or "").startswith("output.")]
     for cname, t in ckpt.items(skip={embed_mapped} if embed_mapped else (), first=head_first):
         mapped = map_name(cfg.layout, cname)
         if mapped is None:

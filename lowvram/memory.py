@@ -7,6 +7,7 @@ and `lowvram plan` both read from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import GLMConfig
@@ -110,6 +111,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     from .checkpoint import Checkpoint, map_name
     from .config import load_config
     from .kernels import default_backend
+    from .kernels.native import supports_shape
     from .loading import QUANT_SUFFIXES, embeddings_mappable, resolve_dtype
 
     cfg = cfg or load_config(path)
@@ -125,20 +127,19 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
         if m is None or m[0] is None or (m[0].startswith("vision.") and cfg.vision):
             continue
         ours = m[0]
-        numel = 1
-        for s in ckpt.shape(name):
-            numel *= s
+        numel = math.prod(ckpt.shape(name))
         fbytes = numel * ckpt.dtype(name).itemsize
         mod, _, suffix = ours.rpartition(".")
         if suffix in QUANT_SUFFIXES or not ckpt.dtype(name).is_floating_point:
             weights += fbytes
             quant_mods[mod] = quant_mods.get(mod, 0) + fbytes
-            if suffix == "g_idx" or suffix == "weight":
-                k = ckpt.shape(name)[0] if suffix == "g_idx" else 0
+            if suffix == "weight":  # THUDM's int4/int8 layout: ORT takes it
+                needs_ort = True
+            elif suffix == "g_idx":
+                k = ckpt.shape(name)[0]
                 scales = name.rpartition(".")[0] + ".scales"
-                groups = ckpt.shape(scales)[0] if suffix == "g_idx" and scales in ckpt.names() else 0
-                g = k // groups if groups else 0
-                needs_ort |= not k or k % 128 != 0 or not (g in (32, 64) or g % 128 == 0)
+                groups = ckpt.shape(scales)[0] if scales in ckpt.names() else 0
+                needs_ort |= supports_shape(4, k, k // groups if groups else k) is not None
             continue
         if name == mapped_name:
             mapped += numel * db
