@@ -291,8 +291,9 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[li
         p = Path(calib)
         if not p.exists():
             raise FileNotFoundError(f"--calib {p}: no such file")
-        if p.suffix == ".jsonl":  # pre-tokenized calibration: {"input_ids": [...]} per line, no tokenizer needed
-            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = p.read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl" else None
+        if rows is not None:  # pre-tokenized calibration: {"input_ids": [...]} per line, no tokenizer needed
             if rows and all("input_ids" in r for r in rows):
                 seqs = [r["input_ids"][:seq_len] for r in rows if len(r["input_ids"]) >= seq_len][:samples]
                 if not seqs:
@@ -305,9 +306,8 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[li
             tok = load_tokenizer(src)
         except Exception as e:
             raise ValueError(f"--calib needs the source's tokenizer files; {src}: {e}") from None
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".jsonl":
-            text = "\n".join(json.loads(line).get("text", "") for line in text.splitlines() if line.strip())
+        if rows is not None:
+            text = "\n".join(r.get("text", "") for r in rows)
         ids = tok.encode(text)
         if len(ids) < seq_len:
             raise ValueError(f"--calib {p}: {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
