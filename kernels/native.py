@@ -38,9 +38,9 @@ def _load():
     lib.lvq_gemm.argtypes = [p, i32, i64, i64, p, p, p, i64, i32, i32, p, p, i32, i32]
     lib.lvq_dequant_bf16.argtypes = [p, p, p, i64, i32, i32, i64, i64, p, i32]
     lib.lvq_repack.argtypes = [p, i64, i64, i32, p, p, i32]
-    for f in (lib.lvq_gemm, lib.lvq_dequant_bf16, lib.lvq_repack, lib.lvq_has_vnni):
+    for f in (lib.lvq_gemm, lib.lvq_dequant_bf16, lib.lvq_repack, lib.lvq_isa, lib.lvq_fast_bf16):
         f.restype = ctypes.c_int
-    lib.lvq_set_generic.argtypes = [i32]
+    lib.lvq_set_isa.argtypes = [i32]
     lib.lvq_hugepages.argtypes = [p, i64]
     lib.lvq_hugepages.restype = None
     _lib = lib
@@ -52,15 +52,31 @@ def available() -> str | None:
     return _why
 
 
-def fast() -> bool:
-    """True where the vectorized path runs (x86-64 with AVX512-VNNI); elsewhere ONNX Runtime is faster."""
+ISAS = ("generic", "avx2", "avx512-vnni")  # the kernel's paths, slowest first
+
+
+def isa() -> str | None:
+    """The path the kernel runs on this CPU (the best it has), or None when the kernel is not built."""
     lib = _load()
-    return bool(lib and lib.lvq_has_vnni())
+    return ISAS[lib.lvq_isa()] if lib else None
 
 
-def set_generic(on: bool) -> None:
-    """Run the portable C path even on AVX512-VNNI CPUs (tests compare both)."""
-    _load().lvq_set_generic(int(on))
+def fast() -> bool:
+    """True where a vectorized path runs (x86-64 with AVX2+FMA+F16C or AVX512-VNNI); elsewhere ONNX
+    Runtime is faster."""
+    return isa() not in (None, "generic")
+
+
+def set_isa(name: str | None) -> None:
+    """Cap the path at `name` (None: the best the CPU has), so tests compare every path the CPU runs."""
+    _load().lvq_set_isa(ISAS.index(name or ISAS[-1]))
+
+
+def prompt_dequantizes() -> bool:
+    """Whether prompts dequantize to bf16 for torch's matmul (fast where the CPU has AVX512-BF16/AMX)
+    instead of running the int8 kernel row by row (AVX2 CPUs, where bf16 GEMMs are emulated)."""
+    lib = _load()
+    return bool(lib and lib.lvq_fast_bf16())
 
 
 def threads() -> int:
@@ -165,7 +181,7 @@ class NativeLinear(nn.Module):
         if self.perm is not None:
             a = a[:, self.perm]
         m = a.shape[0]
-        if m > self.gemm_rows:
+        if m > self.gemm_rows and prompt_dequantizes():
             a = a.to(torch.bfloat16)
             rows = max(64, self.chunk_elems // self.in_features // 64 * 64)
             ws = _workspace(rows * self.in_features)

@@ -16,8 +16,10 @@
  * where xsum_g is the sum of the dequantized activations of group g: the result is exactly
  * W @ x_hat for the dequantized activations x_hat.
  *
- * x86-64 with AVX512-VNNI runs the vpdpbusd path; every other CPU runs the portable C path,
- * which is correct but not fast (the Python side prefers ONNX Runtime there).
+ * Three paths, the best the CPU has: AVX512-VNNI (vpdpbusd), AVX2 (vpmaddubsw for 4-bit weights,
+ * vpmaddwd on int16 activations for 8-bit ones: AMD Zen 2-4 and most laptop CPUs have no VNNI), and
+ * portable C, which is correct but not fast (the Python side prefers ONNX Runtime there). All three
+ * compute the same integer dot products; only the float summation order differs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -78,12 +80,26 @@ static int has_vnni_cpu(void) {
 #endif
 }
 
-static int force_generic = 0;
+static int has_avx2_cpu(void) {
+#ifdef LVQ_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
 
-int lvq_has_vnni(void) { return has_vnni_cpu(); }
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+static int isa_cap = ISA_VNNI;
 
-/* 1: use the portable path even where AVX512-VNNI exists (tests compare the two). */
-void lvq_set_generic(int on) { force_generic = on; }
+/* The path that runs: the best the CPU has, at most the cap set by lvq_set_isa. */
+int lvq_isa(void) {
+    int isa = has_vnni_cpu() ? ISA_VNNI : has_avx2_cpu() ? ISA_AVX2 : ISA_GENERIC;
+    return isa < isa_cap ? isa : isa_cap;
+}
+
+/* Cap the path (0 portable, 1 AVX2, 2 AVX512-VNNI), so tests compare every path the CPU can run. */
+void lvq_set_isa(int cap) { isa_cap = cap; }
 
 /* Ask for 2 MiB pages on a weight buffer before it is first written: streaming a 4 KiB-paged buffer
  * cost ~15% of the bandwidth here (TLB misses). */
@@ -155,6 +171,245 @@ static void quant_x_avx512(const float *x, int64_t K, int group, int8_t *xq, flo
             xsum[(b * BLK + k0) / group] += (float)acc * s;
         }
     }
+}
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* quant_x on AVX2, the same rounding and sums; x16 (may be NULL) gets the codes widened to int16 for
+ * the 8-bit weight path. */
+AVX2 static void quant_x_avx2(const float *x, int64_t K, int group, int8_t *xq, float *sx, float *xsum,
+                              int16_t *x16) {
+    int64_t nb = K / BLK, G = K / group;
+    for (int64_t g = 0; g < G; g++) xsum[g] = 0.f;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * BLK;
+        __m256 v[16], mx = _mm256_setzero_ps();
+        for (int j = 0; j < 16; j++) {
+            v[j] = _mm256_loadu_ps(xb + 8 * j);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v[j], absmask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        sx[b] = s;
+        __m256 vinv = _mm256_set1_ps(inv);
+        int32_t part[4];
+        for (int j = 0; j < 4; j++) { /* 32 inputs at a time */
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) {
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * j + i], vinv)); /* nearest, ties to even */
+                q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+            }
+            __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+            part[j] = _mm_cvtsi128_si32(t4);
+            /* packs work within 128-bit lanes: pack, then put the 4-byte pieces back in order */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            p = _mm256_permutevar8x32_epi32(p, order);
+            _mm256_storeu_si256((__m256i *)(xq + b * BLK + 32 * j), p);
+            if (x16) {
+                _mm256_storeu_si256((__m256i *)(x16 + b * BLK + 32 * j), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(p)));
+                _mm256_storeu_si256((__m256i *)(x16 + b * BLK + 32 * j + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(p, 1)));
+            }
+        }
+        int sub = group < BLK ? group : BLK;
+        for (int k0 = 0; k0 < BLK; k0 += sub) {
+            int acc = 0;
+            for (int j = k0 / 32; j < (k0 + sub) / 32; j++) acc += part[j];
+            xsum[(b * BLK + k0) / group] += (float)acc * s;
+        }
+    }
+}
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* row_prep for the AVX2 path. */
+AVX2 static float row_prep_avx2(const uint16_t *sr, const uint8_t *zr, const float *sxm, const float *xs, int64_t G,
+                                int64_t nb, int group, float *sf, float *cs) {
+    int64_t g = 0;
+    __m256 c8 = _mm256_setzero_ps();
+    for (; g + 8 <= G; g += 8) {
+        __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + g)));
+        _mm256_storeu_ps(sf + g, s8);
+        __m256 z8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
+        c8 = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(xs + g), c8);
+        if (group == BLK) _mm256_storeu_ps(cs + g, _mm256_mul_ps(s8, _mm256_loadu_ps(sxm + g)));
+    }
+    float c = hsum256(c8);
+    for (int64_t g1 = g; g1 < G; g1++) {
+        sf[g1] = _cvtsh_ss(sr[g1]);
+        c += sf[g1] * (float)zr[g1] * xs[g1];
+        if (group == BLK) cs[g1] = sf[g1] * sxm[g1];
+    }
+    if (group != BLK)
+        for (int64_t gi = 0, b = 0, bpg = group / BLK; gi < G; gi++)
+            for (int64_t j = 0; j < bpg; j++, b++) cs[b] = sf[gi] * sxm[b];
+    return c;
+}
+
+/* The four 32-input parts of one 128-input block as int16 pair sums (4-bit: vpmaddubsw of the 0..15
+ * codes with the int8 activations, at most 3810 per lane, so sums of parts cannot overflow). */
+AVX2 static inline void parts_q4(const uint8_t *wb, const int8_t *xb, __m256i p[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i va = _mm256_loadu_si256((const __m256i *)wb), vb = _mm256_loadu_si256((const __m256i *)(wb + 32));
+    /* byte j of the block: input j (low nibble) and input 64 + j (high) */
+    p[0] = _mm256_maddubs_epi16(_mm256_and_si256(va, m4), _mm256_loadu_si256((const __m256i *)xb));
+    p[1] = _mm256_maddubs_epi16(_mm256_and_si256(vb, m4), _mm256_loadu_si256((const __m256i *)(xb + 32)));
+    p[2] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(va, 4), m4), _mm256_loadu_si256((const __m256i *)(xb + 64)));
+    p[3] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), _mm256_loadu_si256((const __m256i *)(xb + 96)));
+}
+
+/* 8-bit codes reach 255, so vpmaddubsw could saturate: widen to int16 and use vpmaddwd (int32 sums). */
+AVX2 static inline __m256i part_q8(const uint8_t *wp, const int16_t *x16p) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)wp);
+    __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), _mm256_loadu_si256((const __m256i *)x16p));
+    __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)), _mm256_loadu_si256((const __m256i *)(x16p + 16)));
+    return _mm256_add_epi32(lo, hi);
+}
+
+/* The dot product of one whole block as 8 int32 lanes. */
+AVX2 static inline __m256i block_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_t *x16, int64_t b, int bits) {
+    if (bits == 4) {
+        __m256i p[4];
+        parts_q4(wr + b * 64, xm + b * BLK, p);
+        __m256i s = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+        return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+    }
+    const uint8_t *wb = wr + b * BLK;
+    const int16_t *xb = x16 + b * BLK;
+    return _mm256_add_epi32(_mm256_add_epi32(part_q8(wb, xb), part_q8(wb + 32, xb + 32)),
+                            _mm256_add_epi32(part_q8(wb + 64, xb + 64), part_q8(wb + 96, xb + 96)));
+}
+
+/* prefetcht0 in asm: GCC 12 drops _mm_prefetch from these avx2-target functions (the vnni ones keep theirs). */
+static inline void pf(const uint8_t *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
+
+AVX2 static inline void prefetch_block(const uint8_t *wr, int64_t b, int bits) {
+    if (bits == 4) {
+        pf(wr + b * 64 + LVQ_PF);
+    } else {
+        pf(wr + b * BLK + LVQ_PF);
+        pf(wr + b * BLK + 64 + LVQ_PF);
+    }
+}
+
+/* One weight row against one activation row; cs/sf/sxm as in rows_vnni. */
+AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_t *x16, const float *sxm,
+                               const float *sf, const float *cs, int64_t nb, int bits, int group) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const __m256i one = _mm256_set1_epi16(1);
+    if (group >= BLK) {
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {
+            prefetch_block(wr, b, bits);
+            prefetch_block(wr, b + 1, bits);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, x16, b, bits)), _mm256_set1_ps(cs[b]), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, x16, b + 1, bits)), _mm256_set1_ps(cs[b + 1]), a1);
+        }
+        for (; b < nb; b++)
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, x16, b, bits)), _mm256_set1_ps(cs[b]), a0);
+    } else {
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i d[4];
+            prefetch_block(wr, b, bits);
+            if (bits == 4) {
+                parts_q4(wr + b * 64, xm + b * BLK, d);
+                for (int i = 0; i < 4; i++) d[i] = _mm256_madd_epi16(d[i], one);
+            } else {
+                for (int i = 0; i < 4; i++) d[i] = part_q8(wr + b * BLK + 32 * i, x16 + b * BLK + 32 * i);
+            }
+            float sb = sxm[b];
+            if (group == 64) {
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[0], d[1])), _mm256_set1_ps(sb * sf[2 * b]), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[2], d[3])), _mm256_set1_ps(sb * sf[2 * b + 1]), a1);
+            } else { /* group 32: each part is a group */
+                const float *s4 = sf + 4 * b;
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[0]), _mm256_set1_ps(sb * s4[0]), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[1]), _mm256_set1_ps(sb * s4[1]), a1);
+                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2]), _mm256_set1_ps(sb * s4[2]), a2);
+                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[3]), _mm256_set1_ps(sb * s4[3]), a3);
+            }
+        }
+    }
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+/* Two rows at once (decode, groups >= 128), as pair_vnni: two distant weight streams per thread. */
+AVX2 static void pair_avx2(const int8_t *xm, const int16_t *x16, const uint8_t *w0, const uint8_t *w1,
+                           const float *c0, const float *c1, int64_t nb, int bits, float *r0, float *r1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        prefetch_block(w0, b, bits);
+        prefetch_block(w1, b, bits);
+        prefetch_block(w0, b + 1, bits);
+        prefetch_block(w1, b + 1, bits);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, x16, b, bits)), _mm256_set1_ps(c0[b]), a0);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, x16, b, bits)), _mm256_set1_ps(c1[b]), b0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, x16, b + 1, bits)), _mm256_set1_ps(c0[b + 1]), a1);
+        b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, x16, b + 1, bits)), _mm256_set1_ps(c1[b + 1]), b1);
+    }
+    for (; b < nb; b++) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, x16, b, bits)), _mm256_set1_ps(c0[b]), a0);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, x16, b, bits)), _mm256_set1_ps(c1[b]), b0);
+    }
+    *r0 = hsum256(_mm256_add_ps(a0, a1));
+    *r1 = hsum256(_mm256_add_ps(b0, b1));
+}
+
+AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx, const float *xsum, int64_t M,
+                           int64_t K, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits,
+                           int group, int64_t n0, int64_t n1, int64_t N, const float *bias, float *y) {
+    int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
+    float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
+    if (M == 1 && group >= BLK) {
+        float *sf2 = (float *)malloc(sizeof(float) * G), *cs2 = (float *)malloc(sizeof(float) * nb);
+        int64_t h = (n1 - n0) / 2;
+        for (int64_t i = 0; i < h; i++) {
+            int64_t na = n0 + i, nb2 = n0 + h + i;
+            float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs);
+            float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2);
+            float r0, r1;
+            pair_avx2(xq, x16, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
+            y[na] = r0 - c0 + (bias ? bias[na] : 0.f);
+            y[nb2] = r1 - c1 + (bias ? bias[nb2] : 0.f);
+        }
+        if ((n1 - n0) & 1) {
+            int64_t n = n1 - 1;
+            float c = row_prep_avx2(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, cs);
+            y[n] = row_dot_avx2(w + n * rowbytes, xq, x16, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f);
+        }
+        free(sf2);
+        free(cs2);
+    } else {
+        /* Prompts: 32 weight rows (at most 32 KiB of 8-bit codes) stay in L1/L2 while every activation
+         * row passes over them, so each weight byte is fetched from memory once per call. */
+        for (int64_t t0 = n0; t0 < n1; t0 += 32) {
+            int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
+            for (int64_t m = 0; m < M; m++) {
+                const int8_t *xm = xq + m * K;
+                const int16_t *x16m = x16 ? x16 + m * K : NULL;
+                for (int64_t n = t0; n < t1; n++) {
+                    float c = row_prep_avx2(scales + n * G, zeros + n * G, sx + m * nb, xsum + m * G, G, nb, group, sf, cs);
+                    y[m * N + n] = row_dot_avx2(w + n * rowbytes, xm, x16m, sx + m * nb, sf, cs, nb, bits, group) - c +
+                                   (bias ? bias[n] : 0.f);
+                }
+            }
+        }
+    }
+    free(sf);
+    free(cs);
 }
 #endif
 
@@ -379,11 +634,16 @@ static int gemm_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, cons
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 127) / 64 * 64));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * G));
-    int vnni = !force_generic && has_vnni_cpu();
+    int isa = lvq_isa();
+    int16_t *x16 = isa == ISA_AVX2 && bits == 8 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K)) : NULL;
     for (int64_t m = 0; m < M; m++) {
 #ifdef LVQ_X86
-        if (vnni) {
+        if (isa == ISA_VNNI) {
             quant_x_avx512(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+            continue;
+        }
+        if (isa == ISA_AVX2) {
+            quant_x_avx2(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G, x16 ? x16 + m * K : NULL);
             continue;
         }
 #endif
@@ -399,12 +659,15 @@ static int gemm_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, cons
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t a = c * chunk, e = a + chunk < N ? a + chunk : N;
 #ifdef LVQ_X86
-        if (vnni)
+        if (isa == ISA_VNNI)
             rows_vnni(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
+        else if (isa == ISA_AVX2)
+            rows_avx2(xq, x16, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
         else
 #endif
             rows_generic(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
     }
+    free(x16);
     free(xsum);
     free(sx);
     free(xq);
@@ -445,6 +708,20 @@ static int has_bf16_cpu(void) {
     __builtin_cpu_init();
     return has_vnni_cpu() && __builtin_cpu_supports("avx512bf16");
 }
+#endif
+
+/* 1 where bf16 matrix multiplies are fast (AVX512-BF16, usually with AMX), so prompts are better
+ * dequantized to bf16 and multiplied by torch; elsewhere bf16 GEMMs are emulated (5-6x slower than
+ * fp32 on AVX2 here) and prompts run through lvq_gemm on int8 activations instead. */
+int lvq_fast_bf16(void) {
+#ifdef LVQ_X86
+    return isa_cap >= ISA_VNNI && has_bf16_cpu();
+#else
+    return 0;
+#endif
+}
+
+#ifdef LVQ_X86
 
 /* 16 codes -> 16 bf16 weights. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -490,7 +767,7 @@ int lvq_dequant_bf16(const uint8_t *w, const uint16_t *scales, const uint8_t *ze
     int64_t G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     if (nthreads < 1) nthreads = 1;
 #ifdef LVQ_X86
-    if (!force_generic && has_bf16_cpu()) {
+    if (lvq_isa() == ISA_VNNI && has_bf16_cpu()) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t n = n0; n < n1; n++) dequant_rows_bf16(w, scales, zeros, K, bits, group, n, out + (n - n0) * K);
         return 0;
