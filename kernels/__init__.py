@@ -109,7 +109,7 @@ BACKENDS = {
 
 def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
     """float32 is the exact reference (dequantize, fp32 matmul); otherwise the fastest kernel for the device:
-    on CPUs with AVX512-VNNI our own C kernel, elsewhere ONNX Runtime, then torch's int4pack.
+    on x86-64 CPUs with AVX2 (or AVX512-VNNI) our own C kernel, elsewhere ONNX Runtime, then torch's int4pack.
 
     LOWVRAM_BACKEND overrides for every device.
     """

@@ -3,9 +3,10 @@
 Why a kernel of our own: decode streams every weight once per token, so it is bound by memory
 bandwidth, and ONNX Runtime's MatMulNBits reached only 18-20 GB/s of this machine's 32.7 GB/s from
 DRAM. The C kernel keeps the weights in one flat packed buffer per linear (exactly the int4/int8
-bytes plus fp16 scales and uint8 zeros, nothing resident twice) and computes with AVX512-VNNI on
-int8-quantized activations. Prompts (many rows at once) instead dequantize the weight to bf16 in
-row chunks and use torch's matrix multiply, which runs on AMX/AVX512-BF16 where the CPU has them.
+bytes plus fp16 scales and uint8 zeros, nothing resident twice) and computes with AVX512-VNNI or
+AVX2 on int8-quantized activations. Prompts (many rows at once) dequantize the weight to bf16 in
+row chunks for torch's matrix multiply where the CPU has AVX512-BF16/AMX; elsewhere bf16 GEMMs are
+emulated (5-6x slower than fp32 on a Zen 3), so prompts run the int8 kernel, four rows at a time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _load():
     for f in (lib.lvq_gemm, lib.lvq_dequant_bf16, lib.lvq_repack, lib.lvq_isa, lib.lvq_fast_bf16):
         f.restype = ctypes.c_int
     lib.lvq_set_isa.argtypes = [i32]
+    f32 = ctypes.c_float
+    lib.lvq_rmsnorm.argtypes = [p, i32, p, i32, i64, i64, f32, p]
+    lib.lvq_swiglu.argtypes = [p, i32, i64, i64, p]
+    lib.lvq_attend_one.argtypes = [p, i32, p, p, i64, i64, i64, i64, p, p, i64, i64, p, i32]
+    for f in (lib.lvq_rmsnorm, lib.lvq_swiglu, lib.lvq_attend_one):
+        f.restype = ctypes.c_int
     lib.lvq_hugepages.argtypes = [p, i64]
     lib.lvq_hugepages.restype = None
     _lib = lib

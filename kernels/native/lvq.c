@@ -877,6 +877,215 @@ int lvq_repack(const int32_t *qweight, int64_t K, int64_t N, int bits, const int
     return 0;
 }
 
+/* ---- the small ops of one decode step ------------------------------------------------------------
+ * A token's step through a block is ~65 torch ops on tiny tensors (norms, RoPE, the cache write,
+ * attention over the cache, SwiGLU); at 5-100 us each on this VM's CPUs that was 25-35 ms a token,
+ * a fifth of the whole step. These do the same float32 math in one call each. Tensors are float32
+ * (type 0) or bf16 (type 1), contiguous. */
+
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float ldf(const void *p, int t, int64_t i) {
+    return t == 1 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void stf(void *p, int t, int64_t i, float v) {
+    if (t == 1) ((uint16_t *)p)[i] = f2bf(v);
+    else ((float *)p)[i] = v;
+}
+
+#ifdef LVQ_X86
+/* expf on 8 lanes (Cephes' polynomial, ~1 ulp): softmax over a long cache and SiLU call it per element. */
+AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 static inline __m256 ld8bf(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* bf16 of 8 floats, round to nearest even (NaN not expected here). */
+AVX2 static inline void st8bf(uint16_t *o, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    r = _mm256_srli_epi32(r, 16);
+    __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
+    _mm_storeu_si128((__m128i *)o, _mm_packus_epi32(lo, hi));
+}
+
+AVX2 static void swiglu_bf16_avx2(const uint16_t *h, int64_t n, uint16_t *y) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = ld8bf(h + i), b = ld8bf(h + n + i);
+        __m256 sa = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), a))));
+        st8bf(y + i, _mm256_mul_ps(sa, b));
+    }
+    for (; i < n; i++) {
+        float a = bf2f(h[i]), b = bf2f(h[n + i]);
+        y[i] = f2bf(a / (1.0f + expf(-a)) * b);
+    }
+}
+
+/* Attention of one bf16 query head over S cached rows of its kv head: o = softmax(q.K^T * scale) V. */
+AVX2 static void attend_head_avx2(const float *q, const uint16_t *k, const uint16_t *v, int64_t S, int64_t D,
+                                  float scale, float *s, float *acc) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        const uint16_t *kr = k + j * D;
+        __m256 a = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), ld8bf(kr + d), a);
+        float dot = hsum256(a);
+        for (; d < D; d++) dot += q[d] * bf2f(kr[d]);
+        s[j] = dot * scale;
+        mx = fmaxf(mx, s[j]);
+    }
+    __m256 sum8 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= S; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(s + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum256(sum8);
+    for (; j < S; j++) sum += (s[j] = expf(s[j] - mx));
+    for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
+    for (j = 0; j < S; j++) {
+        const uint16_t *vr = v + j * D;
+        __m256 p = _mm256_set1_ps(s[j] / sum);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(p, ld8bf(vr + d), _mm256_loadu_ps(acc + d)));
+        for (; d < D; d++) acc[d] += s[j] / sum * bf2f(vr[d]);
+    }
+}
+#endif
+
+/* RMSNorm of `rows` rows of n: y = x / sqrt(mean(x^2) + eps) * w (weight of type wt). */
+int lvq_rmsnorm(const void *x, int xt, const void *w, int wt, int64_t rows, int64_t n, float eps, void *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            float v = ldf(x, xt, r * n + i);
+            ss += (double)(v * v);
+        }
+        float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+        for (int64_t i = 0; i < n; i++) stf(y, xt, r * n + i, ldf(w, wt, i) * (ldf(x, xt, r * n + i) * inv));
+    }
+    return 0;
+}
+
+/* SwiGLU of `rows` rows of 2n (gate | up): y = silu(gate) * up. */
+int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y) {
+#ifdef LVQ_X86
+    if (t == 1 && lvq_isa() >= ISA_AVX2) {
+        for (int64_t r = 0; r < rows; r++)
+            swiglu_bf16_avx2((const uint16_t *)h + r * 2 * n, n, (uint16_t *)y + r * n);
+        return 0;
+    }
+#endif
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) {
+            float a = ldf(h, t, r * 2 * n + i), b = ldf(h, t, r * 2 * n + n + i);
+            stf(y, t, r * n + i, a / (1.0f + expf(-a)) * b);
+        }
+    return 0;
+}
+
+/* One new token through attention, in place on its qkv row (H query heads, G kv heads, head size D):
+ * rotate the first `rot` dims of every q and k head by GPT-J pairs with cos/sin [rot/2], write k and v
+ * into slot `slot` of the caches [G][slots][D], then o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]
+ * over slots 0..slot, g = h / (H/G). */
+int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
+                   int64_t D, void *kc, void *vc, int64_t slots, int64_t slot, void *o, int nthreads) {
+    int64_t half = rot / 2;
+    for (int64_t h = 0; h < H + G; h++) { /* q heads, then k heads */
+        int64_t base = h * D;
+        for (int64_t j = 0; j < half; j++) {
+            float x0 = ldf(qkv, t, base + 2 * j), x1 = ldf(qkv, t, base + 2 * j + 1);
+            stf(qkv, t, base + 2 * j, x0 * cos[j] - x1 * sin[j]);
+            stf(qkv, t, base + 2 * j + 1, x1 * cos[j] + x0 * sin[j]);
+        }
+    }
+    size_t es = t == 1 ? 2 : 4;
+    for (int64_t g = 0; g < G; g++) {
+        memcpy((char *)kc + ((g * slots + slot) * D) * es, (char *)qkv + ((H + g) * D) * es, D * es);
+        memcpy((char *)vc + ((g * slots + slot) * D) * es, (char *)qkv + ((H + G + g) * D) * es, D * es);
+    }
+    int64_t S = slot + 1, per = H / G;
+    float scale = 1.0f / sqrtf((float)D);
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = omp_get_max_threads();
+#endif
+    if (nthreads < 1 || S * H * D < (1 << 20)) nthreads = 1; /* short caches: not worth waking threads */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t h = 0; h < H; h++) {
+        int64_t g = h / per;
+        float *q = (float *)malloc(sizeof(float) * D), *acc = (float *)calloc(D, sizeof(float));
+        float *s = (float *)malloc(sizeof(float) * S);
+        for (int64_t d = 0; d < D; d++) q[d] = ldf(qkv, t, h * D + d);
+#ifdef LVQ_X86
+        if (t == 1 && lvq_isa() >= ISA_AVX2) {
+            attend_head_avx2(q, (const uint16_t *)kc + g * slots * D, (const uint16_t *)vc + g * slots * D, S, D,
+                             scale, s, acc);
+            for (int64_t d = 0; d < D; d++) stf(o, t, h * D + d, acc[d]);
+            free(q);
+            free(acc);
+            free(s);
+            continue;
+        }
+#endif
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < S; j++) {
+            float dot = 0.f;
+            int64_t kb = (g * slots + j) * D;
+            if (t == 1) {
+                const uint16_t *kr = (const uint16_t *)kc + kb;
+                for (int64_t d = 0; d < D; d++) dot += q[d] * bf2f(kr[d]);
+            } else {
+                const float *kr = (const float *)kc + kb;
+                for (int64_t d = 0; d < D; d++) dot += q[d] * kr[d];
+            }
+            s[j] = dot * scale;
+            mx = fmaxf(mx, s[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < S; j++) sum += (s[j] = expf(s[j] - mx));
+        for (int64_t j = 0; j < S; j++) {
+            float p = s[j] / sum;
+            int64_t vb = (g * slots + j) * D;
+            if (t == 1) {
+                const uint16_t *vr = (const uint16_t *)vc + vb;
+                for (int64_t d = 0; d < D; d++) acc[d] += p * bf2f(vr[d]);
+            } else {
+                const float *vr = (const float *)vc + vb;
+                for (int64_t d = 0; d < D; d++) acc[d] += p * vr[d];
+            }
+        }
+        for (int64_t d = 0; d < D; d++) stf(o, t, h * D + d, acc[d]);
+        free(q);
+        free(acc);
+        free(s);
+    }
+    return 0;
+}
+
 /* An importable module, so that Python finds this library the usual way; the functions above are
  * called through ctypes, which releases the GIL for their duration. */
 static struct PyModuleDef lvq_module = {PyModuleDef_HEAD_INIT, "_lvq", "lowvram native CPU kernels", -1, NULL};

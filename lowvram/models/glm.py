@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GLMConfig
+from ..kernels import fused  # C versions of a CPU decode step's small ops; each returns None where it does not apply
 
 
 def _embedding(n: int, dim: int) -> nn.Embedding:
@@ -43,6 +44,9 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        y = fused.rms_norm(x, self.weight, self.eps)
+        if y is not None:
+            return y
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -127,6 +131,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self.qkv(x)
+        if T == 1 and mask is None and (o := fused.attend_one(cfg, qkv, rope, cache, start)) is not None:
+            return self.out(o)
         if cfg.layout == "chatglm-v1":
             q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)
         else:
@@ -166,6 +172,8 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.up(x)
         if self.swiglu:
+            if (y := fused.swiglu(h)) is not None:
+                return self.down(y)
             a, b = h.chunk(2, dim=-1)
             return self.down(F.silu(a) * b)
         return self.down(F.gelu(h, approximate="tanh"))

@@ -1,0 +1,100 @@
+"""The C versions of a CPU decode step's small ops against the model's own torch code."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowvram.config import GLMConfig
+from lowvram.kernels import fused, native
+from lowvram.models import glm
+
+pytestmark = pytest.mark.skipif(native.available() is not None, reason="native kernel not built (no C compiler at install)")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("path", native.ISAS)
+def test_rms_norm_and_swiglu_match_torch(path):
+    if native.ISAS.index(path) > native.ISAS.index(native.isa()):
+        pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 4096).bfloat16()
+    w = (torch.rand(4096) + 0.5).bfloat16()
+    ref = (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5))).bfloat16()
+    h = (torch.randn(1, 1, 2 * 3000) * 4).bfloat16()  # includes large |gate| where exp over/underflows
+    a, b = h.chunk(2, dim=-1)
+    native.set_isa(path)
+    try:
+        assert _rel(fused.rms_norm(x, w, 1e-5), ref) < 4e-3  # one bf16 rounding apart
+        assert _rel(fused.swiglu(h), F.silu(a) * b) < 4e-3
+    finally:
+        native.set_isa(None)
+    # where they do not apply, the caller's torch code runs
+    assert fused.rms_norm(x.float(), w, 1e-5) is None  # float32 is the exact reference path
+    assert fused.swiglu(torch.randn(600, 2 * 3000).bfloat16()) is None  # prompt-sized: torch's threads
+
+
+@pytest.mark.parametrize("path", native.ISAS)
+@pytest.mark.parametrize("slot", [0, 37, 700])  # the last is long enough to split heads across threads
+def test_attend_one_matches_rope_cache_write_and_attention(path, slot):
+    if native.ISAS.index(path) > native.ISAS.index(native.isa()):
+        pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
+    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
+                    num_heads=8, num_kv_heads=2, head_dim=32, ffn_hidden_size=64, norm_eps=1e-5, max_length=1024,
+                    rotary_dim=16)
+    H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    torch.manual_seed(slot)
+    qkv = torch.randn(1, 1, (H + 2 * G) * D).bfloat16()
+    cache = [torch.randn(1, G, 800, D).bfloat16() for _ in range(2)]
+    rope = glm.rope_tables(cfg, torch.tensor([[slot]]))
+    # the torch path of Attention.forward, written out
+    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+    q, k, v = q.view(1, 1, H, D), k.view(1, 1, G, D), v.view(1, 1, G, D)
+    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    kc, vc = (c.clone() for c in cache)
+    kc[:, :, slot] = k[:, 0]
+    vc[:, :, slot] = v[:, 0]
+    ref = glm.decode_attention(q.transpose(1, 2), kc[:, :, : slot + 1], vc[:, :, : slot + 1]).transpose(1, 2)
+    native.set_isa(path)
+    try:
+        o = fused.attend_one(cfg, qkv.clone(), rope, tuple(cache), slot)
+    finally:
+        native.set_isa(None)
+    assert o.shape == (1, 1, H * D)
+    assert _rel(o, ref.reshape(1, 1, H * D)) < 4e-3  # bf16 rounding of the output
+    assert torch.equal(cache[0][:, :, slot], kc[:, :, slot]) and torch.equal(cache[1][:, :, slot], vc[:, :, slot])
+    assert torch.equal(cache[0][:, :, slot + 1 :], kc[:, :, slot + 1 :])  # nothing else written
+    v1 = GLMConfig(**{**cfg.__dict__, "rope": "2d", "layout": "chatglm-v1"})
+    assert fused.attend_one(v1, qkv, rope, tuple(cache), slot) is None  # ChatGLM-6B's 2D RoPE: torch code
+
+
+@pytest.mark.parametrize("generation", ["chatglm3-6b", "glm-4-9b-chat", "glm-4-0414", "chatglm-6b"])
+def test_decode_with_fused_ops_equals_torch_ops(generation, tiny, monkeypatch):
+    """A whole bf16 model, token by token over the same sequence: each step's logits with the C ops as with
+    the model's torch code, to bf16 rounding (ChatGLM-6B's LayerNorm and 2D RoPE stay in torch: checks the
+    fallbacks mix with the fused ops)."""
+    import lowvram
+
+    src = tiny(generation, **({} if generation.startswith("glm-4-0") else dict(hidden_size=128, ffn_hidden_size=256)))
+    model = lowvram.load(src, dtype="bfloat16")
+    ids = list(range(3, 60))
+
+    def steps():
+        caches = model.new_cache(model.config.pre_seq_len + len(ids))
+        model.forward(ids, 0, 20, caches)
+        return torch.stack([model.net.head(model.forward(ids, s, 1, caches)).float() for s in range(20, len(ids))])
+
+    calls = []
+    for name in ("rms_norm", "swiglu", "attend_one"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    with torch.inference_mode():
+        fast = steps()
+        if generation != "chatglm-6b":
+            assert {"rms_norm", "swiglu", "attend_one"} <= set(calls)
+        for name in ("rms_norm", "swiglu", "attend_one"):
+            monkeypatch.setattr(fused, name, lambda *a, **k: None)
+        ref = steps()
+    assert _rel(fast, ref) < 2e-2, _rel(fast, ref)
