@@ -26,7 +26,8 @@ def vision_bytes(cfg) -> int:
 
 def cell(cfg, budgets, ctx, bits) -> str:
     try:
-        p = plan(cfg, budgets, ctx, bits, vision_bytes=vision_bytes(cfg))
+        # safetensors output of `lowvram quantize`: untied embeddings are looked up from the mapped file
+        p = plan(cfg, budgets, ctx, bits, vision_bytes=vision_bytes(cfg), mapped_embeddings=True)
     except ValueError:
         return "no"
     dev = next(d for d in p.devices if d != "cpu")

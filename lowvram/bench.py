@@ -37,13 +37,15 @@ def graphed_step(model, caches, next_slot: int):
     if model.kv_int8:
         raise ValueError("--cuda-graph works with the float KV cache only (not --kv-int8)")
     P = model.config.pre_seq_len
-    bufs = (torch.zeros(1, 1, dtype=torch.long, device=dev), model.positions([0], 0, 1).to(dev),
-            torch.full((1,), P + next_slot, dtype=torch.long, device=dev))
-    g = GraphedStep(lambda tok, pos, slot: net.head(net.hidden(tok, pos, caches, slot)).argmax(-1), *bufs)
+    # the embedding row is looked up outside the graph: the table lives on the CPU (mapped from the file)
+    bufs = (torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype, device=dev),
+            model.positions([0], 0, 1).to(dev), torch.full((1,), P + next_slot, dtype=torch.long, device=dev))
+    g = GraphedStep(lambda x, pos, slot: net.head(net.hidden(x, pos, caches, slot)).argmax(-1), *bufs)
 
     def step(ids):
         n = len(ids) - 1
-        return int(g(torch.tensor([[ids[-1]]]), model.positions(ids, n, 1), torch.tensor([P + n])).view(-1)[0])
+        x = net.embed(torch.tensor([[ids[-1]]], device=net.embed.weight.device))
+        return int(g(x, model.positions(ids, n, 1), torch.tensor([P + n])).view(-1)[0])
 
     return step
 

@@ -83,13 +83,15 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     return net, cfg, report
 
 
-def _target_device(name: str, devs: list[torch.device], first: torch.device, last: torch.device) -> torch.device:
+def _target_device(name: str, devs: list[torch.device], first: torch.device, tied: bool) -> torch.device:
+    """Where a tensor lives under a placement, as the planner assumes: each block on its device; the final
+    norm and output layer on the first block's device (the fastest: accelerators come first in a plan);
+    the word embeddings on the CPU (only looked up: one row per token travels), except a tied table
+    (ChatGLM-6B), which is also the output layer."""
     if name.startswith("layers."):
         return devs[int(name.split(".")[1])]
-    if name.startswith(("norm.", "output.")):
-        return last
-    if name.startswith("prefix."):
-        return first
+    if name.startswith("embed.") and not tied:
+        return torch.device("cpu")
     return first
 
 
@@ -177,9 +179,9 @@ def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dty
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
          backend: str | None) -> dict:
     expected = dict(net.named_parameters())
-    first, last = devs[0], devs[-1]
+    first = devs[0]
     done: set[str] = set()
-    embed_mapped = _map_embeddings(net, ckpt, cfg, dtype, first)
+    embed_mapped = _map_embeddings(net, ckpt, cfg, dtype, torch.device("cpu"))
     if embed_mapped:
         done.add("embed.weight")
     unexpected, misshaped, ignored = [], [], []
@@ -195,7 +197,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             return
         mod_name, _, pname = name.rpartition(".")
         mod = net.get_submodule(mod_name)
-        dev = _target_device(name, devs, first, last)
+        dev = _target_device(name, devs, first, cfg.tie_word_embeddings)
         mod._parameters[pname] = nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=False)
         done.add(name)
 
@@ -222,7 +224,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
 
         parts = quant.pop(mod_name)  # the backend keeps its own copy: drop the file's at once
         lin = net.get_submodule(mod_name)
-        dev = _target_device(mod_name + ".weight", devs, first, last)
+        dev = _target_device(mod_name + ".weight", devs, first, cfg.tie_word_embeddings)
         try:
             new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
         except (ValueError, KeyError) as e:

@@ -209,7 +209,7 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
 
     cfg = load_config(path)
     if placement is None and (device == "auto" or max_memory is not None):
-        placement, device = _auto_placement(cfg, max_memory, ctx)
+        placement, device = _auto_placement(cfg, max_memory, ctx, path)
     net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg)
     tok = None
     if tokenizer:
@@ -221,13 +221,16 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
     return Model(net, cfg, path, tok, report, ctx)
 
 
-def _auto_placement(cfg, max_memory, ctx):
+def _auto_placement(cfg, max_memory, ctx, path=None):
     from .placement import detect_budgets, parse_max_memory, plan
 
     budgets = parse_max_memory(max_memory) if isinstance(max_memory, str) else (max_memory or detect_budgets())
     q = cfg.quantization or {}
     bits = q.get("bits") or q.get("thudm_bits")
-    p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128))
+    from .plan import embeddings_will_map
+
+    p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128),
+             mapped_embeddings=path is not None and embeddings_will_map(path))
     return p.placement(), p.devices[0]
 
 

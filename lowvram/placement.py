@@ -89,8 +89,12 @@ class Plan:
 
 def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | None = 4, group: int = 128,
          head_bits: int | None = 8, dtype: str = "bfloat16", kv_dtype: str | None = None,
-         bandwidth: dict[str, float] | None = None, vision_bytes: int = 0) -> Plan:
-    """Contiguous block ranges per device; a ValueError says how much is missing and what would help."""
+         bandwidth: dict[str, float] | None = None, vision_bytes: int = 0, mapped_embeddings: bool = False) -> Plan:
+    """Contiguous block ranges per device; a ValueError says how much is missing and what would help.
+
+    mapped_embeddings: the word embeddings will be looked up from the mapped safetensors file (CPU, untied
+    head: see loading.embeddings_mappable), so only looked-up rows become resident and the table does not
+    count against the CPU budget."""
     fp = footprint(cfg, bits, group, head_bits, dtype, kv_dtype)
     order = sorted(budgets, key=lambda d: (_kind(d) == "cpu", d))  # accelerators first, CPU last
     free = {d: budgets[d] - RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
@@ -98,8 +102,12 @@ def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | N
     if "cpu" not in free and not any(_kind(d) == "cpu" for d in order):
         raise ValueError("no cpu budget given: the embeddings live on the CPU")
     cpu = next(d for d in order if _kind(d) == "cpu")
-    used[cpu] += fp.embeddings
+    mapped = mapped_embeddings and not cfg.tie_word_embeddings
     out_dev = order[0]
+    if cfg.tie_word_embeddings:  # the table is the output layer too (ChatGLM-6B): it lives with the head
+        used[out_dev] += fp.embeddings
+    elif not mapped:
+        used[cpu] += fp.embeddings
     used[out_dev] += fp.output + fp.prefill_workspace + vision_bytes
     blocks: dict[str, list[int]] = {d: [] for d in order}
     i = 0
@@ -123,10 +131,15 @@ def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | N
     bw = dict(BANDWIDTH_GBS, **(bandwidth or {}))
     ms = 0.0
     for d in order:
-        streamed = len(blocks[d]) * fp.block_weights + (fp.output if d == out_dev else 0)
+        head = fp.embeddings if cfg.tie_word_embeddings else fp.output
+        streamed = len(blocks[d]) * fp.block_weights + (head if d == out_dev else 0)
         ms += streamed / (bw.get(d, bw[_kind(d)]) * 1e9) * 1e3
     total = {d: used[d] + RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
-    p = Plan(order, blocks, total, budgets, ctx, out_dev, decode_ms=ms)
+    p = Plan(order, blocks, total, budgets, ctx, out_dev, decode_ms=ms,
+             embeddings_device=out_dev if cfg.tie_word_embeddings else cpu)
+    if mapped:
+        p.notes.append(f"embeddings ({fp.embeddings / 2**30:.2f} GiB) looked up from the mapped checkpoint file, "
+                       "not counted as resident")
     if blocks[cpu] and len(order) > 1:
         p.notes.append(f"{len(blocks[cpu])} of {cfg.num_layers} blocks run on the CPU")
     return p

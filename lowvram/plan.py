@@ -19,6 +19,15 @@ def model_config(model: str):
     return cfg
 
 
+def embeddings_will_map(model: str | Path) -> bool:
+    """Whether a CPU run looks the embeddings up from the file: safetensors checkpoints (what `lowvram
+    quantize` writes, so also a known name's quantized output) unless LOWVRAM_MMAP_EMBEDDINGS=0."""
+    from .loading import mmap_embeddings_enabled
+
+    p = Path(model)
+    return mmap_embeddings_enabled() and (not p.is_dir() or any(p.glob("*.safetensors")))
+
+
 def plan_arguments(p):
     p.add_argument("model", help="checkpoint directory or known model name (chatglm3-6b, glm-4-9b-chat, ...)")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="16 = unquantized bf16/fp16")
@@ -36,7 +45,8 @@ def plan_main(args) -> int:
     if args.gpu_mem:
         budgets["cuda:0"] = parse_size(args.gpu_mem)
     bits = None if args.bits == 16 else args.bits
-    p = plan(cfg, budgets, args.ctx, bits, args.group_size, kv_dtype="int8" if args.kv_int8 else None)
+    p = plan(cfg, budgets, args.ctx, bits, args.group_size, kv_dtype="int8" if args.kv_int8 else None,
+             mapped_embeddings=embeddings_will_map(args.model))
     rss = None
     if Path(args.model).is_dir():  # a checkpoint at hand: its own tensors, run entirely on the CPU
         from .memory import predict_rss

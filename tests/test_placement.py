@@ -53,6 +53,20 @@ def test_needs_cpu_offload():
     assert p.placement() == f"cuda:0=0-{gpu - 1},cpu={gpu}-39"
 
 
+def test_mapped_embeddings_do_not_count_against_the_cpu():
+    """GLM-4-9B INT4 on a 2 GiB GPU + 4 GiB of CPU: the 1.16 GiB fp16 table is looked up from the mapped file,
+    so the CPU budget holds blocks instead; ChatGLM-6B's tied head reads the whole table, so it stays resident."""
+    budgets = {"cuda:0": 2 * GiB, "cpu": 4 * GiB}
+    with pytest.raises(ValueError, match="does not fit"):
+        plan(cfg("glm-4-9b-chat"), budgets, ctx=2048)
+    p = plan(cfg("glm-4-9b-chat"), budgets, ctx=2048, mapped_embeddings=True)
+    assert sum(map(len, p.blocks.values())) == 40 and any("mapped checkpoint file" in n for n in p.notes)
+    tied = cfg("chatglm-6b")
+    a = plan(tied, {"cpu": 16 * GiB}, ctx=2048)
+    b = plan(tied, {"cpu": 16 * GiB}, ctx=2048, mapped_embeddings=True)
+    assert a.bytes == b.bytes and not b.notes
+
+
 def test_needs_two_gpus():
     p = plan(cfg("glm-4-9b-chat"), {"cuda:0": 4 * GiB, "cuda:1": 4 * GiB, "cpu": 16 * GiB}, ctx=2048)
     assert p.blocks["cuda:0"] and p.blocks["cuda:1"] and not p.blocks["cpu"]
@@ -96,3 +110,21 @@ def test_load_with_a_budget_applies_the_plan(tiny):
         [3, 4], max_new_tokens=2, stop_token_ids=[])
     with pytest.raises(ValueError, match="does not fit"):
         lowvram.load(d, max_memory={"cpu": 1 << 20})
+
+
+def test_loader_puts_tensors_where_the_planner_counts_them():
+    """Blocks on their devices, final norm + output layer with the first (fastest) device, the word
+    embeddings on the CPU; a tied table (ChatGLM-6B) is the output layer, so it goes with the head."""
+    import torch
+
+    from lowvram.loading import _target_device
+
+    devs = [torch.device("cuda:0")] * 2 + [torch.device("cpu")] * 2
+    where = {n: _target_device(n, devs, devs[0], tied=False).type
+             for n in ("layers.0.mlp.up.weight", "layers.3.attn_norm.weight", "norm.weight", "output.weight",
+                       "embed.weight")}
+    assert where == {"layers.0.mlp.up.weight": "cuda", "layers.3.attn_norm.weight": "cpu", "norm.weight": "cuda",
+                     "output.weight": "cuda", "embed.weight": "cpu"}
+    assert _target_device("embed.weight", devs, devs[0], tied=True).type == "cuda"
+    p = plan(cfg("chatglm-6b"), {"cuda:0": 2 * GiB, "cpu": 16 * GiB}, ctx=2048)
+    assert p.embeddings_device == p.output_device == "cuda:0"
