@@ -40,6 +40,9 @@
 #endif
 
 #define BLK 128
+#ifndef LVQ_MR
+#define LVQ_MR 4 /* activation rows per weight row in the AVX2 prompt kernel */
+#endif
 #ifndef LVQ_PF
 #define LVQ_PF 1024 /* bytes ahead to prefetch the weight stream (measured: 1024 > 512, 2048, 4096) */
 #endif
@@ -371,8 +374,9 @@ AVX2 static void pair_avx2(const int8_t *xm, const int16_t *x16, const uint8_t *
 /* Prompts, groups >= 128: one weight row against four activation rows, so each weight block is unpacked
  * once and feeds four dot products. cs4 [4][nb]: the weight row's block scales times each activation row's. */
 AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x16, int64_t K, const float *cs4,
-                           int64_t nb, int bits, float out[4]) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                           int64_t nb, int bits, float *out) {
+    __m256 acc[LVQ_MR];
+    for (int r = 0; r < LVQ_MR; r++) acc[r] = _mm256_setzero_ps();
     const __m256i one = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         if (bits == 4) {
@@ -380,7 +384,7 @@ AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x
             __m256i vb = _mm256_loadu_si256((const __m256i *)(wr + b * 64 + 32));
             __m256i la = _mm256_and_si256(va, m4), lb = _mm256_and_si256(vb, m4);
             __m256i ha = _mm256_and_si256(_mm256_srli_epi16(va, 4), m4), hb = _mm256_and_si256(_mm256_srli_epi16(vb, 4), m4);
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < LVQ_MR; r++) {
                 const int8_t *xb = x0 + r * K + b * BLK;
                 __m256i p = _mm256_add_epi16(
                     _mm256_add_epi16(_mm256_maddubs_epi16(la, _mm256_loadu_si256((const __m256i *)xb)),
@@ -396,7 +400,7 @@ AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x
                 q[2 * i] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
                 q[2 * i + 1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
             }
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < LVQ_MR; r++) {
                 const int16_t *xb = x16 + r * K + b * BLK;
                 __m256i d = _mm256_madd_epi16(q[0], _mm256_loadu_si256((const __m256i *)xb));
                 for (int i = 1; i < 8; i++)
@@ -405,7 +409,7 @@ AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x
             }
         }
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]);
+    for (int r = 0; r < LVQ_MR; r++) out[r] = hsum256(acc[r]);
 }
 
 AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx, const float *xsum, int64_t M,
@@ -435,18 +439,18 @@ AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx
     } else {
         /* Prompts: 32 weight rows (at most 32 KiB of 8-bit codes) stay in L1/L2 while every activation
          * row passes over them, so each weight byte is fetched from memory once per call. */
-        float *cs4 = (float *)malloc(sizeof(float) * 4 * nb);
+        float *cs4 = (float *)malloc(sizeof(float) * LVQ_MR * nb);
         for (int64_t t0 = n0; t0 < n1; t0 += 32) {
             int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
             int64_t m = 0;
-            for (; group >= BLK && m + 4 <= M; m += 4)
+            for (; group >= BLK && m + LVQ_MR <= M; m += LVQ_MR)
                 for (int64_t n = t0; n < t1; n++) {
-                    float c[4], r[4];
-                    for (int i = 0; i < 4; i++)
+                    float c[LVQ_MR], r[LVQ_MR];
+                    for (int i = 0; i < LVQ_MR; i++)
                         c[i] = row_prep_avx2(scales + n * G, zeros + n * G, sx + (m + i) * nb, xsum + (m + i) * G, G,
                                              nb, group, sf, cs4 + i * nb);
                     quad_avx2(w + n * rowbytes, xq + m * K, x16 ? x16 + m * K : NULL, K, cs4, nb, bits, r);
-                    for (int i = 0; i < 4; i++) y[(m + i) * N + n] = r[i] - c[i] + (bias ? bias[n] : 0.f);
+                    for (int i = 0; i < LVQ_MR; i++) y[(m + i) * N + n] = r[i] - c[i] + (bias ? bias[n] : 0.f);
                 }
             for (; m < M; m++) {
                 const int8_t *xm = xq + m * K;
