@@ -118,6 +118,8 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
 
 
 def bench_arguments(p):
+    from .placement import placement_arguments
+
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=32)
@@ -126,15 +128,20 @@ def bench_arguments(p):
     p.add_argument("--dtype", default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--placement", default=None)
+    placement_arguments(p)
+    p.add_argument("--ctx", type=int, default=None, help="context to plan for with --gpu-mem/--max-memory")
     p.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
     p.add_argument("--json", action="store_true")
 
 
 def bench_main(args) -> int:
+    from .placement import budgets_from_arguments
+
     r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, cuda_graph=args.cuda_graph, kv_int8=args.kv_int8,
               device=args.device,
-              dtype=args.dtype, backend=args.backend, placement=args.placement)
+              dtype=args.dtype, backend=args.backend, placement=args.placement, ctx=args.ctx,
+              max_memory=budgets_from_arguments(args), stream=args.stream)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

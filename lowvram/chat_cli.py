@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from .placement import budgets_from_arguments, placement_arguments
+
 
 def _model_arguments(p):
     p.add_argument("model", help="checkpoint directory (original or quantized)")
@@ -14,6 +16,7 @@ def _model_arguments(p):
     p.add_argument("--dtype", default=None, help="float32 (exact reference), bfloat16, float16; default per device")
     p.add_argument("--backend", default=None, help="quantized kernel backend: ort, cpu, torch, cuda, mps")
     p.add_argument("--placement", default=None, help='blocks per device, e.g. "cuda:0=0-19,cpu=20-27"')
+    placement_arguments(p)
     p.add_argument("--ctx", type=int, default=None, help="context window to allocate (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -68,7 +71,8 @@ def _load(args, chat_format=None):
     t0 = time.time()
     try:
         model = lowvram.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                             placement=args.placement, ctx=args.ctx, chat_format=chat_format)
+                             placement=args.placement, ctx=args.ctx, chat_format=chat_format,
+                             max_memory=budgets_from_arguments(args), stream=args.stream)
     finally:
         done.set()
         if tty:

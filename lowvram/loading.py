@@ -61,8 +61,22 @@ def layer_devices(placement, device: str, num_layers: int) -> list[torch.device]
 
 
 def _phys(target: str) -> str:
-    """cpu:N names a separate placement target but the same physical device."""
-    return "cpu" if str(target).startswith("cpu") else str(target)
+    """cpu:N names a separate placement target but the same physical device; stream:DEV computes on DEV."""
+    target = str(target).removeprefix("stream:")
+    return "cpu" if target.startswith("cpu") else target
+
+
+def streamed_layers(placement) -> set[int]:
+    """Blocks of a placement string under a `stream:` target (weights in CPU memory, computed on the GPU)."""
+    if not isinstance(placement, str):
+        return set()
+    out: set[int] = set()
+    for part in placement.split(","):
+        target, _, rng = part.strip().partition("=")
+        if target.startswith("stream:"):
+            a, _, b = rng.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    return out
 
 
 def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None, placement=None,
@@ -74,13 +88,23 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     devs = layer_devices(placement, device, cfg.num_layers)
     with torch.device("meta"):
         net = GLM(cfg)
+    streamed = streamed_layers(placement)
     _mmap_threshold(1 << 20)
     try:
-        report = fill(net, ckpt, cfg, dtype, devs, backend)
+        report = fill(net, ckpt, cfg, dtype, devs, backend, streamed)
     finally:
         _mmap_threshold(32 << 20)
+    if streamed:
+        from .streaming import stream_blocks
+
+        stream_blocks(net, {i: devs[i] for i in streamed})
+        report["streamed_layers"] = sorted(streamed)
     net.eval()
     return net, cfg, report
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
 
 
 def _target_device(name: str, devs: list[torch.device], first: torch.device, tied: bool) -> torch.device:
@@ -177,7 +201,7 @@ def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dty
 
 
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
-         backend: str | None) -> dict:
+         backend: str | None, streamed: set[int] = frozenset()) -> dict:
     expected = dict(net.named_parameters())
     first = devs[0]
     done: set[str] = set()
@@ -198,6 +222,8 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         mod_name, _, pname = name.rpartition(".")
         mod = net.get_submodule(mod_name)
         dev = _target_device(name, devs, first, cfg.tie_word_embeddings)
+        if _layer_of(name) in streamed:  # kept in CPU memory, copied to `dev` per forward (streaming.py)
+            dev = torch.device("cpu")
         mod._parameters[pname] = nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=False)
         done.add(name)
 
@@ -229,6 +255,10 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt.dir}: quantized tensor {mod_name}: {e}") from None
+        if _layer_of(mod_name) in streamed:  # built for its GPU (the backend's layout), then kept on the CPU
+            from .streaming import offload
+
+            offload(new, pin=dev.type == "cuda")
         parent, _, attr = mod_name.rpartition(".")
         setattr(net.get_submodule(parent), attr, new)
         done.update(n for n in expected if n.rpartition(".")[0] == mod_name)

@@ -198,18 +198,19 @@ class Model:
 
 def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None = None, placement=None,
          ctx: int | None = None, chat_format: str | None = None, tokenizer: bool = True,
-         max_memory: dict | str | None = None) -> Model:
+         max_memory: dict | str | None = None, stream: bool = False) -> Model:
     """Load a checkpoint directory (original Hugging Face layout, or lowvram/GPTQ quantized).
 
     device="auto" (or a max_memory budget) places blocks with the planner: the fastest device first,
-    the rest on the CPU; an explicit `placement` ("cuda:0=0-19,cpu=20-39") overrides it.
+    the rest on the CPU (stream=True: the rest stream through the GPU, see streaming.py); an explicit
+    `placement` ("cuda:0=0-19,cpu=20-39", "cuda:0=0-29,stream:cuda:0=30-39") overrides it.
     """
     from .config import load_config
     from .loading import build
 
     cfg = load_config(path)
     if placement is None and (device == "auto" or max_memory is not None):
-        placement, device = _auto_placement(cfg, max_memory, ctx, path)
+        placement, device = _auto_placement(cfg, max_memory, ctx, path, stream)
     net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg)
     tok = None
     if tokenizer:
@@ -221,7 +222,7 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
     return Model(net, cfg, path, tok, report, ctx)
 
 
-def _auto_placement(cfg, max_memory, ctx, path=None):
+def _auto_placement(cfg, max_memory, ctx, path=None, stream=False):
     from .placement import detect_budgets, parse_max_memory, plan
 
     budgets = parse_max_memory(max_memory) if isinstance(max_memory, str) else (max_memory or detect_budgets())
@@ -230,7 +231,7 @@ def _auto_placement(cfg, max_memory, ctx, path=None):
     from .plan import embeddings_will_map
 
     p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128),
-             mapped_embeddings=path is not None and embeddings_will_map(path))
+             mapped_embeddings=path is not None and embeddings_will_map(path), stream=stream)
     return p.placement(), p.devices[0]
 
 

@@ -14,6 +14,7 @@ from .memory import RUNTIME_OVERHEAD, footprint
 
 # Read bandwidth (GB/s) that decode streams weights at; CPU measured on this project's machine.
 BANDWIDTH_GBS = {"cpu": 32.7, "cuda": 256.0, "mps": 100.0}
+PCIE_GBS = 25.0  # host-to-GPU copies of streamed blocks (PCIe 4.0 x16, pinned memory)
 KNOWN_GPUS = {"rtx 4060 laptop": 256, "rtx 4060": 272, "rtx 3060": 360, "rtx 4090": 1008, "a100": 1555,
               "h100": 3350, "h200": 4800, "t4": 320, "m1": 68, "m2": 100, "m2 pro": 200, "m2 max": 400}
 
@@ -67,8 +68,8 @@ def _kind(dev: str) -> str:
 @dataclass
 class Plan:
     devices: list[str]
-    blocks: dict[str, list[int]]  # device -> block indices
-    bytes: dict[str, int]  # device -> planned bytes
+    blocks: dict[str, list[int]]  # target -> block indices; "stream:cuda:0" = weights in CPU memory, run on cuda:0
+    bytes: dict[str, int]  # physical device -> planned bytes
     budgets: dict[str, int]
     ctx: int
     output_device: str
@@ -78,23 +79,29 @@ class Plan:
 
     def placement(self) -> str:
         """The `placement=` string `lowvram.load` and `--placement` accept."""
-        return ",".join(f"{d}={b[0]}-{b[-1]}" for d, b in self.blocks.items() if b)
+        return ",".join(f"{d}={b[0]}-{b[-1]}" for d, b in sorted(self.blocks.items(), key=lambda kv: kv[1][:1]) if b)
 
     def as_dict(self) -> dict:
         return {"placement": self.placement(), "blocks": {d: len(b) for d, b in self.blocks.items()},
                 "bytes": self.bytes, "budgets": self.budgets, "ctx": self.ctx, "output_device": self.output_device,
                 "embeddings_device": self.embeddings_device, "decode_ms_per_token": round(self.decode_ms, 1),
+                "modes": {str(i): ("streamed" if d.startswith("stream:") else "resident")
+                          for d, b in self.blocks.items() for i in b},
                 "notes": self.notes}
 
 
 def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | None = 4, group: int = 128,
          head_bits: int | None = 8, dtype: str = "bfloat16", kv_dtype: str | None = None,
-         bandwidth: dict[str, float] | None = None, vision_bytes: int = 0, mapped_embeddings: bool = False) -> Plan:
+         bandwidth: dict[str, float] | None = None, vision_bytes: int = 0, mapped_embeddings: bool = False,
+         stream: bool = False) -> Plan:
     """Contiguous block ranges per device; a ValueError says how much is missing and what would help.
 
     mapped_embeddings: the word embeddings will be looked up from the mapped safetensors file (CPU, untied
     head: see loading.embeddings_mappable), so only looked-up rows become resident and the table does not
-    count against the CPU budget."""
+    count against the CPU budget.
+    stream: blocks that do not fit on the first accelerator keep their weights in CPU memory and are copied to
+    it for each forward (streaming.py) instead of computing on the CPU: faster prompts, about the same decode.
+    The accelerator then holds their KV caches and room to stage two blocks (the running one, the next)."""
     fp = footprint(cfg, bits, group, head_bits, dtype, kv_dtype)
     order = sorted(budgets, key=lambda d: (_kind(d) == "cpu", d))  # accelerators first, CPU last
     free = {d: budgets[d] - RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
@@ -112,7 +119,20 @@ def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | N
     blocks: dict[str, list[int]] = {d: [] for d in order}
     i = 0
     per_block = fp.block(ctx)
+    acc = order[0] if _kind(order[0]) != "cpu" else None
+    stream = stream and acc is not None
+    if stream:
+        used[acc] += 2 * fp.block_weights  # staging: the block running and the one being copied
     for d in order:
+        if stream and d == cpu:  # the rest stream through the accelerator: weights here, KV cache there
+            blocks[f"stream:{acc}"] = []
+            kv = fp.kv_per_token_per_block * ctx
+            while (i < cfg.num_layers and used[cpu] + fp.block_weights <= free[cpu]
+                   and used[acc] + kv <= free[acc]):
+                blocks[f"stream:{acc}"].append(i)
+                used[cpu] += fp.block_weights
+                used[acc] += kv
+                i += 1
         while i < cfg.num_layers and used[d] + per_block <= free[d]:
             blocks[d].append(i)
             used[d] += per_block
@@ -130,16 +150,42 @@ def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | N
                          f"{missing / 2**30:.2f} GiB missing across {', '.join(order)}; try {', or '.join(hints)}")
     bw = dict(BANDWIDTH_GBS, **(bandwidth or {}))
     ms = 0.0
+    head = fp.embeddings if cfg.tie_word_embeddings else fp.output
     for d in order:
-        head = fp.embeddings if cfg.tie_word_embeddings else fp.output
-        streamed = len(blocks[d]) * fp.block_weights + (head if d == out_dev else 0)
-        ms += streamed / (bw.get(d, bw[_kind(d)]) * 1e9) * 1e3
+        read = len(blocks[d]) * fp.block_weights + (head if d == out_dev else 0)
+        ms += read / (bw.get(d, bw[_kind(d)]) * 1e9) * 1e3
+    if stream:
+        ms += len(blocks[f"stream:{acc}"]) * fp.block_weights / (PCIE_GBS * 1e9) * 1e3
     total = {d: used[d] + RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
-    p = Plan(order, blocks, total, budgets, ctx, out_dev, decode_ms=ms,
+    targets = order[:-1] + ([f"stream:{acc}"] if stream else []) + order[-1:] if order[-1] == cpu else order
+    p = Plan(targets, blocks, total, budgets, ctx, out_dev, decode_ms=ms,
              embeddings_device=out_dev if cfg.tie_word_embeddings else cpu)
     if mapped:
         p.notes.append(f"embeddings ({fp.embeddings / 2**30:.2f} GiB) looked up from the mapped checkpoint file, "
                        "not counted as resident")
+    if stream and blocks[f"stream:{acc}"]:
+        n = len(blocks[f"stream:{acc}"])
+        p.notes.append(f"{n} of {cfg.num_layers} blocks streamed: weights in CPU memory, copied to {acc} for each "
+                       f"forward ({n * fp.block_weights / 2**30:.2f} GiB per token over PCIe)")
     if blocks[cpu] and len(order) > 1:
         p.notes.append(f"{len(blocks[cpu])} of {cfg.num_layers} blocks run on the CPU")
     return p
+
+
+def placement_arguments(p) -> None:
+    """The planner's flags, shared by `lowvram plan`, `chat` and `bench`."""
+    p.add_argument("--gpu-mem", default=None, help="budget of cuda:0, e.g. 6GiB (plans the placement)")
+    p.add_argument("--max-memory", default=None, help="per device, e.g. cuda:0=6GiB,cuda:1=8GiB,cpu=12GiB")
+    p.add_argument("--stream", action="store_true",
+                   help="blocks that do not fit the GPU stream through it (weights in CPU memory) instead of "
+                        "computing on the CPU: for long prompts")
+
+
+def budgets_from_arguments(args) -> dict[str, int] | None:
+    """--max-memory / --gpu-mem as budgets (the rest detected), or None when neither was given."""
+    if not args.max_memory and not args.gpu_mem:
+        return None
+    budgets = parse_max_memory(args.max_memory) if args.max_memory else detect_budgets()
+    if args.gpu_mem:
+        budgets["cuda:0"] = parse_size(args.gpu_mem)
+    return budgets

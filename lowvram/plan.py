@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import load_config, parse_config
 from .known import known_config
-from .placement import detect_budgets, parse_max_memory, parse_size, plan
+from .placement import budgets_from_arguments, detect_budgets, placement_arguments, plan
 
 
 def model_config(model: str):
@@ -33,20 +33,17 @@ def plan_arguments(p):
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="16 = unquantized bf16/fp16")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--ctx", type=int, default=2048, help="context length to reserve KV cache for")
-    p.add_argument("--gpu-mem", default=None, help="budget of cuda:0, e.g. 6GiB")
-    p.add_argument("--max-memory", default=None, help="per device, e.g. cuda:0=6GiB,cuda:1=8GiB,cpu=12GiB")
+    placement_arguments(p)
     p.add_argument("--kv-int8", action="store_true", help="plan an INT8 KV cache")
     p.add_argument("--json", action="store_true")
 
 
 def plan_main(args) -> int:
     cfg = model_config(args.model)
-    budgets = parse_max_memory(args.max_memory) if args.max_memory else detect_budgets()
-    if args.gpu_mem:
-        budgets["cuda:0"] = parse_size(args.gpu_mem)
+    budgets = budgets_from_arguments(args) or detect_budgets()
     bits = None if args.bits == 16 else args.bits
     p = plan(cfg, budgets, args.ctx, bits, args.group_size, kv_dtype="int8" if args.kv_int8 else None,
-             mapped_embeddings=embeddings_will_map(args.model))
+             mapped_embeddings=embeddings_will_map(args.model), stream=args.stream)
     rss = None
     if Path(args.model).is_dir():  # a checkpoint at hand: its own tensors, run entirely on the CPU
         from .memory import predict_rss
@@ -65,7 +62,10 @@ def plan_main(args) -> int:
     for d in p.devices:
         b = p.blocks[d]
         rng = f"{b[0]}-{b[-1]}" if b else "-"
-        print(f"{d:10s} {rng:>12s} {p.bytes[d] / 2**30:9.2f}G {p.budgets[d] / 2**30:9.2f}G")
+        if d in p.bytes:
+            print(f"{d:10s} {rng:>12s} {p.bytes[d] / 2**30:9.2f}G {p.budgets[d] / 2**30:9.2f}G")
+        else:  # a stream: target's memory is counted on its two physical devices
+            print(f"{d:10s} {rng:>12s} {'(weights in cpu, run on ' + d.removeprefix('stream:') + ')':>21s}")
     print(f"embeddings on {p.embeddings_device}, output layer on {p.output_device}")
     print(f"expected decode ≈ {p.decode_ms:.0f} ms/token (weights streamed at each device's bandwidth)")
     print(f"placement: {p.placement()}")

@@ -128,3 +128,54 @@ def test_loader_puts_tensors_where_the_planner_counts_them():
     assert _target_device("embed.weight", devs, devs[0], tied=True).type == "cuda"
     p = plan(cfg("chatglm-6b"), {"cuda:0": 2 * GiB, "cpu": 16 * GiB}, ctx=2048)
     assert p.embeddings_device == p.output_device == "cuda:0"
+
+
+def test_streaming_plan_puts_what_does_not_fit_through_the_gpu():
+    p = plan(cfg("glm-4-9b-chat"), {"cuda:0": 3 * GiB, "cpu": 16 * GiB}, ctx=2048, stream=True)
+    st = p.blocks["stream:cuda:0"]
+    assert st and st[0] == p.blocks["cuda:0"][-1] + 1  # contiguous after the resident ones
+    assert p.placement().startswith(f"cuda:0=0-{st[0] - 1},stream:cuda:0={st[0]}-")
+    modes = p.as_dict()["modes"]
+    assert modes["0"] == "resident" and modes[str(st[0])] == "streamed" and len(modes) == 40
+    assert any("streamed" in n for n in p.notes)
+    # without a GPU there is nothing to stream through
+    assert "stream:cpu" not in plan(cfg("chatglm3-6b"), {"cpu": 16 * GiB}, stream=True).blocks
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_streamed_blocks_compute_what_resident_ones_do(quantized, tiny, tmp_path):
+    """Streaming mechanics on the CPU (no GPU here: the copies are CPU to CPU, no side stream): a block whose
+    weights live in host copies gives the same logits and tokens as a resident one, and its weights are the
+    host copies again after each forward."""
+    import torch
+
+    import lowvram
+    from lowvram.converters.quantize import quantize
+    from lowvram.streaming import StreamedBlock
+
+    src = tiny("chatglm3-6b", hidden_size=128, ffn_hidden_size=256)
+    if quantized:
+        quantize(src, tmp_path / "q", bits=4, group_size=32, progress=False)
+        src = tmp_path / "q"
+    ids = list(range(3, 30))
+    ref = lowvram.load(src, dtype="float32")
+    m = lowvram.load(src, dtype="float32", placement="cpu=0-0,stream:cpu=1-1")
+    sb = m.net.layers[1]
+    assert isinstance(sb, StreamedBlock) and m.report["streamed_layers"] == [1] and sb.next is None
+    assert torch.equal(m.logits(ids), ref.logits(ids))
+    assert m.generate(ids, max_new_tokens=6) == ref.generate(ids, max_new_tokens=6)
+    assert sb.block.attn_norm.weight is sb.host[[k for _, k in sb.slots].index("weight")]
+    if quantized and lowvram.kernels.native.fast():  # bf16 on the CPU: the native kernel holds raw pointers
+        with pytest.raises(ValueError, match="cannot stream a block computed by .*native"):
+            lowvram.load(src, placement="cpu=0-0,stream:cpu=1-1")
+
+
+def test_chat_and_bench_take_the_planner_flags(tiny):
+    """`lowvram bench --max-memory` plans the placement like `lowvram plan` (a CPU-only budget here)."""
+    src = tiny("chatglm3-6b", hidden_size=128, ffn_hidden_size=256)
+    r = subprocess.run([sys.executable, "-m", "lowvram.cli", "bench", str(src), "--prompt-len", "8", "--decode-steps",
+                        "2", "--max-memory", "cpu=8GiB", "--ctx", "64", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["decode_ms_median"] > 0
+    h = subprocess.run([sys.executable, "-m", "lowvram.cli", "chat", "--help"], capture_output=True, text=True).stdout
+    assert "--gpu-mem" in h and "--max-memory" in h and "--stream" in h

@@ -266,7 +266,9 @@ class GLM(nn.Module):
         self.prefix = PrefixEncoder(cfg) if cfg.pre_seq_len else None
 
     def layer_device(self, i: int) -> torch.device:
-        return self.layers[i].attn_norm.weight.device
+        """Where block i computes (a streamed block keeps its weights on the CPU but runs on `.device`)."""
+        layer = self.layers[i]
+        return layer.attn_norm.weight.device if isinstance(layer, Block) else layer.device
 
     def hidden(self, x, pos, caches=None, start=0, mask=None):
         """Final-norm hidden states for embeddings or ids `x` at positions `pos`.

@@ -1,0 +1,127 @@
+"""Streamed blocks: weights kept in (pinned) CPU memory and copied to the GPU just before the block runs.
+
+For prompt-heavy work on a GPU too small for the model. A block that does not fit still computes on the
+GPU, its weights crossing PCIe once per forward: a GLM-4-9B INT4 block is ~120 MB, ~5 ms at 25 GB/s,
+far less than a 512-token prompt takes through that block on a CPU. The next streamed block's copy runs
+on a side stream while this one computes. Decode gains nothing over a CPU-resident block (the copy
+is per token, at about the CPU's own memory bandwidth), so blocks are streamed only when asked:
+placement targets `stream:cuda:0=30-39`, or `plan(..., stream=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .kernels import PackedWeight
+
+# Backends that hand raw pointers of their weights to native code: their tensors cannot be swapped.
+_POINTER_BACKENDS = ("kernels.native", "kernels.ort")
+
+
+def tensor_slots(module: nn.Module) -> list[tuple[object, str]]:
+    """Every tensor a block holds, as (owner, key): parameters and buffers (owner = the module's dict),
+    tensor attributes of quantized modules and the fields of their PackedWeights."""
+    slots: list[tuple[object, str]] = []
+    for m in module.modules():
+        if type(m).__module__.endswith(_POINTER_BACKENDS):
+            raise ValueError(f"cannot stream a block computed by {type(m).__module__} (it holds raw pointers); "
+                             "streamed blocks run on a GPU backend")
+        for d in (m._parameters, m._buffers):
+            slots += [(d, k) for k, v in d.items() if v is not None]
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor):
+                slots.append((m, k))
+            elif isinstance(v, PackedWeight):
+                slots += [(v, f.name) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor)]
+    return slots
+
+
+def _get(owner, key):
+    return owner[key] if isinstance(owner, dict) else getattr(owner, key)
+
+
+def _set(owner, key, value):
+    if isinstance(owner, dict):
+        owner[key] = value
+    else:
+        object.__setattr__(owner, key, value)
+
+
+def offload(module: nn.Module, pin: bool) -> None:
+    """Move every tensor of `module` to CPU memory (page-locked when `pin`, so copies to a GPU can overlap)."""
+    for owner, key in tensor_slots(module):
+        t = _get(owner, key).detach().cpu()
+        _set(owner, key, t.pin_memory() if pin else t)
+
+
+_side_streams: dict[torch.device, object] = {}
+
+
+class StreamedBlock(nn.Module):
+    """A block whose weights live on the CPU and are copied to `device` for each forward."""
+
+    def __init__(self, block: nn.Module, device: torch.device):
+        super().__init__()
+        self.block = block
+        self.device = torch.device(device)
+        offload(block, pin=self.device.type == "cuda")
+        self.slots = tensor_slots(block)
+        self.host = [_get(o, k) for o, k in self.slots]
+        # the next streamed block, prefetched while this one runs (a plain attribute, not a submodule)
+        object.__setattr__(self, "next", None)
+        self._staged = None
+        self._event = None
+
+    def prefetch(self) -> None:
+        """Start copying the weights to the device (on a side stream on CUDA); no-op if already staged."""
+        if self._staged is not None:
+            return
+        if self.device.type == "cuda":
+            side = _side_streams.setdefault(self.device, torch.cuda.Stream(self.device))
+            with torch.cuda.stream(side):
+                self._staged = [t.to(self.device, non_blocking=True) for t in self.host]
+                self._event = torch.cuda.Event()
+                self._event.record(side)
+        else:
+            self._staged = [t.to(self.device, copy=True) for t in self.host]
+
+    def forward(self, *args, **kw):
+        self.prefetch()
+        staged, event = self._staged, self._event
+        self._staged = self._event = None
+        if event is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(event)
+            for t in staged:  # allocated on the side stream, used on this one: keep them until it is done
+                t.record_stream(main)
+        if self.next is not None:
+            self.next.prefetch()
+        for (o, k), t in zip(self.slots, staged):
+            _set(o, k, t)
+        try:
+            return self.block(*args, **kw)
+        finally:
+            for (o, k), t in zip(self.slots, self.host):
+                _set(o, k, t)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # attn_norm, mlp, ...: the wrapped block's
+            if "block" not in self._modules:
+                raise
+            return getattr(self._modules["block"], name)
+
+
+def stream_blocks(net, streamed: dict[int, torch.device]) -> None:
+    """Wrap the blocks `streamed` maps to their compute device, each linked to the next for prefetching."""
+    prev = None
+    for i in sorted(streamed):
+        sb = StreamedBlock(net.layers[i], streamed[i])
+        net.layers[i] = sb
+        if prev is not None:
+            object.__setattr__(prev, "next", sb)
+        prev = sb
