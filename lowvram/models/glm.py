@@ -44,8 +44,7 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        y = fused.rms_norm(x, self.weight, self.eps)
-        if y is not None:
+        if (y := fused.rms_norm(x, self.weight, self.eps)) is not None:
             return y
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
