@@ -19,7 +19,7 @@
  * Three paths, the best the CPU has: AVX512-VNNI (vpdpbusd), AVX2 (vpmaddubsw for 4-bit weights,
  * vpmaddwd on int16 activations for 8-bit ones: AMD Zen 2-4 and most laptop CPUs have no VNNI), and
  * portable C, which is correct but not fast (the Python side prefers ONNX Runtime there). All three
- * compute the same integer dot products; only the float summation order differs.
+ * compute the same integer dot products); only the float summation order differs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -71,6 +71,25 @@ static uint16_t f2bf(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     u += 0x7fff + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
+}
+
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Where the kernel writes its results: float32 (t = 0) or bf16 (t = 1), so a bf16 model's output needs
+ * no float copy of the whole [M][N] result. */
+typedef struct {
+    void *p;
+    int t;
+} out_t;
+
+static inline void put(out_t y, int64_t i, float v) {
+    if (y.t == 1) ((uint16_t *)y.p)[i] = f2bf(v);
+    else ((float *)y.p)[i] = v;
 }
 
 static int has_vnni_cpu(void) {
@@ -414,7 +433,7 @@ AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x
 
 AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx, const float *xsum, int64_t M,
                            int64_t K, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits,
-                           int group, int64_t n0, int64_t n1, int64_t N, const float *bias, float *y) {
+                           int group, int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
     if (M == 1 && group >= BLK) {
@@ -426,13 +445,13 @@ AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx
             float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2);
             float r0, r1;
             pair_avx2(xq, x16, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
-            y[na] = r0 - c0 + (bias ? bias[na] : 0.f);
-            y[nb2] = r1 - c1 + (bias ? bias[nb2] : 0.f);
+            put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
+            put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
         }
         if ((n1 - n0) & 1) {
             int64_t n = n1 - 1;
             float c = row_prep_avx2(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, cs);
-            y[n] = row_dot_avx2(w + n * rowbytes, xq, x16, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f);
+            put(y, n, row_dot_avx2(w + n * rowbytes, xq, x16, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f));
         }
         free(sf2);
         free(cs2);
@@ -450,15 +469,15 @@ AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx
                         c[i] = row_prep_avx2(scales + n * G, zeros + n * G, sx + (m + i) * nb, xsum + (m + i) * G, G,
                                              nb, group, sf, cs4 + i * nb);
                     quad_avx2(w + n * rowbytes, xq + m * K, x16 ? x16 + m * K : NULL, K, cs4, nb, bits, r);
-                    for (int i = 0; i < LVQ_MR; i++) y[(m + i) * N + n] = r[i] - c[i] + (bias ? bias[n] : 0.f);
+                    for (int i = 0; i < LVQ_MR; i++) put(y, (m + i) * N + n, r[i] - c[i] + (bias ? bias[n] : 0.f));
                 }
             for (; m < M; m++) {
                 const int8_t *xm = xq + m * K;
                 const int16_t *x16m = x16 ? x16 + m * K : NULL;
                 for (int64_t n = t0; n < t1; n++) {
                     float c = row_prep_avx2(scales + n * G, zeros + n * G, sx + m * nb, xsum + m * G, G, nb, group, sf, cs);
-                    y[m * N + n] = row_dot_avx2(w + n * rowbytes, xm, x16m, sx + m * nb, sf, cs, nb, bits, group) - c +
-                                   (bias ? bias[n] : 0.f);
+                    put(y, m * N + n, row_dot_avx2(w + n * rowbytes, xm, x16m, sx + m * nb, sf, cs, nb, bits, group) - c +
+                                   (bias ? bias[n] : 0.f));
                 }
             }
         }
@@ -472,7 +491,7 @@ AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx
 /* The portable path: the same arithmetic in plain C. */
 static void rows_generic(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K,
                          const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits, int group,
-                         int64_t n0, int64_t n1, int64_t N, const float *bias, float *y) {
+                         int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)malloc(sizeof(float) * G);
     int32_t *q = (int32_t *)malloc(sizeof(int32_t) * BLK);
@@ -496,7 +515,7 @@ static void rows_generic(const int8_t *xq, const float *sx, const float *xsum, i
             }
             const float *xs = xsum + m * G;
             for (int64_t g = 0; g < G; g++) acc -= (double)sf[g] * zeros[n * G + g] * xs[g];
-            y[m * N + n] = (float)acc + (bias ? bias[n] : 0.f);
+            put(y, m * N + n, (float)acc + (bias ? bias[n] : 0.f));
         }
     }
     free(q);
@@ -575,7 +594,7 @@ static float row_prep(const uint16_t *sr, const uint8_t *zr, const float *sxm, c
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
 static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K,
                       const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits, int group,
-                      int64_t n0, int64_t n1, int64_t N, const float *bias, float *y) {
+                      int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
     float *cs = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
@@ -594,8 +613,8 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
             float c1 = row_prep(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2);
             float r0, r1;
             pair_vnni(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
-            y[na] = r0 - c0 + (bias ? bias[na] : 0.f);
-            y[nb2] = r1 - c1 + (bias ? bias[nb2] : 0.f);
+            put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
+            put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
         }
         n = n0 + 2 * h;
         free(cs2);
@@ -668,7 +687,7 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
             }
 #undef LVQ_LOAD
             acc = _mm512_add_ps(acc, acc2);
-            y[m * N + n] = _mm512_reduce_add_ps(acc) - corr + (bias ? bias[n] : 0.f);
+            put(y, m * N + n, _mm512_reduce_add_ps(acc) - corr + (bias ? bias[n] : 0.f));
         }
     }
     free(cs);
@@ -684,26 +703,32 @@ static int check_shape(int64_t K, int bits, int group) {
     return 0;
 }
 
-static int gemm_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *scales,
-                    const uint8_t *zeros, int64_t N, int bits, int group, const float *bias, float *y, int nthreads) {
+static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, const uint16_t *scales,
+                const uint8_t *zeros, int64_t N, int bits, int group, const float *bias, out_t y, int nthreads) {
     int64_t nb = K / BLK, G = K / group;
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 127) / 64 * 64));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * G));
     int isa = lvq_isa();
     int16_t *x16 = isa == ISA_AVX2 && bits == 8 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K)) : NULL;
+    float *row = xt == 1 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL; /* one bf16 row as float */
     for (int64_t m = 0; m < M; m++) {
+        const float *xr = (const float *)x + m * K;
+        if (xt == 1) {
+            for (int64_t k = 0; k < K; k++) row[k] = bf2f(((const uint16_t *)x)[m * K + k]);
+            xr = row;
+        }
 #ifdef LVQ_X86
         if (isa == ISA_VNNI) {
-            quant_x_avx512(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+            quant_x_avx512(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
             continue;
         }
         if (isa == ISA_AVX2) {
-            quant_x_avx2(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G, x16 ? x16 + m * K : NULL);
+            quant_x_avx2(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G, x16 ? x16 + m * K : NULL);
             continue;
         }
 #endif
-        quant_x(x + m * K, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+        quant_x(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
     }
     if (nthreads < 1) nthreads = 1;
     /* Rows in chunks handed out dynamically: a thread that loses its core to another process
@@ -723,6 +748,7 @@ static int gemm_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, cons
 #endif
             rows_generic(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
     }
+    free(row);
     free(x16);
     free(xsum);
     free(sx);
@@ -737,26 +763,8 @@ int lvq_gemm(const void *x, int xtype, int64_t M, int64_t K, const uint8_t *w, c
              int nthreads) {
     int rc = check_shape(K, bits, group);
     if (rc) return rc;
-    const float *xf = (const float *)x;
-    float *tmpx = NULL, *yf = (float *)y, *tmpy = NULL;
-    if (xtype == 1) {
-        const uint16_t *xb = (const uint16_t *)x;
-        tmpx = (float *)malloc(sizeof(float) * (size_t)(M * K));
-        for (int64_t i = 0; i < M * K; i++) {
-            uint32_t u = (uint32_t)xb[i] << 16;
-            memcpy(tmpx + i, &u, 4);
-        }
-        xf = tmpx;
-    }
-    if (ytype == 1) yf = tmpy = (float *)malloc(sizeof(float) * (size_t)(M * N));
-    rc = gemm_f32(xf, M, K, w, scales, zeros, N, bits, group, bias, yf, nthreads);
-    if (ytype == 1) {
-        uint16_t *yb = (uint16_t *)y;
-        for (int64_t i = 0; i < M * N; i++) yb[i] = f2bf(tmpy[i]);
-    }
-    free(tmpx);
-    free(tmpy);
-    return rc;
+    out_t out = {y, ytype};
+    return gemm(x, xtype, M, K, w, scales, zeros, N, bits, group, bias, out, nthreads);
 }
 
 #ifdef LVQ_X86
@@ -886,13 +894,6 @@ int lvq_repack(const int32_t *qweight, int64_t K, int64_t N, int bits, const int
  * attention over the cache, SwiGLU); at 5-100 us each on this VM's CPUs that was 25-35 ms a token,
  * a fifth of the whole step. These do the same float32 math in one call each. Tensors are float32
  * (type 0) or bf16 (type 1), contiguous. */
-
-static inline float bf2f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline float ldf(const void *p, int t, int64_t i) {
     return t == 1 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
