@@ -162,6 +162,17 @@ static void quant_x(const float *x, int64_t K, int group, int8_t *xq, float *sx,
 
 
 #ifdef LVQ_X86
+/* xsum[g] += s * (the codes of group g within block b), from part[j] = the sum of the block's codes
+ * j*width .. (j+1)*width-1 (width 16 or 32, dividing every group size the kernel takes). */
+static void add_xsums(const int32_t *part, int width, int group, int64_t b, float s, float *xsum) {
+    int sub = group < BLK ? group : BLK;
+    for (int k0 = 0; k0 < BLK; k0 += sub) {
+        int acc = 0;
+        for (int j = k0 / width; j < (k0 + sub) / width; j++) acc += part[j];
+        xsum[(b * BLK + k0) / group] += (float)acc * s;
+    }
+}
+
 /* quant_x on AVX512: the same rounding (nearest, ties to even) and the same sums. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 static void quant_x_avx512(const float *x, int64_t K, int group, int8_t *xq, float *sx, float *xsum) {
@@ -186,21 +197,14 @@ static void quant_x_avx512(const float *x, int64_t K, int group, int8_t *xq, flo
             _mm_storeu_si128((__m128i *)(xq + b * BLK + 16 * j), _mm512_cvtepi32_epi8(q));
             part[j] = _mm512_reduce_add_epi32(q);
         }
-        int sub = group < BLK ? group : BLK;
-        for (int k0 = 0; k0 < BLK; k0 += sub) {
-            int acc = 0;
-            for (int j = k0 / 16; j < (k0 + sub) / 16; j++) acc += part[j];
-            xsum[(b * BLK + k0) / group] += (float)acc * s;
-        }
+        add_xsums(part, 16, group, b, s, xsum);
     }
 }
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
-/* quant_x on AVX2, the same rounding and sums; x16 (may be NULL) gets the codes widened to int16 for
- * the 8-bit weight path. */
-AVX2 static void quant_x_avx2(const float *x, int64_t K, int group, int8_t *xq, float *sx, float *xsum,
-                              int16_t *x16) {
+/* quant_x on AVX2: the same rounding and sums. */
+AVX2 static void quant_x_avx2(const float *x, int64_t K, int group, int8_t *xq, float *sx, float *xsum) {
     int64_t nb = K / BLK, G = K / group;
     for (int64_t g = 0; g < G; g++) xsum[g] = 0.f;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -235,17 +239,8 @@ AVX2 static void quant_x_avx2(const float *x, int64_t K, int group, int8_t *xq, 
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
             p = _mm256_permutevar8x32_epi32(p, order);
             _mm256_storeu_si256((__m256i *)(xq + b * BLK + 32 * j), p);
-            if (x16) {
-                _mm256_storeu_si256((__m256i *)(x16 + b * BLK + 32 * j), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(p)));
-                _mm256_storeu_si256((__m256i *)(x16 + b * BLK + 32 * j + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(p, 1)));
-            }
         }
-        int sub = group < BLK ? group : BLK;
-        for (int k0 = 0; k0 < BLK; k0 += sub) {
-            int acc = 0;
-            for (int j = k0 / 32; j < (k0 + sub) / 32; j++) acc += part[j];
-            xsum[(b * BLK + k0) / group] += (float)acc * s;
-        }
+        add_xsums(part, 32, group, b, s, xsum);
     }
 }
 
@@ -257,21 +252,23 @@ AVX2 static inline float hsum256(__m256 v) {
 }
 
 /* row_prep for the AVX2 path. */
+/* zshift: 128 for 8-bit weights, whose dot products are taken on q - 128 (part_q8). */
 AVX2 static float row_prep_avx2(const uint16_t *sr, const uint8_t *zr, const float *sxm, const float *xs, int64_t G,
-                                int64_t nb, int group, float *sf, float *cs) {
+                                int64_t nb, int group, float *sf, float *cs, float zshift) {
     int64_t g = 0;
     __m256 c8 = _mm256_setzero_ps();
     for (; g + 8 <= G; g += 8) {
         __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + g)));
         _mm256_storeu_ps(sf + g, s8);
-        __m256 z8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
+        __m256 z8 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g)))),
+                                  _mm256_set1_ps(zshift));
         c8 = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(xs + g), c8);
         if (group == BLK) _mm256_storeu_ps(cs + g, _mm256_mul_ps(s8, _mm256_loadu_ps(sxm + g)));
     }
     float c = hsum256(c8);
     for (int64_t g1 = g; g1 < G; g1++) {
         sf[g1] = _cvtsh_ss(sr[g1]);
-        c += sf[g1] * (float)zr[g1] * xs[g1];
+        c += sf[g1] * ((float)zr[g1] - zshift) * xs[g1];
         if (group == BLK) cs[g1] = sf[g1] * sxm[g1];
     }
     if (group != BLK)
@@ -292,16 +289,17 @@ AVX2 static inline void parts_q4(const uint8_t *wb, const int8_t *xb, __m256i p[
     p[3] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), _mm256_loadu_si256((const __m256i *)(xb + 96)));
 }
 
-/* 8-bit codes reach 255, so vpmaddubsw could saturate: widen to int16 and use vpmaddwd (int32 sums). */
-AVX2 static inline __m256i part_q8(const uint8_t *wp, const int16_t *x16p) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)wp);
-    __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), _mm256_loadu_si256((const __m256i *)x16p));
-    __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)), _mm256_loadu_si256((const __m256i *)(x16p + 16)));
-    return _mm256_add_epi32(lo, hi);
+/* 8-bit codes reach 255, so vpmaddubsw on them could saturate. Instead: q - 128 (signed) against the
+ * activations by vpmaddubsw(|q - 128|, x * sign(q - 128)): |q - 128| <= 128 as unsigned, |x| <= 127,
+ * pair sums <= 32512. The 128 * sum(x) left out goes into the zero-point term (zero - 128, row_prep). */
+AVX2 static inline __m256i part_q8(const uint8_t *wp, const int8_t *xp) {
+    __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wp), _mm256_set1_epi8((char)0x80));
+    __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xp), q);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), x), _mm256_set1_epi16(1));
 }
 
 /* The dot product of one whole block as 8 int32 lanes. */
-AVX2 static inline __m256i block_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_t *x16, int64_t b, int bits) {
+AVX2 static inline __m256i block_dot_avx2(const uint8_t *wr, const int8_t *xm, int64_t b, int bits) {
     if (bits == 4) {
         __m256i p[4];
         parts_q4(wr + b * 64, xm + b * BLK, p);
@@ -309,7 +307,7 @@ AVX2 static inline __m256i block_dot_avx2(const uint8_t *wr, const int8_t *xm, c
         return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
     }
     const uint8_t *wb = wr + b * BLK;
-    const int16_t *xb = x16 + b * BLK;
+    const int8_t *xb = xm + b * BLK;
     return _mm256_add_epi32(_mm256_add_epi32(part_q8(wb, xb), part_q8(wb + 32, xb + 32)),
                             _mm256_add_epi32(part_q8(wb + 64, xb + 64), part_q8(wb + 96, xb + 96)));
 }
@@ -327,7 +325,7 @@ AVX2 static inline void prefetch_block(const uint8_t *wr, int64_t b, int bits) {
 }
 
 /* One weight row against one activation row; cs/sf/sxm as in rows_vnni. */
-AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_t *x16, const float *sxm,
+AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float *sxm,
                                const float *sf, const float *cs, int64_t nb, int bits, int group) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const __m256i one = _mm256_set1_epi16(1);
@@ -336,11 +334,11 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_
         for (; b + 2 <= nb; b += 2) {
             prefetch_block(wr, b, bits);
             prefetch_block(wr, b + 1, bits);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, x16, b, bits)), _mm256_set1_ps(cs[b]), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, x16, b + 1, bits)), _mm256_set1_ps(cs[b + 1]), a1);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b, bits)), _mm256_set1_ps(cs[b]), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b + 1, bits)), _mm256_set1_ps(cs[b + 1]), a1);
         }
         for (; b < nb; b++)
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, x16, b, bits)), _mm256_set1_ps(cs[b]), a0);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b, bits)), _mm256_set1_ps(cs[b]), a0);
     } else {
         for (int64_t b = 0; b < nb; b++) {
             __m256i d[4];
@@ -349,7 +347,7 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_
                 parts_q4(wr + b * 64, xm + b * BLK, d);
                 for (int i = 0; i < 4; i++) d[i] = _mm256_madd_epi16(d[i], one);
             } else {
-                for (int i = 0; i < 4; i++) d[i] = part_q8(wr + b * BLK + 32 * i, x16 + b * BLK + 32 * i);
+                for (int i = 0; i < 4; i++) d[i] = part_q8(wr + b * BLK + 32 * i, xm + b * BLK + 32 * i);
             }
             float sb = sxm[b];
             if (group == 64) {
@@ -368,7 +366,7 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const int16_
 }
 
 /* Two rows at once (decode, groups >= 128), as pair_vnni: two distant weight streams per thread. */
-AVX2 static void pair_avx2(const int8_t *xm, const int16_t *x16, const uint8_t *w0, const uint8_t *w1,
+AVX2 static void pair_avx2(const int8_t *xm, const uint8_t *w0, const uint8_t *w1,
                            const float *c0, const float *c1, int64_t nb, int bits, float *r0, float *r1) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
     int64_t b = 0;
@@ -377,14 +375,14 @@ AVX2 static void pair_avx2(const int8_t *xm, const int16_t *x16, const uint8_t *
         prefetch_block(w1, b, bits);
         prefetch_block(w0, b + 1, bits);
         prefetch_block(w1, b + 1, bits);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, x16, b, bits)), _mm256_set1_ps(c0[b]), a0);
-        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, x16, b, bits)), _mm256_set1_ps(c1[b]), b0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, x16, b + 1, bits)), _mm256_set1_ps(c0[b + 1]), a1);
-        b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, x16, b + 1, bits)), _mm256_set1_ps(c1[b + 1]), b1);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, b, bits)), _mm256_set1_ps(c0[b]), a0);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, b, bits)), _mm256_set1_ps(c1[b]), b0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, b + 1, bits)), _mm256_set1_ps(c0[b + 1]), a1);
+        b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, b + 1, bits)), _mm256_set1_ps(c1[b + 1]), b1);
     }
     for (; b < nb; b++) {
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, x16, b, bits)), _mm256_set1_ps(c0[b]), a0);
-        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, x16, b, bits)), _mm256_set1_ps(c1[b]), b0);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w0, xm, b, bits)), _mm256_set1_ps(c0[b]), a0);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(w1, xm, b, bits)), _mm256_set1_ps(c1[b]), b0);
     }
     *r0 = hsum256(_mm256_add_ps(a0, a1));
     *r1 = hsum256(_mm256_add_ps(b0, b1));
@@ -392,7 +390,7 @@ AVX2 static void pair_avx2(const int8_t *xm, const int16_t *x16, const uint8_t *
 
 /* Prompts, groups >= 128: one weight row against four activation rows, so each weight block is unpacked
  * once and feeds four dot products. cs4 [4][nb]: the weight row's block scales times each activation row's. */
-AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x16, int64_t K, const float *cs4,
+AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, int64_t K, const float *cs4,
                            int64_t nb, int bits, float *out) {
     __m256 acc[LVQ_MR];
     for (int r = 0; r < LVQ_MR; r++) acc[r] = _mm256_setzero_ps();
@@ -413,17 +411,18 @@ AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, one)), _mm256_set1_ps(cs4[r * nb + b]), acc[r]);
             }
         } else {
-            __m256i q[8];
+            __m256i q[4], aq[4];
             for (int i = 0; i < 4; i++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(wr + b * BLK + 32 * i));
-                q[2 * i] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
-                q[2 * i + 1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+                q[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + b * BLK + 32 * i)), _mm256_set1_epi8((char)0x80));
+                aq[i] = _mm256_abs_epi8(q[i]);
             }
             for (int r = 0; r < LVQ_MR; r++) {
-                const int16_t *xb = x16 + r * K + b * BLK;
-                __m256i d = _mm256_madd_epi16(q[0], _mm256_loadu_si256((const __m256i *)xb));
-                for (int i = 1; i < 8; i++)
-                    d = _mm256_add_epi32(d, _mm256_madd_epi16(q[i], _mm256_loadu_si256((const __m256i *)(xb + 16 * i))));
+                const int8_t *xb = x0 + r * K + b * BLK;
+                __m256i d = _mm256_setzero_si256();
+                for (int i = 0; i < 4; i++) {
+                    __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xb + 32 * i)), q[i]);
+                    d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(aq[i], x), one));
+                }
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(cs4[r * nb + b]), acc[r]);
             }
         }
@@ -431,27 +430,28 @@ AVX2 static void quad_avx2(const uint8_t *wr, const int8_t *x0, const int16_t *x
     for (int r = 0; r < LVQ_MR; r++) out[r] = hsum256(acc[r]);
 }
 
-AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx, const float *xsum, int64_t M,
+AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum, int64_t M,
                            int64_t K, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits,
                            int group, int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
+    const float zs = bits == 8 ? 128.f : 0.f; /* see part_q8 */
     if (M == 1 && group >= BLK) {
         float *sf2 = (float *)malloc(sizeof(float) * G), *cs2 = (float *)malloc(sizeof(float) * nb);
         int64_t h = (n1 - n0) / 2;
         for (int64_t i = 0; i < h; i++) {
             int64_t na = n0 + i, nb2 = n0 + h + i;
-            float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs);
-            float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2);
+            float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, zs);
+            float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, zs);
             float r0, r1;
-            pair_avx2(xq, x16, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
+            pair_avx2(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
             put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
             put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
         }
         if ((n1 - n0) & 1) {
             int64_t n = n1 - 1;
-            float c = row_prep_avx2(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, cs);
-            put(y, n, row_dot_avx2(w + n * rowbytes, xq, x16, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f));
+            float c = row_prep_avx2(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, cs, zs);
+            put(y, n, row_dot_avx2(w + n * rowbytes, xq, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f));
         }
         free(sf2);
         free(cs2);
@@ -467,16 +467,15 @@ AVX2 static void rows_avx2(const int8_t *xq, const int16_t *x16, const float *sx
                     float c[LVQ_MR], r[LVQ_MR];
                     for (int i = 0; i < LVQ_MR; i++)
                         c[i] = row_prep_avx2(scales + n * G, zeros + n * G, sx + (m + i) * nb, xsum + (m + i) * G, G,
-                                             nb, group, sf, cs4 + i * nb);
-                    quad_avx2(w + n * rowbytes, xq + m * K, x16 ? x16 + m * K : NULL, K, cs4, nb, bits, r);
+                                             nb, group, sf, cs4 + i * nb, zs);
+                    quad_avx2(w + n * rowbytes, xq + m * K, K, cs4, nb, bits, r);
                     for (int i = 0; i < LVQ_MR; i++) put(y, (m + i) * N + n, r[i] - c[i] + (bias ? bias[n] : 0.f));
                 }
             for (; m < M; m++) {
                 const int8_t *xm = xq + m * K;
-                const int16_t *x16m = x16 ? x16 + m * K : NULL;
                 for (int64_t n = t0; n < t1; n++) {
-                    float c = row_prep_avx2(scales + n * G, zeros + n * G, sx + m * nb, xsum + m * G, G, nb, group, sf, cs);
-                    put(y, m * N + n, row_dot_avx2(w + n * rowbytes, xm, x16m, sx + m * nb, sf, cs, nb, bits, group) - c +
+                    float c = row_prep_avx2(scales + n * G, zeros + n * G, sx + m * nb, xsum + m * G, G, nb, group, sf, cs, zs);
+                    put(y, m * N + n, row_dot_avx2(w + n * rowbytes, xm, sx + m * nb, sf, cs, nb, bits, group) - c +
                                    (bias ? bias[n] : 0.f));
                 }
             }
@@ -710,7 +709,6 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * G));
     int isa = lvq_isa();
-    int16_t *x16 = isa == ISA_AVX2 && bits == 8 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K)) : NULL;
     float *row = xt == 1 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL; /* one bf16 row as float */
     for (int64_t m = 0; m < M; m++) {
         const float *xr = (const float *)x + m * K;
@@ -724,7 +722,7 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
             continue;
         }
         if (isa == ISA_AVX2) {
-            quant_x_avx2(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G, x16 ? x16 + m * K : NULL);
+            quant_x_avx2(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
             continue;
         }
 #endif
@@ -743,13 +741,12 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
         if (isa == ISA_VNNI)
             rows_vnni(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
         else if (isa == ISA_AVX2)
-            rows_avx2(xq, x16, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
+            rows_avx2(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
         else
 #endif
             rows_generic(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
     }
     free(row);
-    free(x16);
     free(xsum);
     free(sx);
     free(xq);
