@@ -22,6 +22,7 @@ The peers are not dependencies; install them outside the repository, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -114,7 +115,7 @@ def write_chatglm_cpp(out: Path, bits: int, tokenizer: Path) -> Path:
     model = SimpleNamespace(config=conf, state_dict=lambda: LazyStateDict(shapes))
     tok = SimpleNamespace(tokenizer=SimpleNamespace(sp_model=spm.SentencePieceProcessor(model_file=str(tokenizer))))
     tmp = out.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as f, contextlib.redirect_stdout(sys.stderr):  # it prints a table of tensors to stdout
         cc.ChatGLM3Converter.convert(f, model, tok, cc.GGMLType[PEER_TYPE[bits].upper()])
     tmp.rename(out)
     return out
