@@ -44,14 +44,9 @@ def layer_devices(placement, device: str, num_layers: int) -> list[torch.device]
             raise ValueError(f"placement lists {len(placement)} devices for {num_layers} layers")
         return [torch.device(_phys(d)) for d in placement]
     out: list[torch.device | None] = [None] * num_layers
-    for part in str(placement).split(","):
-        target, _, rng = part.strip().partition("=")
-        if not rng:
-            raise ValueError(f"placement {placement!r}: expected TARGET=FIRST-LAST[,...], got {part!r}")
-        a, _, b = rng.partition("-")
-        first, last = int(a), int(b or a)
+    for target, first, last in _ranges(placement):
         if not 0 <= first <= last < num_layers:
-            raise ValueError(f"placement {placement!r}: range {rng} outside 0-{num_layers - 1}")
+            raise ValueError(f"placement {placement!r}: range {first}-{last} outside 0-{num_layers - 1}")
         for i in range(first, last + 1):
             out[i] = torch.device(_phys(target))
     gaps = [i for i, d in enumerate(out) if d is None]
@@ -66,17 +61,23 @@ def _phys(target: str) -> str:
     return "cpu" if target.startswith("cpu") else target
 
 
+def _ranges(placement: str) -> list[tuple[str, int, int]]:
+    """"cuda:0=0-19,cpu=20-39" -> [("cuda:0", 0, 19), ("cpu", 20, 39)]."""
+    out = []
+    for part in str(placement).split(","):
+        target, _, rng = part.strip().partition("=")
+        a, _, b = rng.partition("-")
+        if not rng or not a.isdigit() or not (b or a).isdigit():
+            raise ValueError(f"placement {placement!r}: expected TARGET=FIRST-LAST[,...], got {part!r}")
+        out.append((target, int(a), int(b or a)))
+    return out
+
+
 def streamed_layers(placement) -> set[int]:
     """Blocks of a placement string under a `stream:` target (weights in CPU memory, computed on the GPU)."""
     if not isinstance(placement, str):
         return set()
-    out: set[int] = set()
-    for part in placement.split(","):
-        target, _, rng = part.strip().partition("=")
-        if target.startswith("stream:"):
-            a, _, b = rng.partition("-")
-            out.update(range(int(a), int(b or a) + 1))
-    return out
+    return {i for target, a, b in _ranges(placement) if target.startswith("stream:") for i in range(a, b + 1)}
 
 
 def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None, placement=None,
