@@ -16,10 +16,10 @@
  * where xsum_g is the sum of the dequantized activations of group g: the result is exactly
  * W @ x_hat for the dequantized activations x_hat.
  *
- * Three paths, the best the CPU has: AVX512-VNNI (vpdpbusd), AVX2 (vpmaddubsw for 4-bit weights,
- * vpmaddwd on int16 activations for 8-bit ones: AMD Zen 2-4 and most laptop CPUs have no VNNI), and
+ * Three paths, the best the CPU has: AVX512-VNNI (vpdpbusd), AVX2 (vpmaddubsw; 8-bit codes as
+ * |q-128| against x*sign(q-128), see part_q8: AMD Zen 2-4 and most laptop CPUs have no VNNI), and
  * portable C, which is correct but not fast (the Python side prefers ONNX Runtime there). All three
- * compute the same integer dot products); only the float summation order differs.
+ * compute the same integer dot products; only the float summation order differs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
