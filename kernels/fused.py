@@ -17,6 +17,7 @@ from . import native
 
 _BF16 = 1
 _MAX_ELEMS = 1 << 16  # a decode step's rows; prompts keep torch's multithreaded ops
+_THREADS = int(os.environ.get("LOWVRAM_THREADS", 0))  # 0: OpenMP's default (torch runs 1 thread in decode)
 
 
 def _ok(x: torch.Tensor) -> bool:
@@ -62,5 +63,5 @@ def attend_one(cfg, qkv: torch.Tensor, rope, cache, start) -> torch.Tensor | Non
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     o = torch.empty(1, 1, H * D, dtype=qkv.dtype)
     native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
-                               kc.shape[2], start, _p(o), int(os.environ.get("LOWVRAM_THREADS", 0)))
+                               kc.shape[2], start, _p(o), _THREADS)
     return o

@@ -113,8 +113,8 @@ def _target_device(name: str, devs: list[torch.device], first: torch.device, tie
     norm and output layer on the first block's device (the fastest: accelerators come first in a plan);
     the word embeddings on the CPU (only looked up: one row per token travels), except a tied table
     (ChatGLM-6B), which is also the output layer."""
-    if name.startswith("layers."):
-        return devs[int(name.split(".")[1])]
+    if (i := _layer_of(name)) is not None:
+        return devs[i]
     if name.startswith("embed.") and not tied:
         return torch.device("cpu")
     return first
@@ -160,6 +160,13 @@ def mmap_embeddings_enabled() -> bool:
     import os
 
     return os.environ.get("LOWVRAM_MMAP_EMBEDDINGS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def embeddings_will_map(model: str | Path) -> bool:
+    """Whether a CPU run looks the embeddings up from the file: safetensors checkpoints (what `lowvram
+    quantize` writes, so also a known name's quantized output) unless LOWVRAM_MMAP_EMBEDDINGS=0."""
+    p = Path(model)
+    return mmap_embeddings_enabled() and (not p.is_dir() or any(p.glob("*.safetensors")))
 
 
 def embeddings_mappable(ckpt: Checkpoint, cfg: GLMConfig, first: torch.device) -> str | None:

@@ -223,13 +223,12 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
 
 
 def _auto_placement(cfg, max_memory, ctx, path=None, stream=False):
+    from .loading import embeddings_will_map
     from .placement import detect_budgets, parse_max_memory, plan
 
     budgets = parse_max_memory(max_memory) if isinstance(max_memory, str) else (max_memory or detect_budgets())
     q = cfg.quantization or {}
     bits = q.get("bits") or q.get("thudm_bits")
-    from .plan import embeddings_will_map
-
     p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128),
              mapped_embeddings=path is not None and embeddings_will_map(path), stream=stream)
     return p.placement(), p.devices[0]

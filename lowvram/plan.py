@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import load_config, parse_config
 from .known import known_config
+from .loading import embeddings_will_map
 from .placement import budgets_from_arguments, detect_budgets, placement_arguments, plan
 
 
@@ -17,15 +18,6 @@ def model_config(model: str):
     cfg = parse_config(known_config(model), f"known model {model}")
     cfg.generation = model.lower()
     return cfg
-
-
-def embeddings_will_map(model: str | Path) -> bool:
-    """Whether a CPU run looks the embeddings up from the file: safetensors checkpoints (what `lowvram
-    quantize` writes, so also a known name's quantized output) unless LOWVRAM_MMAP_EMBEDDINGS=0."""
-    from .loading import mmap_embeddings_enabled
-
-    p = Path(model)
-    return mmap_embeddings_enabled() and (not p.is_dir() or any(p.glob("*.safetensors")))
 
 
 def plan_arguments(p):

@@ -50,11 +50,14 @@ def _set(owner, key, value):
         object.__setattr__(owner, key, value)
 
 
-def offload(module: nn.Module, pin: bool) -> None:
-    """Move every tensor of `module` to CPU memory (page-locked when `pin`, so copies to a GPU can overlap)."""
-    for owner, key in tensor_slots(module):
+def offload(module: nn.Module, pin: bool) -> list[tuple[object, str]]:
+    """Move every tensor of `module` to CPU memory (page-locked when `pin`, so copies to a GPU can overlap);
+    returns its tensor slots."""
+    slots = tensor_slots(module)
+    for owner, key in slots:
         t = _get(owner, key).detach().cpu()
         _set(owner, key, t.pin_memory() if pin else t)
+    return slots
 
 
 _side_streams: dict[torch.device, object] = {}
@@ -67,8 +70,7 @@ class StreamedBlock(nn.Module):
         super().__init__()
         self.block = block
         self.device = torch.device(device)
-        offload(block, pin=self.device.type == "cuda")
-        self.slots = tensor_slots(block)
+        self.slots = offload(block, pin=self.device.type == "cuda")
         self.host = [_get(o, k) for o, k in self.slots]
         # the next streamed block, prefetched while this one runs (a plain attribute, not a submodule)
         object.__setattr__(self, "next", None)
