@@ -220,7 +220,7 @@ _V1 = [
     (r"transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(.+)", r"layers.\1.mlp.down.\2"),
     (r"transformer\.final_layernorm\.(.+)", r"norm.\1"),
     (r"transformer\.prefix_encoder\.(.+)", r"prefix.\1"),
-    (r"lm_head\.weight", None),  # tied to the embeddings
+    (r"lm_head\.(weight|weight_scale)", None),  # tied to the embeddings (quantized-embedding files: the same ints)
     (r".*rotary_emb\.inv_freq", None),
 ]
 _CHATGLM = [

@@ -96,6 +96,10 @@ def _parse_chatglm(cfg: dict, path: str) -> GLMConfig:
     heads = int(_req(cfg, path, "num_attention_heads"))
     layers = int(_req(cfg, path, "num_layers"))
     quant = {"thudm_bits": int(cfg["quantization_bit"])} if cfg.get("quantization_bit") else None
+    if quant and cfg.get("quantization_embeddings"):
+        # chatglm-6b-int4-qe: the word embeddings are THUDM-quantized too, and the original replaces the
+        # tied lm_head with a quantized linear over the same ints, so the head is untied here.
+        quant["embeddings"] = True
     quant = cfg.get("quantization_config") or quant
     common = dict(
         hidden_size=hidden,
@@ -129,7 +133,7 @@ def _parse_chatglm(cfg: dict, path: str) -> GLMConfig:
             linear_bias=True,
             # The original builds its blocks without num_layers, so alpha is always the 28-layer value.
             deepnorm_alpha=math.sqrt(2 * 28),
-            tie_word_embeddings=True,
+            tie_word_embeddings=not (quant or {}).get("embeddings"),
             prefix_hidden_size=hidden,
             eos_token_ids=_eos_list(cfg.get("eos_token_id", 130005)),
             gmask_token_id=int(cfg.get("gmask_token_id", 130001)),

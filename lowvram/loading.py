@@ -246,7 +246,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             return False
         for p in parts.values():
             need = {"qweight", "qzeros", "scales", "g_idx"} if "qweight" in p else {"weight", "weight_scale"}
-            if lin.bias is not None and lin.bias.is_meta:
+            if getattr(lin, "bias", None) is not None and lin.bias.is_meta:
                 need.add("bias")
             if not need <= p.keys():
                 return False
@@ -256,6 +256,8 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
     def build_quantized(mod_name: str):
         from .quantized import build_linear
 
+        if mod_name == "embed":
+            return build_quantized_embeddings(quant.pop(mod_name))
         parts = quant.pop(mod_name)  # the backend keeps its own copy: drop the file's at once
         lin = net.get_submodule(mod_name)
         dev = _target_device(mod_name + ".weight", devs, first, cfg.tie_word_embeddings)
@@ -271,6 +273,35 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         setattr(net.get_submodule(parent), attr, new)
         done.update(n for n in expected if n.rpartition(".")[0] == mod_name)
         quantized.append(mod_name)
+
+    def build_quantized_embeddings(parts: dict):
+        """THUDM's quantized-embedding files: the table is looked up on the CPU; the output layer is a
+        quantized linear over the same ints (as the original's lm_head), built for the head's device."""
+        from .models.glm import QuantizedEmbedding
+        from .quantized import build_linear
+
+        t = parts.get(0, {})
+        bits = int((cfg.quantization or {}).get("thudm_bits") or 0)
+        table = _orig(cfg.layout, "embed.weight").removesuffix(".weight")
+        if "weight_scale" not in t or "weight" not in t or bits not in (4, 8):
+            raise CheckpointError(f"{ckpt.dir}: quantized tensor {table}: needs weight and weight_scale "
+                                  f"with quantization_bit 4 or 8 (THUDM quantized embeddings)")
+        want = (cfg.vocab_size, cfg.hidden_size * bits // 8)
+        if tuple(t["weight"].shape) != want or tuple(t["weight_scale"].shape) != want[:1]:
+            misshaped.append(f"{table} (weight {tuple(t['weight'].shape)}, weight_scale "
+                             f"{tuple(t['weight_scale'].shape)}; expected {want} and {want[:1]} at {bits} bits)")
+            done.update(("embed.weight", "output.weight"))
+            return
+        net.embed = QuantizedEmbedding(t["weight"].clone(), t["weight_scale"].clone(), bits, dtype)
+        done.add("embed.weight")
+        if net.output is not None:
+            try:
+                net.output = build_linear(cfg, "output", {0: dict(t)}, net.output, first, dtype, backend)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{ckpt.dir}: quantized tensor {table} as the output layer: {e}") from None
+            done.add("output.weight")
+            quantized.append("output")
+        quantized.append("embed")
 
     quantized: list[str] = []
     # The output layer is the largest matrix (a vocabulary of rows); built first, its file copy and the

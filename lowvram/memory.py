@@ -54,6 +54,9 @@ def footprint(cfg: GLMConfig, bits: int | None = 4, group: int = 128, head_bits:
     blk += (cfg.q_size + 2 * cfg.kv_size) * db if cfg.qkv_bias else 0
     emb = cfg.vocab_size * cfg.hidden_size * db
     out = 0 if cfg.tie_word_embeddings else quantized_bytes(cfg.vocab_size, cfg.hidden_size, head_bits, -1, db)
+    if qe_bits := (cfg.quantization or {}).get("embeddings") and cfg.quantization.get("thudm_bits"):
+        # THUDM quantized embeddings: the packed table (int rows + a scale each) and a head over the same ints
+        emb = out = cfg.vocab_size * (cfg.hidden_size * qe_bits // 8 + 2)
     kvb = DTYPE_BYTES[kv_dtype or dtype]
     kv = 2 * cfg.kv_size * kvb
     up = 2 * cfg.ffn_hidden_size if cfg.mlp == "swiglu" else cfg.ffn_hidden_size
@@ -150,6 +153,8 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
             head_first += numel * db + (fbytes if ckpt.dtype(name) != dt else 0)
         elif ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
             transient = max(transient, fbytes)
+    if "embed" in quant_mods:  # THUDM quantized embeddings: the lookup table and the head's copy of its ints
+        weights += quant_mods["embed"]
     head_q = quant_mods.get("output", 0)
     if head_q:  # a quantized output layer: its file tensors beside the backend's copy, before the blocks
         head_first += 2 * head_q

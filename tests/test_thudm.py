@@ -75,3 +75,47 @@ def test_thudm_without_scale_names_the_tensor(tmp_path):
     qsd.pop("transformer.encoder.layers.0.mlp.dense_4h_to_h.weight_scale")
     with pytest.raises(Exception, match=r"transformer\.encoder\.layers\.0\.mlp\.dense_4h_to_h: .*weight_scale"):
         lowvram.load(write_checkpoint(tmp_path / "bad", config, qsd), dtype="float32")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_thudm_quantized_embeddings_equal_their_dequantized_fp32_model(bits, tmp_path):
+    """chatglm-6b-int4-qe: `quantization_embeddings` also quantizes the word embeddings (a scale per row,
+    as the original's QuantizedEmbedding), and its lm_head is a quantized linear over the same ints
+    (one storage for both names in the original's pytorch_model.bin)."""
+    config = dict(TINY["chatglm-6b"], hidden_size=128)
+    qsd, deq = thudm_quantize(random_state(config, seed=4), bits)
+    name = "transformer.word_embeddings.weight"
+    maxq = 2 ** (bits - 1) - 1
+    t = deq[name]
+    scale = (t.abs().amax(dim=1) / maxq).half()
+    w_int = torch.round(t / scale.float()[:, None]).clamp(-maxq, maxq).to(torch.int8)
+    qsd[name] = qsd["lm_head.weight"] = thudm_pack_int4(w_int) if bits == 4 else w_int
+    qsd[name + "_scale"] = qsd["lm_head.weight_scale"] = scale
+    deq[name] = deq["lm_head.weight"] = w_int.float() * scale.float()[:, None]
+    qdir = write_checkpoint(tmp_path / "qe", dict(config, quantization_bit=bits, quantization_embeddings=True),
+                            qsd, fmt="bin")
+    fdir = write_checkpoint(tmp_path / "fp", config, deq)
+    mq, mf = lowvram.load(qdir, dtype="float32"), lowvram.load(fdir, dtype="float32")
+    ids = [5, 7, 151, 152, 9]
+    assert torch.equal(mq.logits(ids), mf.logits(ids))
+    kw = dict(max_new_tokens=3, stop_token_ids=[])
+    assert mq.generate(ids, **kw) == mf.generate(ids, **kw)
+    # The table stays packed (bits/8 bytes per value) and the head is a quantized linear, not a float copy.
+    emb = mq.net.embed
+    assert emb.weight.dtype == torch.int8 and emb.weight.numel() == config["vocab_size"] * 128 * bits // 8
+    assert isinstance(getattr(mq.net.output, "w", None), PackedWeight)
+    # The default (fast) dtype runs the same checkpoint through the CPU kernels, close to the reference.
+    fast = lowvram.load(qdir)
+    got, ref = fast.logits(ids).float(), mf.logits(ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_thudm_quantized_embeddings_misshaped_names_the_tensor(tmp_path):
+    config = dict(TINY["chatglm-6b"], hidden_size=128)
+    qsd, _ = thudm_quantize(random_state(config, seed=5), 4)
+    name = "transformer.word_embeddings.weight"
+    qsd[name] = torch.zeros(config["vocab_size"], 128, dtype=torch.int8)  # int8-sized rows under quantization_bit 4
+    qsd[name + "_scale"] = torch.ones(config["vocab_size"]).half()
+    qdir = write_checkpoint(tmp_path / "bad", dict(config, quantization_bit=4, quantization_embeddings=True), qsd)
+    with pytest.raises(Exception, match=r"transformer\.word_embeddings .*expected \(160, 64\)"):
+        lowvram.load(qdir, dtype="float32")
