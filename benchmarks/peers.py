@@ -365,6 +365,7 @@ def main(argv=None) -> int:
                 print(f"{rt}: not installed ({e})", file=sys.stderr)
                 continue
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), LOWVRAM_THREADS=str(a.threads))
+            bw_before = read_bandwidth(a.threads)  # this VM's bandwidth drifts by 15-35% over minutes: bracket each run
             p = subprocess.run([sys.executable, __file__, "--run", rt, "--path", str(path), "--threads", str(a.threads),
                                 "--prompt-len", str(a.prompt_len), "--decode-steps", str(a.decode_steps)],
                                capture_output=True, text=True, env=env)
@@ -372,11 +373,15 @@ def main(argv=None) -> int:
                 results.append({"runtime": rt, "bits": bits, "error": p.stderr.strip().splitlines()[-1:]})
                 print(f"{rt} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
                 continue
+            bw_after = read_bandwidth(a.threads)
             r = json.loads(p.stdout.strip().splitlines()[-1])
             n = streamed_bytes(rt, path, bits, config)
+            bw_run = (bw_before + bw_after) / 2
             r.update(runtime=rt, bits=bits, format=("GPTQ g128 + int8 head" if rt == "lowvram" else PEER_TYPE[bits].upper()),
                      bits_per_weight=round(bits_per_weight(path, params), 2), bytes_per_token=n,
-                     roofline_ms=round(1e3 * n / bw, 1))
+                     roofline_ms=round(1e3 * n / bw, 1),
+                     read_bandwidth_GBps=[round(bw_before / 1e9, 2), round(bw_after / 1e9, 2)],
+                     roofline_ms_at_run=round(1e3 * n / bw_run, 1))
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
     if a.json:
@@ -389,21 +394,24 @@ def main(argv=None) -> int:
 
 def table(results, bits_list, threads, bw, prompt_len):
     """The side-by-side markdown table (also from a saved --json run: --table FILE)."""
-    print(f"read bandwidth ({threads} threads): {bw / 1e9:.1f} GB/s; prompt {prompt_len} tokens; "
-          f"ratios are peer / lowvram")
-    print("| runtime | format | bits/weight | decode ms/token | ×lowvram | roofline ms | prefill tok/s | ×lowvram "
-          "| peak RSS GB | ×lowvram |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    per_run = any("roofline_ms_at_run" in r for r in results)
+    print(f"read bandwidth ({threads} threads): {bw / 1e9:.1f} GB/s at the start; "
+          + ("each row's roofline at the mean bandwidth measured just before and after its run; " if per_run else "")
+          + f"prompt {prompt_len} tokens; ratios are peer / lowvram")
+    print("| runtime | format | bits/weight | decode ms/token | ×lowvram | roofline ms | ×roofline | prefill tok/s "
+          "| ×lowvram | peak RSS GB | ×lowvram |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for bits in bits_list:
         rows = [r for r in results if r["bits"] == bits]
         base = next((r for r in rows if r["runtime"] == "lowvram" and "error" not in r), None)
         for r in rows:
             if "error" in r:
-                print(f"| {r['runtime']} | {bits}-bit | — | {r['error']} | | | | | | |")
+                print(f"| {r['runtime']} | {bits}-bit | — | {r['error']} | | | | | | | |")
                 continue
             ratio = (lambda k: f"{r[k] / base[k]:.2f}") if base else (lambda k: "—")
+            roof = r.get("roofline_ms_at_run", r["roofline_ms"])  # at the bandwidth measured around this run
             print(f"| {r['runtime']} | {r['format']} | {r['bits_per_weight']} | {r['decode_ms']:.0f} | {ratio('decode_ms')} "
-                  f"| {r['roofline_ms']} | {r['prefill_tok_s']:.1f} | {ratio('prefill_tok_s')} | {r['peak_rss'] / 1e9:.2f} "
+                  f"| {roof} | {r['decode_ms'] / roof:.2f} | {r['prefill_tok_s']:.1f} | {ratio('prefill_tok_s')} | {r['peak_rss'] / 1e9:.2f} "
                   f"| {ratio('peak_rss')} |")
 
 

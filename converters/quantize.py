@@ -132,26 +132,22 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
     with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         names = ckpt.names()
-        bar = Progress(len(names), f"quantize {method} int{bits}", progress)
         is_q = lambda ours: bool(BLOCK_LINEAR.search(ours)) or (quantize_head and ours == "output.weight")  # noqa: E731
-        done = {}
-        if method == "gptq":
-            done = _calibrate(src, cfg, ckpt, calib, calib_samples, calib_seq_len, seed, bits, group_size, sym,
-                              act_order, device, Progress(cfg.num_layers, "gptq calibration", progress), use_mse(bits))
-        for cname, t in ckpt.items():
+        written: set[str] = set()
+        if method == "gptq":  # block linears are written as GPTQ finishes each block (nothing accumulates)
+            written = _calibrate(src, cfg, ckpt, calib, calib_samples, calib_seq_len, seed, bits, group_size, sym,
+                                 act_order, device, Progress(cfg.num_layers, "gptq calibration", progress),
+                                 use_mse(bits), writer, errors)
+        bar = Progress(len(names) - len(written), f"quantize {method} int{bits}", progress)
+        for cname, t in ckpt.items(skip=written):
             mapped = map_name(cfg.layout, cname)
             ours = mapped[0] if mapped else None
             prefix = cname[: -len(".weight")]
             if ours and is_q(ours) and torch.is_floating_point(t):
                 head = ours == "output.weight"
                 b, g = (head_bits, -1) if head else (bits, group_size)
-                tensors = done.pop((ours, mapped[1]), None)
-                if tensors is None:
-                    # row chunks: no fp32 copy of t
-                    tensors, errors[cname] = rtn(t, b, g, sym, keep_deq=False, mse=use_mse(b))
-                else:
-                    w = t.float()
-                    errors[cname] = float(((_dequant(tensors, b) - w).norm() / w.norm().clamp(min=1e-12)).item())
+                # row chunks: no fp32 copy of t
+                tensors, errors[cname] = rtn(t, b, g, sym, keep_deq=False, mse=use_mse(b))
                 del t
                 for k, v in tensors.items():
                     writer.add(f"{prefix}.{k}", v)
@@ -187,12 +183,14 @@ def peak_rss() -> int:
 
 
 def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, act_order, device, bar,
-               mse=False) -> dict:
+               mse, writer, errors) -> set[str]:
     """GPTQ of every block linear, block by block, each block fed by the already-quantized ones.
 
-    Only the embeddings and one block are materialised (fp32, on `device`) at a time, so memory is
-    one block plus the calibration activations. Returns {(our name, slot): GPTQ tensors on the CPU};
-    glm's fused qkv is split back into q/k/v slots.
+    Only the embeddings (for the lookup) and one block are materialised (fp32, on `device`) at a time,
+    and each block's GPTQ tensors go to `writer` as soon as they exist, so memory is one block, its
+    largest Hessian with its Cholesky factors, and the calibration activations, whatever the number of
+    blocks. Returns the checkpoint names whose quantized form is written (glm's fused qkv is split
+    back into its q/k/v tensors); `errors` gets each one's relative weight error.
     """
     from lowvram.checkpoint import FUSED_PARTS
     from lowvram.kernels import pack_cols, unpack_cols
@@ -207,7 +205,18 @@ def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, 
     model = Model(net, cfg, src, report={"dtype": torch.float32})  # for positions and masks only
     owners = _names_by_owner(ckpt, cfg)
     _materialise(net, ckpt, cfg, owners.get("embed", []), device)
-    results = {}
+    written: set[str] = set()
+
+    def write(cname: str, tensors: dict, w: torch.Tensor, deq: torch.Tensor):
+        prefix = cname[: -len(".weight")]
+        for k, v in tensors.items():
+            writer.add(f"{prefix}.{k}", v.cpu())
+        rows = range(0, w.shape[0], 2048)  # row chunks: no whole-matrix temporaries
+        err2 = sum(float((deq[r : r + 2048] - w[r : r + 2048]).square().sum()) for r in rows)
+        w2 = sum(float(w[r : r + 2048].square().sum()) for r in rows)
+        errors[cname] = (err2 / max(w2, 1e-24)) ** 0.5
+        written.add(cname)
+
     with torch.no_grad():
         x = torch.stack([net.embed(torch.tensor(s, device=device)) for s in ids])  # [S, T, H]
         net.embed.to("meta")
@@ -217,6 +226,7 @@ def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, 
         mask = None if mask is None else mask.to(device)
         for i, block in enumerate(net.layers):
             _materialise(net, ckpt, cfg, owners.get(i, []), device)
+            cnames = {map_name(cfg.layout, c): c for c in owners.get(i, [])}  # (ours, slot) -> file name
             lins = {"attn.qkv": block.attn.qkv, "attn.out": block.attn.out, "mlp.up": block.mlp.up,
                     "mlp.down": block.mlp.down}
             hs = {k: Hessian(m.in_features, device) for k, m in lins.items()}
@@ -225,25 +235,25 @@ def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, 
             for h in hooks:
                 h.remove()
             for k, m in lins.items():
-                tensors, deq = gptq(m.weight, hs[k].H, bits, group, sym, act_order, mse=mse)
-                m.weight.copy_(deq)  # later blocks see this block quantized
-                tensors = {n: t.cpu() for n, t in tensors.items()}
+                tensors, deq = gptq(m.weight, hs.pop(k).H, bits, group, sym, act_order, mse=mse, consume_h=True)
                 name = f"layers.{i}.{k}.weight"
                 if k == "attn.qkv" and cfg.layout in FUSED_PARTS:
                     sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
                     z = unpack_cols(tensors["qzeros"], bits)
-                    for slot, (qw, sc, zz) in enumerate(zip(tensors["qweight"].split(sizes, 1),
-                                                            tensors["scales"].split(sizes, 1), z.split(sizes, 1))):
-                        results[(name, slot)] = {"qweight": qw.contiguous(), "qzeros": pack_cols(zz.contiguous(), bits),
-                                                 "scales": sc.contiguous(), "g_idx": tensors["g_idx"].clone()}
+                    parts = zip(tensors["qweight"].split(sizes, 1), tensors["scales"].split(sizes, 1), z.split(sizes, 1),
+                                m.weight.split(sizes, 0), deq.split(sizes, 0))
+                    for slot, (qw, sc, zz, w, d) in enumerate(parts):
+                        write(cnames[(name, slot)], {"qweight": qw, "qzeros": pack_cols(zz.contiguous(), bits),
+                                                     "scales": sc, "g_idx": tensors["g_idx"].clone()}, w, d)
                 else:
-                    results[(name, None)] = tensors
-            del hs
+                    write(cnames[(name, None)], tensors, m.weight, deq)
+                m.weight.copy_(deq)  # later blocks see this block quantized
+                del tensors, deq
             x = block(x, rope, None, 0, mask)
             net.layers[i] = block.to("meta")  # free this block before reading the next
             if bar is not None:
                 bar.step(f"gptq block {i}")
-    return results
+    return written
 
 
 def _names_by_owner(ckpt, cfg) -> dict:
@@ -273,15 +283,6 @@ def _materialise(net, ckpt, cfg, cnames, device):
         t = p[None] if None in p else torch.cat([p[k] for k in sorted(p)], dim=0)
         mod_name, _, pname = ours.rpartition(".")
         net.get_submodule(mod_name)._parameters[pname] = nn.Parameter(t.to(device, torch.float32), requires_grad=False)
-
-
-def _dequant(tensors: dict, bits: int) -> torch.Tensor:
-    """The weight a GPTQ tensor set stands for (v1 zeros)."""
-    from lowvram.kernels import dequantize
-    from lowvram.quantized import from_gptq
-
-    k = tensors["g_idx"].numel()
-    return dequantize(from_gptq(tensors, 1, k))
 
 
 def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[list[int]]:

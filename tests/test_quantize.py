@@ -246,3 +246,34 @@ def test_cli_mse_flags(tiny, tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert json.loads((out / "quantize_config.json").read_text())["lowvram"]["clip_search"] == want, flags
+
+
+@pytest.mark.parametrize("act_order,group", [(False, 32), (True, 32), (False, -1)])
+def test_gptq_matrix_level(act_order, group):
+    """One matrix: the dequantized weight GPTQ returns is what its packed tensors say; it lowers the output
+    error on its calibration inputs below RTN's; consuming the Hessian changes nothing but memory;
+    a dead input (always zero) gets a zero weight column."""
+    import torch
+
+    from lowvram.converters.gptq import Hessian, gptq, rtn
+    from lowvram.kernels import dequantize
+    from lowvram.quantized import from_gptq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 128, generator=g)
+    x = torch.randn(256, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.2  # correlated inputs
+    x[:, 5] = 0
+    h = Hessian(128)
+    h.add(x)
+    keep = h.H.clone()
+    tensors, deq = gptq(w, h.H, 4, group, act_order=act_order)
+    assert torch.equal(h.H, keep)  # not consumed: the caller's Hessian is untouched
+    assert torch.equal(deq, dequantize(from_gptq(tensors, 1, 128)))
+    assert torch.count_nonzero(deq[:, 5]) == 0
+    t2, d2 = gptq(w, h.H.clone(), 4, group, act_order=act_order, consume_h=True)
+    assert torch.equal(d2, deq) and all(torch.equal(t2[k], tensors[k]) for k in tensors)
+    _, d_rtn = rtn(w, 4, group)
+    err = lambda d: ((x @ (d - w).t()).norm() / (x @ w.t()).norm()).item()  # noqa: E731
+    assert err(deq) < 0.8 * err(d_rtn), (err(deq), err(d_rtn))
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq(w, -torch.eye(128), 4, group)
