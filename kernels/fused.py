@@ -1,4 +1,5 @@
-"""The small ops of a CPU decode step (RMSNorm, RoPE + cache write + attention, SwiGLU) in one C call each.
+"""The small ops of a CPU decode step (RMSNorm, RoPE + cache write + attention, SwiGLU) in one C call each,
+and a whole block in one call where every piece of it runs in C (`decode_block`).
 
 A token's step through a block is ~65 torch ops on tiny tensors; on a 2-core CPU that was 25-35 ms of a
 ~175 ms step. Each function here returns None where it does not apply (no native kernel, not on the
@@ -18,6 +19,7 @@ from . import native
 _BF16 = 1
 _MAX_ELEMS = 1 << 16  # a decode step's rows; prompts keep torch's multithreaded ops
 _THREADS = int(os.environ.get("LOWVRAM_THREADS", 0))  # 0: OpenMP's default (torch runs 1 thread in decode)
+_BLOCK = os.environ.get("LOWVRAM_FUSED_BLOCK", "1") != "0"  # 0: separate calls per block (for comparisons)
 
 
 def _ok(x: torch.Tensor) -> bool:
@@ -65,3 +67,56 @@ def attend_one(cfg, qkv: torch.Tensor, rope, cache, start) -> torch.Tensor | Non
     native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
                                kc.shape[2], start, _p(o), _THREADS)
     return o
+
+
+class _Lin(ctypes.Structure):
+    """lvq_lin in lvq.c: one NativeLinear's arguments."""
+    _fields_ = [("K", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
+                ("N", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+def _block_args(block) -> tuple | None:
+    """The fixed arguments of lvq_decode_block for a block (weights, norms), or None if a piece is not native."""
+    cfg = block.attn.cfg
+    if (block.residual not in ("pre", "sandwich") or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm"
+            or cfg.rope != "interleaved" or cfg.layout == "chatglm-v1"):
+        return None
+    lins = (block.attn.qkv, block.attn.out, block.mlp.up, block.mlp.down)
+    if any(type(m).__name__ != "NativeLinear" or m.perm is not None or m.dtype != torch.bfloat16 for m in lins):
+        return None
+    norms = [block.attn_norm, block.mlp_norm]
+    if block.residual == "sandwich":
+        norms += [block.post_attn_norm, block.post_mlp_norm]
+    ws = [n.weight for n in norms]
+    if (len({w.dtype for w in ws}) != 1 or ws[0].dtype not in (torch.bfloat16, torch.float32)
+            or any(w.device.type != "cpu" or not w.is_contiguous() for w in ws)):
+        return None
+    structs = [_Lin(m.in_features, m.weight.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr(), m.out_features,
+                    m.bits, m.group, None if m.bias is None else m.bias.data_ptr()) for m in lins]
+    ptrs = [_p(w) for w in ws] + [None] * (4 - len(ws))
+    nt = _BF16 if ws[0].dtype == torch.bfloat16 else 0
+    return (ptrs[0], ptrs[1], ptrs[2], ptrs[3], nt, block.attn_norm.eps, *[ctypes.byref(t) for t in structs],
+            structs, lins[0].threads)
+
+
+def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | None:
+    """A bf16 token through a whole block in one C call (same arithmetic as the block's separate calls), or None."""
+    if not _BLOCK or not isinstance(start, int) or not isinstance(cache, tuple) or x.shape[:2] != (1, 1) or not _ok(x):
+        return None
+    args = block.__dict__.get("_native_args", False)
+    if args is False:  # computed once per block: its weights do not move
+        args = block.__dict__["_native_args"] = _block_args(block)
+    if args is None:
+        return None
+    kc, vc = cache
+    cos, sin = rope
+    if not (kc.dtype == vc.dtype == torch.bfloat16 and kc.is_contiguous() and vc.is_contiguous()
+            and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
+        return None
+    cfg = block.attn.cfg
+    y = torch.empty_like(x)
+    rc = native._lib.lvq_decode_block(_p(x), _p(y), *args[:10], _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,
+                                      cfg.num_kv_heads, cfg.head_dim, _p(kc), _p(vc), kc.shape[2], start, args[11],
+                                      _THREADS)
+    assert rc == 0, rc
+    return y

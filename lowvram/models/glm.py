@@ -192,6 +192,8 @@ class Block(nn.Module):
             self.post_mlp_norm = Norm(cfg)
 
     def forward(self, x, rope, cache=None, start=0, mask=None):
+        if mask is None and (y := fused.decode_block(self, x, rope, cache, start)) is not None:
+            return y
         if self.residual == "deepnorm":
             h = self.attn_norm(x)
             x = h * self.alpha + self.attn(h, rope, cache, start, mask)
