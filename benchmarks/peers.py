@@ -229,9 +229,9 @@ def write_llama_cpp(out: Path, bits: int, tokenizer: Path, threads: int) -> Path
 def run_lowvram(path, prompt_len, steps, threads):
     from lowvram.bench import bench
 
-    r = bench(path, prompt_len, steps, threads=threads)
+    r = bench(path, prompt_len, steps, threads=threads, roofline_pairs=12)
     return {"load_s": r["load_s"], "prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_ms_median"],
-            "peak_rss": r["peak_rss_bytes"]}
+            "peak_rss": r["peak_rss_bytes"], "roofline_ratio_paired": r["roofline_ratio_paired"]}
 
 
 def run_chatglm_cpp(path, prompt_len, steps, threads):
@@ -413,6 +413,10 @@ def table(results, bits_list, threads, bw, prompt_len):
             print(f"| {r['runtime']} | {r['format']} | {r['bits_per_weight']} | {r['decode_ms']:.0f} | {ratio('decode_ms')} "
                   f"| {roof} | {r['decode_ms'] / roof:.2f} | {r['prefill_tok_s']:.1f} | {ratio('prefill_tok_s')} | {r['peak_rss'] / 1e9:.2f} "
                   f"| {ratio('peak_rss')} |")
+    for r in results:
+        if "roofline_ratio_paired" in r:
+            print(f"lowvram {r['bits']}-bit, each of 12 more decode steps against the bandwidth probed just before it: "
+                  f"{r['roofline_ratio_paired']:.2f}x roofline (median)")
 
 
 if __name__ == "__main__":

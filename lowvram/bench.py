@@ -50,8 +50,41 @@ def graphed_step(model, caches, next_slot: int):
     return step
 
 
+def streamed_bytes(net) -> int:
+    """Bytes a decode step reads: every weight but the word embeddings (one row is looked up)."""
+    total, seen = 0, set()
+    for name, m in net.named_modules():
+        if name == "embed" or name.startswith("embed.") or any(name.startswith(p + ".") for p in seen):
+            continue
+        if callable(getattr(m, "nbytes", None)):  # a quantized linear: its packed weights, scales, zeros, bias
+            total += m.nbytes()
+            seen.add(name)
+            continue
+        total += sum(t.numel() * t.element_size() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+    return total
+
+
+def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
+    """Bytes/s of a parallel sum over a buffer far larger than the last-level cache (best of 2)."""
+    x = torch.ones(nbytes // 4)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best
+    finally:
+        torch.set_num_threads(old)
+
+
 def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, threads: int | None = None,
-          cuda_graph: bool = False, kv_int8: bool = False, **load_kw) -> dict:
+          cuda_graph: bool = False, kv_int8: bool = False, roofline_pairs: int = 0, **load_kw) -> dict:
+    """roofline_pairs (CPU): after the measurements, that many (bandwidth probe, decode step) pairs; each step's
+    time against the roofline of the bandwidth measured just before it. A shared VM's bandwidth swings by
+    15-35% within minutes, so a ratio to a bandwidth measured at another time says more about the VM."""
     import lowvram
     from .tokenizer import generation_of
 
@@ -67,7 +100,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     ids = torch.randint(0, min(cfg.vocab_size, 60000), (prompt_len,), generator=g).tolist()
     if cfg.rope == "2d" and cfg.gmask_token_id is not None:
         ids[-2:] = [cfg.gmask_token_id, cfg.sop_token_id]
-    total = prompt_len + warmup + decode_steps
+    total = prompt_len + warmup + decode_steps + roofline_pairs
     with torch.inference_mode():
         # The first prompt pays one-time costs (oneDNN kernel generation per shape, workspace and page
         # faults): reported as the cold time to first token; prefill speed is that of the second prompt.
@@ -92,8 +125,20 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
                 h = model.forward(ids, len(ids) - 1, 1, caches)
                 nxt = int(model.net.head(h).float().argmax())
             steps.append(time.perf_counter() - t)
-    dev = {}
-    if str(load_kw.get("device") or "cpu") == "cpu" and not load_kw.get("placement"):
+    dev = {"peak_rss_bytes": peak_rss()}  # before the roofline probes' buffer
+    on_cpu = str(load_kw.get("device") or "cpu") == "cpu" and not load_kw.get("placement")
+    if roofline_pairs and on_cpu:
+        nbytes, ratios = streamed_bytes(model.net), []
+        with torch.inference_mode():
+            for _ in range(roofline_pairs):
+                bw = read_bandwidth(torch.get_num_threads())
+                ids.append(nxt)
+                t = time.perf_counter()
+                nxt = int(model.net.head(model.forward(ids, len(ids) - 1, 1, caches)).float().argmax())
+                ratios.append((time.perf_counter() - t) / (nbytes / bw))
+        dev.update(streamed_bytes=nbytes, roofline_ratio_paired=round(statistics.median(ratios), 3),
+                   roofline_ratios=[round(r, 3) for r in ratios])
+    if on_cpu:
         from .memory import predict_rss
 
         p = predict_rss(path, dtype=model.dtype, backend=load_kw.get("backend"), prompt_len=prompt_len,
@@ -113,7 +158,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
         "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "kv_int8": kv_int8, "load_s": round(load_s, 3), "prompt_len": prompt_len,
         "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4), "ttft_cold_s": round(ttft_cold, 4),
         "decode_ms_median": round(1e3 * statistics.median(decode), 2), "decode_ms_min": round(1e3 * min(decode), 2),
-        "decode_steps": len(decode), "peak_rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(), **dev,
+        "decode_steps": len(decode), "peak_rss_after_load_bytes": rss_loaded, **dev,
     }
 
 
@@ -132,6 +177,9 @@ def bench_arguments(p):
     p.add_argument("--ctx", type=int, default=None, help="context to plan for with --gpu-mem/--max-memory")
     p.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
+    p.add_argument("--roofline", type=int, default=0, metavar="N",
+                   help="CPU: N more decode steps, each right after a read-bandwidth probe; prints the median ratio "
+                        "of step time to the bytes-streamed / bandwidth roofline")
     p.add_argument("--json", action="store_true")
 
 
@@ -141,7 +189,7 @@ def bench_main(args) -> int:
     r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, cuda_graph=args.cuda_graph, kv_int8=args.kv_int8,
               device=args.device,
               dtype=args.dtype, backend=args.backend, placement=args.placement, ctx=args.ctx,
-              max_memory=budgets_from_arguments(args), stream=args.stream)
+              max_memory=budgets_from_arguments(args), stream=args.stream, roofline_pairs=args.roofline)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -155,6 +203,9 @@ def bench_main(args) -> int:
         p = r["predicted_rss"]
         print(f"  predicted RSS   {r['predicted_rss_bytes'] / 2**30:.2f} GiB (runtime {p['runtime'] / 2**30:.2f}, weights "
               f"{p['weights'] / 2**30:.2f}, KV {p['kv_cache'] / 2**30:.2f}, embeddings mapped {p['mapped'] / 2**30:.2f})")
+    if "roofline_ratio_paired" in r:
+        print(f"  roofline        {r['roofline_ratio_paired']:.2f}x (median over {len(r['roofline_ratios'])} steps, each "
+              f"against {r['streamed_bytes'] / 1e9:.2f} GB / the bandwidth probed just before it)")
     if "peak_cuda_bytes" in r:
         print(f"  peak CUDA       {r['peak_cuda_bytes'] / 2**30:.2f} GiB")
     return 0

@@ -48,3 +48,27 @@ def test_bench_plain_text_and_errors(tiny, tmp_path):
     assert r.returncode != 0 and "--cuda-graph needs the whole model on one CUDA device" in r.stderr
     r = subprocess.run([_lowvram(), "bench", str(tmp_path / "missing")], capture_output=True, text=True)
     assert r.returncode != 0 and "missing" in r.stderr
+
+
+def test_bench_roofline_pairs(tiny, tmp_path):
+    """--roofline N: N more steps, each against the bandwidth probed just before it, over the bytes a step streams
+    (every weight but the word embeddings, quantized linears at their packed size)."""
+    import lowvram
+    from lowvram.bench import streamed_bytes
+
+    out = tmp_path / "q"
+    quantize(tiny("glm-4-9b-chat", hidden_size=128, kv_channels=32, ffn_hidden_size=256), out, bits=4, group_size=128,
+             progress=False)
+    r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "8", "--decode-steps", "2", "--roofline", "3",
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert len(d["roofline_ratios"]) == 3 and all(x > 0 for x in d["roofline_ratios"])
+    assert d["roofline_ratio_paired"] == sorted(d["roofline_ratios"])[1]
+    net = lowvram.load(out, tokenizer=False).net
+    floats = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()) if t is not net.embed.weight)
+    packed = sum(m.nbytes() for m in net.modules() if callable(getattr(m, "nbytes", None)))
+    assert packed > 0 and d["streamed_bytes"] == streamed_bytes(net) == packed + floats
+    r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "4", "--decode-steps", "2", "--roofline", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "x (median over 2 steps" in r.stdout, r.stderr
