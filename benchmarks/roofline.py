@@ -11,7 +11,6 @@ import argparse
 import json
 import struct
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,19 +19,10 @@ EMBED_NAMES = ("word_embeddings", "embed_tokens", "token_embd")
 
 
 def read_bandwidth(threads: int = 2, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of a parallel sum over a buffer far larger than the last-level cache (best of `repeats`)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.ones(nbytes // 4, dtype=torch.float32)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            x.sum()
-            best = min(best, time.perf_counter() - t)
-        return nbytes / best
-    finally:
-        torch.set_num_threads(old)
+    """The runtime's probe (lowvram.bench.read_bandwidth) over 1 GiB, best of 5."""
+    from lowvram.bench import read_bandwidth as probe
+
+    return probe(threads, nbytes, repeats)
 
 
 def _safetensors_tensors(path: Path):

@@ -51,17 +51,24 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+def _cache_ok(cache, rope, dtype) -> bool:
+    """A layer's (k, v) cache and RoPE tables as lvq_attend_one reads them."""
+    kc, vc = cache
+    cos, sin = rope
+    return (kc.dtype == vc.dtype == dtype and kc.is_contiguous() and vc.is_contiguous() and cos.is_contiguous()
+            and sin.is_contiguous() and cos.dtype == torch.float32)
+
+
 def attend_one(cfg, qkv: torch.Tensor, rope, cache, start) -> torch.Tensor | None:
     """One new token of a batch of one: RoPE on its q and k (in place in qkv), k and v into cache slot
     `start`, attention over slots 0..start. Returns [1, 1, heads * head_dim], or None."""
     if (cfg.rope != "interleaved" or cfg.layout == "chatglm-v1" or not isinstance(start, int)
             or not isinstance(cache, tuple) or qkv.shape[0] != 1 or qkv.shape[1] != 1 or not _ok(qkv)):
         return None
+    if not _cache_ok(cache, rope, qkv.dtype):
+        return None
     kc, vc = cache
     cos, sin = rope
-    if not (kc.dtype == vc.dtype == qkv.dtype and kc.is_contiguous() and vc.is_contiguous()
-            and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
-        return None
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     o = torch.empty(1, 1, H * D, dtype=qkv.dtype)
     native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
@@ -108,11 +115,10 @@ def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | N
         args = block.__dict__["_native_args"] = _block_args(block)
     if args is None:
         return None
+    if not _cache_ok(cache, rope, x.dtype):
+        return None
     kc, vc = cache
     cos, sin = rope
-    if not (kc.dtype == vc.dtype == torch.bfloat16 and kc.is_contiguous() and vc.is_contiguous()
-            and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
-        return None
     cfg = block.attn.cfg
     y = torch.empty_like(x)
     rc = native._lib.lvq_decode_block(_p(x), _p(y), *args[:10], _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,

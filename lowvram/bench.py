@@ -64,14 +64,14 @@ def streamed_bytes(net) -> int:
     return total
 
 
-def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
-    """Bytes/s of a parallel sum over a buffer far larger than the last-level cache (best of 2)."""
+def read_bandwidth(threads: int = 2, nbytes: int = 512 << 20, repeats: int = 2) -> float:
+    """Bytes/s of a parallel sum over a buffer far larger than the last-level cache (best of `repeats`)."""
     x = torch.ones(nbytes // 4)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         best = float("inf")
-        for _ in range(2):
+        for _ in range(repeats):
             t = time.perf_counter()
             x.sum()
             best = min(best, time.perf_counter() - t)
