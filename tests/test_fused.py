@@ -15,6 +15,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _decode_logits(model, ids, prompt):
+    """Prefill `prompt` ids, then each further id as one decode step: the logits of every step."""
+    caches = model.new_cache(model.config.pre_seq_len + len(ids))
+    model.forward(ids, 0, prompt, caches)
+    return torch.stack([model.net.head(model.forward(ids, s, 1, caches)).float() for s in range(prompt, len(ids))])
+
+
 @pytest.mark.parametrize("path", native.ISAS)
 def test_rms_norm_and_swiglu_match_torch(path):
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
@@ -82,9 +89,7 @@ def test_decode_with_fused_ops_equals_torch_ops(generation, tiny, monkeypatch):
     ids = list(range(3, 60))
 
     def steps():
-        caches = model.new_cache(model.config.pre_seq_len + len(ids))
-        model.forward(ids, 0, 20, caches)
-        return torch.stack([model.net.head(model.forward(ids, s, 1, caches)).float() for s in range(20, len(ids))])
+        return _decode_logits(model, ids, 20)
 
     calls = []
     for name in ("rms_norm", "swiglu", "attend_one"):
@@ -115,9 +120,7 @@ def test_decode_block_equals_the_blocks_separate_calls(generation, bits, tiny, t
     ids = list(range(3, 40))
 
     def steps():
-        caches = model.new_cache(model.config.pre_seq_len + len(ids))
-        model.forward(ids, 0, 12, caches)
-        return torch.stack([model.net.head(model.forward(ids, s, 1, caches)).float() for s in range(12, len(ids))])
+        return _decode_logits(model, ids, 12)
 
     calls = []
     real = fused.decode_block
