@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 
 MODEL = "chatglm3-6b"
 PEER_TYPE = {4: "q4_0", 8: "q8_0"}
+ROOFLINE_PAIRS = 12  # lowvram's extra decode steps, each right after a bandwidth probe
 
 
 def peak_rss() -> int:
@@ -229,7 +230,7 @@ def write_llama_cpp(out: Path, bits: int, tokenizer: Path, threads: int) -> Path
 def run_lowvram(path, prompt_len, steps, threads):
     from lowvram.bench import bench
 
-    r = bench(path, prompt_len, steps, threads=threads, roofline_pairs=12)
+    r = bench(path, prompt_len, steps, threads=threads, roofline_pairs=ROOFLINE_PAIRS)
     return {"load_s": r["load_s"], "prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_ms_median"],
             "peak_rss": r["peak_rss_bytes"], "roofline_ratio_paired": r["roofline_ratio_paired"]}
 
@@ -415,7 +416,7 @@ def table(results, bits_list, threads, bw, prompt_len):
                   f"| {ratio('peak_rss')} |")
     for r in results:
         if "roofline_ratio_paired" in r:
-            print(f"lowvram {r['bits']}-bit, each of 12 more decode steps against the bandwidth probed just before it: "
+            print(f"lowvram {r['bits']}-bit, each of {ROOFLINE_PAIRS} more decode steps against the bandwidth probed just before it: "
                   f"{r['roofline_ratio_paired']:.2f}x roofline (median)")
 
 

@@ -83,7 +83,8 @@ class _Lin(ctypes.Structure):
 
 
 def _block_args(block) -> tuple | None:
-    """The fixed arguments of lvq_decode_block for a block (weights, norms), or None if a piece is not native."""
+    """(the fixed arguments of lvq_decode_block: norms, norm type and eps, the four linears; the structs they
+    point to, kept alive; the linears' threads), or None if a piece of the block is not native."""
     cfg = block.attn.cfg
     if (block.residual not in ("pre", "sandwich") or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm"
             or cfg.rope != "interleaved" or cfg.layout == "chatglm-v1"):
@@ -102,27 +103,27 @@ def _block_args(block) -> tuple | None:
                     m.bits, m.group, None if m.bias is None else m.bias.data_ptr()) for m in lins]
     ptrs = [_p(w) for w in ws] + [None] * (4 - len(ws))
     nt = _BF16 if ws[0].dtype == torch.bfloat16 else 0
-    return (ptrs[0], ptrs[1], ptrs[2], ptrs[3], nt, block.attn_norm.eps, *[ctypes.byref(t) for t in structs],
-            structs, lins[0].threads)
+    return (*ptrs, nt, block.attn_norm.eps, *[ctypes.byref(t) for t in structs]), structs, lins[0].threads
 
 
 def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | None:
     """A bf16 token through a whole block in one C call (same arithmetic as the block's separate calls), or None."""
     if not _BLOCK or not isinstance(start, int) or not isinstance(cache, tuple) or x.shape[:2] != (1, 1) or not _ok(x):
         return None
-    args = block.__dict__.get("_native_args", False)
-    if args is False:  # computed once per block: its weights do not move
-        args = block.__dict__["_native_args"] = _block_args(block)
-    if args is None:
+    fixed = block.__dict__.get("_native_args", False)
+    if fixed is False:  # computed once per block: its weights do not move
+        fixed = block.__dict__["_native_args"] = _block_args(block)
+    if fixed is None:
         return None
+    args, _, threads = fixed
     if not _cache_ok(cache, rope, x.dtype):
         return None
     kc, vc = cache
     cos, sin = rope
     cfg = block.attn.cfg
     y = torch.empty_like(x)
-    rc = native._lib.lvq_decode_block(_p(x), _p(y), *args[:10], _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,
-                                      cfg.num_kv_heads, cfg.head_dim, _p(kc), _p(vc), kc.shape[2], start, args[11],
+    rc = native._lib.lvq_decode_block(_p(x), _p(y), *args, _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,
+                                      cfg.num_kv_heads, cfg.head_dim, _p(kc), _p(vc), kc.shape[2], start, threads,
                                       _THREADS)
     assert rc == 0, rc
     return y

@@ -101,6 +101,10 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     if cfg.rope == "2d" and cfg.gmask_token_id is not None:
         ids[-2:] = [cfg.gmask_token_id, cfg.sop_token_id]
     total = prompt_len + warmup + decode_steps + roofline_pairs
+
+    def greedy(ids, caches):  # one decode step of the last id: the next id
+        return int(model.net.head(model.forward(ids, len(ids) - 1, 1, caches)).float().argmax())
+
     with torch.inference_mode():
         # The first prompt pays one-time costs (oneDNN kernel generation per shape, workspace and page
         # faults): reported as the cold time to first token; prefill speed is that of the second prompt.
@@ -122,8 +126,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
             if step is not None:
                 nxt = step(ids)
             else:
-                h = model.forward(ids, len(ids) - 1, 1, caches)
-                nxt = int(model.net.head(h).float().argmax())
+                nxt = greedy(ids, caches)
             steps.append(time.perf_counter() - t)
     dev = {"peak_rss_bytes": peak_rss()}  # before the roofline probes' buffer
     on_cpu = str(load_kw.get("device") or "cpu") == "cpu" and not load_kw.get("placement")
@@ -134,7 +137,7 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
                 bw = read_bandwidth(torch.get_num_threads())
                 ids.append(nxt)
                 t = time.perf_counter()
-                nxt = int(model.net.head(model.forward(ids, len(ids) - 1, 1, caches)).float().argmax())
+                nxt = greedy(ids, caches)
                 ratios.append((time.perf_counter() - t) / (nbytes / bw))
         dev.update(streamed_bytes=nbytes, roofline_ratio_paired=round(statistics.median(ratios), 3),
                    roofline_ratios=[round(r, 3) for r in ratios])

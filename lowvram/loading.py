@@ -277,8 +277,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
     def build_quantized_embeddings(parts: dict):
         """THUDM's quantized-embedding files: the table is looked up on the CPU; the output layer is a
         quantized linear over the same ints (as the original's lm_head), built for the head's device."""
-        from .models.glm import QuantizedEmbedding
-        from .quantized import build_linear
+        from .quantized import QuantizedEmbedding, build_linear
 
         t = parts.get(0, {})
         bits = int((cfg.quantization or {}).get("thudm_bits") or 0)

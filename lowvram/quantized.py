@@ -42,18 +42,20 @@ def from_gptq(t: dict, offset: int, in_features: int) -> PackedWeight:
                         t.get("bias"))
 
 
+def thudm_values(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """THUDM's stored ints as signed values: int8 as is, or two int4 per byte, high nibble first."""
+    w = w.to(torch.int8)
+    if bits != 4:
+        return w
+    return torch.stack([w >> 4, (w << 4) >> 4], dim=-1).flatten(-2)
+
+
 def from_thudm(t: dict, bits: int, in_features: int) -> PackedWeight:
     """THUDM `quantization_bit`: int8 [out, in] or two signed int4 per byte (high nibble first), scale per row."""
     w, s = t["weight"], t.get("weight_scale")
     if s is None:
         raise ValueError("int weight without weight_scale (THUDM INT4/INT8 layout)")
-    w = w.to(torch.int8)
-    if bits == 4:
-        hi = w >> 4
-        lo = (w << 4) >> 4
-        vals = torch.stack([hi, lo], dim=-1).reshape(w.shape[0], -1)
-    else:
-        vals = w
+    vals = thudm_values(w, bits)
     if vals.shape[1] != in_features:
         raise ValueError(f"weight {tuple(w.shape)} holds {vals.shape[1]} inputs at {bits} bits, expected {in_features}")
     mid = 2 ** (bits - 1)
@@ -63,6 +65,24 @@ def from_thudm(t: dict, bits: int, in_features: int) -> PackedWeight:
     n = q.shape[1]
     return PackedWeight(pack_rows(q, bits), pack_cols(torch.full((1, n), mid, dtype=torch.int32), bits),
                         s.reshape(1, n), None, bits, in_features, t.get("bias"))
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """THUDM's quantized word embeddings (chatglm-6b-int4-qe): THUDM-layout int rows, one fp16 scale per
+    row. Rows are dequantized after the lookup, so the table stays at bits/16 of its fp16 size."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", weight.to(torch.int8), persistent=False)
+        self.register_buffer("scale", scale.half(), persistent=False)
+        self.bits, self.dtype = bits, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = thudm_values(self.weight[ids], self.bits)
+        return (w.float() * self.scale[ids].float().unsqueeze(-1)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1] * 8 // self.bits}, int{self.bits}, THUDM layout"
 
 
 def fuse(ws: list[PackedWeight]) -> PackedWeight:

@@ -1099,10 +1099,7 @@ typedef struct {
 } lvq_lin;
 
 static int lin_bf16(const lvq_lin *l, const uint16_t *x, uint16_t *y, int nthreads) {
-    int rc = check_shape(l->K, (int)l->bits, (int)l->group);
-    if (rc) return rc;
-    out_t out = {y, 1};
-    return gemm(x, 1, 1, l->K, l->w, l->scales, l->zeros, l->N, (int)l->bits, (int)l->group, l->bias, out, nthreads);
+    return lvq_gemm(x, 1, 1, l->K, l->w, l->scales, l->zeros, l->N, (int)l->bits, (int)l->group, l->bias, y, 1, nthreads);
 }
 
 /* y = a + b in bf16, rounded as torch rounds a bf16 add (float sum, nearest even). */

@@ -256,27 +256,6 @@ class MappedEmbedding(nn.Module):
         return f"{tuple(self.weight.shape)}, file dtype {self.weight.dtype}, compute dtype {self.dtype}, mapped"
 
 
-class QuantizedEmbedding(nn.Module):
-    """THUDM's quantized word embeddings (chatglm-6b-int4-qe): int8 rows, or two int4 per byte (high
-    nibble first), one fp16 scale per row. Rows are dequantized after the lookup, so the table stays
-    at a quarter (int4) of its fp16 size."""
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype):
-        super().__init__()
-        self.register_buffer("weight", weight.to(torch.int8), persistent=False)
-        self.register_buffer("scale", scale.half(), persistent=False)
-        self.bits, self.dtype = bits, dtype
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.weight[ids]
-        if self.bits == 4:
-            w = torch.stack([w >> 4, (w << 4) >> 4], dim=-1).flatten(-2)
-        return (w.float() * self.scale[ids].float().unsqueeze(-1)).to(self.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, {self.weight.shape[1] * 8 // self.bits}, int{self.bits}, THUDM layout"
-
-
 class GLM(nn.Module):
     def __init__(self, cfg: GLMConfig):
         super().__init__()
