@@ -98,12 +98,14 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
              act_order: bool = False, calib: str | None = None, calib_samples: int = 32, calib_seq_len: int = 128,
              device: str = "cpu", force: bool = False, quantize_head: bool = False, head_bits: int = 8,
              max_shard_bytes: int = 512 << 20, progress: bool | None = None, seed: int = 0,
-             mse: bool | None = None) -> dict:
+             mse: bool | None = None, calib_model: str = "auto") -> dict:
     """Quantize checkpoint `source` (a directory or a known model name) into `out`; returns a summary.
 
     mse: search each group's clipping range for the lowest squared rounding error (`gptq.fit`);
     None = on for 4-bit tensors, off for 8-bit ones (measured: it lowers INT4 perplexity loss, and at
     8 bits the best range is the full one, so the search would only cost time; see BENCHMARKS.md).
+    calib_model: what writes GPTQ's calibration text when `calib` is None ("auto", "source", "int8";
+    see `_sampling_model`).
     """
     from .hub import resolve
 
@@ -111,10 +113,14 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         raise ValueError(f"--bits must be 4 or 8, got {bits}")
     if method not in ("rtn", "gptq"):
         raise ValueError(f"--method must be rtn or gptq, got {method!r}")
+    if calib_model not in ("auto", "source", "int8"):
+        raise ValueError(f"--calib-model must be auto, source or int8, got {calib_model!r}")
     src = resolve(source)
     cfg = load_config(src)
     if cfg.quantization:
         raise ValueError(f"{src}: already quantized ({cfg.quantization}); quantize a full-precision checkpoint")
+    if method == "gptq" and cfg.pre_seq_len:
+        raise ValueError(f"{src}: GPTQ of P-tuning v2 checkpoints is not supported; use --method rtn")
     ckpt = Checkpoint(src)  # every shard opened and indexed before any work: bad files fail here
     out = Path(out)
     if out.exists() and not force:
@@ -134,10 +140,12 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         names = ckpt.names()
         is_q = lambda ours: bool(BLOCK_LINEAR.search(ours)) or (quantize_head and ours == "output.weight")  # noqa: E731
         written: set[str] = set()
+        calibration = None
         if method == "gptq":  # block linears are written as GPTQ finishes each block (nothing accumulates)
-            written = _calibrate(src, cfg, ckpt, calib, calib_samples, calib_seq_len, seed, bits, group_size, sym,
-                                 act_order, device, Progress(cfg.num_layers, "gptq calibration", progress),
-                                 use_mse(bits), writer, errors)
+            ids, calibration = _calibration_ids(src, cfg, calib, calib_samples, calib_seq_len, seed, device,
+                                                calib_model, tmp, progress)
+            written = _calibrate(src, cfg, ckpt, ids, bits, group_size, sym, act_order, device,
+                                 Progress(cfg.num_layers, "gptq calibration", progress), use_mse(bits), writer, errors)
         bar = Progress(len(names) - len(written), f"quantize {method} int{bits}", progress)
         for cname, t in ckpt.items(skip=written):
             mapped = map_name(cfg.layout, cname)
@@ -156,7 +164,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
             bar.step(cname)
         writer.finish()
         _write_metadata(src, tmp, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,
-                        use_mse(bits), use_mse(head_bits))
+                        use_mse(bits), use_mse(head_bits), calibration)
     size_in = ckpt.nbytes()
     size_out = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     errs = sorted(errors.values())
@@ -164,7 +172,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         "source": str(src), "out": str(out), "method": method, "bits": bits, "group_size": group_size,
         "seconds": round(time.time() - t0, 2), "size_in": size_in, "size_out": size_out,
         "peak_rss_bytes": peak_rss(),
-        "quantized_linears": len(errors), "mse": use_mse(bits),
+        "quantized_linears": len(errors), "mse": use_mse(bits), "calibration": calibration,
         "rel_error": {"min": errs[0], "median": errs[len(errs) // 2], "max": errs[-1]} if errs else None,
     }
 
@@ -182,8 +190,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, act_order, device, bar,
-               mse, writer, errors) -> set[str]:
+def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, mse, writer, errors) -> set[str]:
     """GPTQ of every block linear, block by block, each block fed by the already-quantized ones.
 
     Only the embeddings (for the lookup) and one block are materialised (fp32, on `device`) at a time,
@@ -197,9 +204,6 @@ def _calibrate(src, cfg, ckpt, calib, samples, seq_len, seed, bits, group, sym, 
     from lowvram.model import Model
     from lowvram.models.glm import GLM, rope_tables
 
-    if cfg.pre_seq_len:
-        raise ValueError("GPTQ of P-tuning v2 checkpoints is not supported; use --method rtn")
-    ids = _calibration_ids(src, cfg, calib, samples, seq_len, seed, device)
     with torch.device("meta"):
         net = GLM(cfg)
     model = Model(net, cfg, src, report={"dtype": torch.float32})  # for positions and masks only
@@ -285,7 +289,10 @@ def _materialise(net, ckpt, cfg, cnames, device):
         net.get_submodule(mod_name)._parameters[pname] = nn.Parameter(t.to(device, torch.float32), requires_grad=False)
 
 
-def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[list[int]]:
+def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device, calib_model="auto", workdir=None,
+                     progress=None) -> tuple[list[list[int]], dict]:
+    """GPTQ's calibration sequences, and how they were made (recorded in the output's metadata)."""
+    what = {"samples": samples, "seq_len": seq_len}
     if calib:
         from lowvram import load_tokenizer
 
@@ -302,7 +309,7 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[li
                 bad = [i for s in seqs for i in s if not 0 <= int(i) < cfg.vocab_size]
                 if bad:
                     raise ValueError(f"--calib {p}: token id {bad[0]} outside the vocabulary (0..{cfg.vocab_size - 1})")
-                return [[int(i) for i in s] for s in seqs]
+                return [[int(i) for i in s] for s in seqs], dict(what, data=p.name, samples=len(seqs))
         try:
             tok = load_tokenizer(src)
         except Exception as e:
@@ -314,25 +321,65 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device) -> list[li
             raise ValueError(f"--calib {p}: {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
         g = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, len(ids) - seq_len + 1, (samples,), generator=g).tolist()
-        return [ids[s : s + seq_len] for s in starts]
-    # No data given: let the full-precision model write its own calibration text (loaded in the
-    # device's default dtype, then freed before the block-by-block pass).
-    from lowvram import load
-
-    model = load(src, device=device, tokenizer=False)
-    out = []
-    vocab = cfg.vocab_size
-    for s in range(samples):
-        g = torch.Generator().manual_seed(seed + s)
-        first = int(torch.randint(0, vocab, (1,), generator=g))
-        seq = [first] + model.generate([first], max_new_tokens=seq_len - 1, do_sample=True, top_k=50, seed=seed + s,
+        return [ids[s : s + seq_len] for s in starts], dict(what, data=p.name)
+    # No data given: the model writes its own calibration text, all sequences of a batch per step.
+    model, sampler = _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, progress)
+    try:
+        firsts = [int(torch.randint(0, cfg.vocab_size, (1,), generator=torch.Generator().manual_seed(seed + s)))
+                  for s in range(samples)]
+        batch = _sampling_batch(cfg, samples, seq_len)
+        out = []
+        for b in range(0, samples, batch):
+            rows = [[f] for f in firsts[b : b + batch]]
+            new = model.generate_batch(rows, max_new_tokens=seq_len - 1, do_sample=True, top_k=50, seed=seed + b,
                                        stop_token_ids=[])
-        out.append(seq[:seq_len])
-    return out
+            out += [r + n for r, n in zip(rows, new)]
+    finally:
+        del model
+        if sampler == "int8":
+            shutil.rmtree(workdir / "int8-sampler", ignore_errors=True)
+    return out, dict(what, data="self-generated", sampler=sampler, batch=batch)
+
+
+SAMPLING_KV_BYTES = 512 << 20  # KV cache of one sampling batch: rows per batch = this / one row's cache
+
+
+def _sampling_batch(cfg, samples: int, seq_len: int) -> int:
+    row = cfg.num_layers * 2 * cfg.kv_size * 2 * (cfg.pre_seq_len + seq_len)
+    return max(1, min(samples, SAMPLING_KV_BYTES // row))
+
+
+def _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, progress):
+    """The model that writes the calibration text, and which one it is ("source" or "int8").
+
+    The source model itself when it fits in the free memory of `device` ("auto"), else an INT8
+    per-channel RTN copy written beside the output and removed after sampling: about half of bf16's
+    bytes (a 9B model samples in ~10 GB), and text from a model whose perplexity is within ~0.1% of
+    the source's (BENCHMARKS.md). The source is freed before the block-by-block pass either way.
+    """
+    from lowvram import load
+    from lowvram.memory import RUNTIME_OVERHEAD, footprint, predict_rss
+    from lowvram.placement import detect_budgets
+
+    where = "cpu" if device == "cpu" else "auto"  # on a GPU the planner may leave blocks on the CPU
+    if calib_model == "auto":
+        batch = _sampling_batch(cfg, samples, seq_len)
+        if device == "cpu":
+            need = predict_rss(src, prompt_len=batch * seq_len, new_tokens=0, cfg=cfg).peak
+        else:
+            need = footprint(cfg, bits=None).total(batch * seq_len, cfg.num_layers) + RUNTIME_OVERHEAD[device]
+        budgets = detect_budgets()
+        free = budgets.get("cuda:0" if device == "cuda" else device, 0)
+        calib_model = "source" if need <= 0.9 * free else "int8"
+    if calib_model == "source":
+        return load(src, device=where, tokenizer=False), "source"
+    copy = workdir / "int8-sampler"
+    quantize(src, copy, bits=8, group_size=-1, quantize_head=True, progress=progress)
+    return load(copy, device=where, tokenizer=False), "int8"
 
 
 def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,
-                    mse=False, head_mse=False):
+                    mse=False, head_mse=False, calibration=None):
     qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym, "quant_method": "gptq",
           "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": False, "static_groups": False}
     if quantize_head:
@@ -343,6 +390,8 @@ def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order,
             "clip_search": "mse" if mse else "none"}  # per-group range: min-max, or the lowest-MSE shrink
     if quantize_head:
         meta["head_clip_search"] = "mse" if head_mse else "none"
+    if calibration:
+        meta["calibration"] = calibration
     qc_meta = dict(qc, lowvram=meta)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     config["quantization_config"] = qc_meta
@@ -359,8 +408,18 @@ def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order,
         f"{f', output layer to {head_bits} bits' if quantize_head else ''}; embeddings and norms unchanged.\n"
         f"Scales: {_clip_text(mse)}"
         f"{f' (output layer: {_clip_text(head_mse)})' if quantize_head and head_mse != mse else ''}.\n"
+        f"{_calib_text(calibration)}"
         f"Standard GPTQ tensors (qweight/qzeros/scales/g_idx, v1 zeros) under the original names.\n\n"
         f"    lowvram chat {tmp.name.split('.tmp-')[0].lstrip('.')}\n")
+
+
+def _calib_text(c: dict | None) -> str:
+    if not c:
+        return ""
+    if c["data"] != "self-generated":
+        return f"Calibration: {c['samples']} sequences of {c['seq_len']} tokens from `{c['data']}`.\n"
+    by = "the source model" if c["sampler"] == "source" else "an INT8 round-to-nearest copy of the source model"
+    return f"Calibration: {c['samples']} sequences of {c['seq_len']} tokens sampled (top-k 50) from {by}.\n"
 
 
 def _clip_text(mse: bool) -> str:
@@ -387,6 +446,9 @@ def quantize_arguments(p):
                    "default: sampled from the model")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--calib-model", choices=("auto", "source", "int8"), default="auto",
+                   help="without --calib, what samples the calibration text: the source model when it fits in free "
+                   "memory (auto), always the source, or an INT8 RTN copy of it (about half the memory)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--quantize-head", action="store_true", help="also quantize the output layer (per-channel)")
     p.add_argument("--head-bits", type=int, choices=(4, 8), default=8)
@@ -400,7 +462,8 @@ def quantize_main(args) -> int:
     s = quantize(args.source, out, bits=args.bits, method=args.method, group_size=args.group_size, sym=args.sym,
                  act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
                  calib_seq_len=args.calib_seq_len, device=args.device, force=args.force,
-                 quantize_head=args.quantize_head, head_bits=args.head_bits, mse=args.mse)
+                 quantize_head=args.quantize_head, head_bits=args.head_bits, mse=args.mse,
+                 calib_model=args.calib_model)
     if args.json:
         print(json.dumps(s, indent=2))
     else:

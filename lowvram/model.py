@@ -74,11 +74,11 @@ class Model:
 
     # ---- the forward pass ------------------------------------------------------------------
 
-    def new_cache(self, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def new_cache(self, slots: int, batch: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg, net = self.config, self.net
         caches = []
         for i in range(cfg.num_layers):
-            shape = (1, cfg.num_kv_heads, slots, cfg.head_dim)
+            shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
             dev = net.layer_device(i)
             if self.kv_int8:
                 caches.append(Int8KV(shape, self.dtype, dev))
@@ -98,21 +98,32 @@ class Model:
 
     def forward(self, ids: list[int], start: int, n: int, caches) -> torch.Tensor:
         """Hidden states [n, hidden] of tokens start..start+n-1, written into the cache, in prefill chunks."""
-        if n == 1 and self.decode_threads and torch.get_num_threads() != self.decode_threads:
+        return self.forward_rows([ids], start, n, caches)[0]
+
+    def forward_rows(self, rows: list[list[int]], start: int, n: int, caches) -> torch.Tensor:
+        """[B, n, hidden] for B equal-length sequences in one pass, so a decode step reads the weights once
+        for all of them. Positions may differ per row; the attention mask must not (one mask for the batch)."""
+        if n == 1 and len(rows) == 1 and self.decode_threads and torch.get_num_threads() != self.decode_threads:
             old = torch.get_num_threads()
             torch.set_num_threads(self.decode_threads)
             try:
-                return self.forward(ids, start, n, caches)
+                return self.forward_rows(rows, start, n, caches)
             finally:
                 torch.set_num_threads(old)
         P = self.config.pre_seq_len
         outs = []
         for s in range(start, start + n, self.prefill_chunk):
             m = min(self.prefill_chunk, start + n - s)
-            tok = torch.tensor(ids[s : s + m])[None]
-            h = self.net.hidden(tok, self.positions(ids, s, m), caches, P + s, self._mask(ids, s, m))
-            outs.append(h[0])
-        return torch.cat(outs)
+            tok = torch.tensor([r[s : s + m] for r in rows])
+            pos = torch.cat([self.positions(r, s, m) for r in rows])
+            mask = self._mask(rows[0], s, m)
+            for r in rows[1:]:
+                other = self._mask(r, s, m)
+                if (other is None) != (mask is None) or (mask is not None and not torch.equal(other, mask)):
+                    raise ValueError("rows of a batch need the same attention mask "
+                                     "(ChatGLM-6B: [gMASK] and <sop> at the same index in every prompt)")
+            outs.append(self.net.hidden(tok, pos, caches, P + s, mask))
+        return torch.cat(outs, dim=1)
 
     def _check_len(self, n: int):
         if n > self.ctx:
@@ -171,6 +182,49 @@ class Model:
     def generate(self, input_ids, max_new_tokens: int = 256, **kw) -> list[int]:
         """New token ids (stop id excluded); the KV cache makes each step one token's work."""
         return list(self.stream_generate(input_ids, max_new_tokens=max_new_tokens, **kw))
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                       top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                       stop_token_ids=None) -> list[list[int]]:
+        """New ids for each of several equal-length prompts, all rows through one forward per step.
+
+        Decode is bound by reading the weights, so B rows cost about one row's time until the matmuls
+        become compute-bound (GPTQ's self-written calibration text is made this way). Row r samples with
+        seed + r, as generate(seed=seed + r) would; a row ends at its first stop id (not returned) while
+        the others go on.
+        """
+        rows = [self._as_list(p) for p in prompts]
+        if not rows:
+            return []
+        n = len(rows[0])
+        if any(len(r) != n for r in rows):
+            raise ValueError(f"generate_batch needs prompts of equal length, got lengths {sorted({len(r) for r in rows})}")
+        self._check_len(n)
+        stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        params = [Sampling(do_sample, temperature, top_p, top_k, repetition_penalty, None if seed is None else seed + r)
+                  for r in range(len(rows))]
+        gens = [p.generator() for p in params]
+        total = min(self.ctx, n + max_new_tokens)
+        caches = self.new_cache(self.config.pre_seq_len + total, batch=len(rows))
+        out: list[list[int]] = [[] for _ in rows]
+        live = [True] * len(rows)
+        h = self.forward_rows(rows, 0, n, caches)[:, -1:]
+        while len(rows[0]) < total:
+            logits = self.net.head(h)[:, 0].float().cpu()
+            for r, row in enumerate(rows):
+                nxt = row[-1]  # a finished row repeats its last id: the batch stays rectangular, its output is cut
+                if live[r]:
+                    seen = torch.tensor(row, dtype=torch.long) if repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+                    nxt = select(logits[r], params[r], seen, gens[r])
+                    live[r] = nxt not in stops
+                    if live[r]:
+                        out[r].append(nxt)
+                row.append(nxt)
+            if not any(live) or len(rows[0]) >= total:
+                break
+            h = self.forward_rows(rows, len(rows[0]) - 1, 1, caches)
+        return out
 
     # ---- chat: thin wrappers over lowvram/chat.py ---------------------------------------------
 

@@ -65,3 +65,39 @@ def test_stops_and_context(tiny):
         model.logits(list(range(17)))
     with pytest.raises(ValueError, match="1-D"):
         model.logits(torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("gen,extra", CASES, ids=lambda x: str(x) if not isinstance(x, dict) else "-".join(map(str, x)))
+def test_batch_rows_equal_single_generation(gen, extra, tiny):
+    """generate_batch runs all rows through one forward per step: each row equals generate() on its own,
+    greedy and sampled (row r with seed + r), through P-tuning prefixes and ChatGLM-6B's 2D positions."""
+    model = lowvram.load(tiny(gen, **extra), dtype="float32")
+    base = prompt_for(gen)
+    prompts = [base, [11] + base[1:], [13, 8] + base[2:]]
+    greedy = model.generate_batch(prompts, max_new_tokens=5, stop_token_ids=[])
+    assert greedy == [model.generate(p, max_new_tokens=5, stop_token_ids=[]) for p in prompts]
+    kw = dict(do_sample=True, top_k=20, temperature=4.0, repetition_penalty=1.1, stop_token_ids=[])  # hot: rows differ
+    sampled = model.generate_batch(prompts, max_new_tokens=5, seed=7, **kw)
+    assert sampled == [model.generate(p, max_new_tokens=5, seed=7 + r, **kw) for r, p in enumerate(prompts)]
+    assert len({tuple(s) for s in sampled}) > 1  # the rows are not one row repeated
+
+
+def test_batch_stops_per_row_and_checks_its_input(tiny):
+    model = lowvram.load(tiny("glm-4-9b-chat"), dtype="float32")
+    prompts = [[9, 4, 30], [5, 6, 7]]
+    kw = dict(do_sample=True, top_k=20, temperature=4.0, seed=3, max_new_tokens=8)
+    free = model.generate_batch(prompts, stop_token_ids=[], **kw)
+    k = next(i for i in range(1, 8) if free[0][i] not in free[0][:i])  # row 0 stops at its k-th new token
+    stop = free[0][k]
+    got = model.generate_batch(prompts, stop_token_ids=[stop], **kw)
+    assert got[0] == free[0][:k]
+    assert got[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])  # row 1 runs on
+    assert model.generate_batch([], max_new_tokens=3) == []
+    with pytest.raises(ValueError, match="equal length"):
+        model.generate_batch([[1, 2], [1, 2, 3]], max_new_tokens=2)
+
+
+def test_batch_rows_need_one_mask(tiny):
+    model = lowvram.load(tiny("chatglm-6b"), dtype="float32")
+    with pytest.raises(ValueError, match="same attention mask"):  # <sop> at different indices: different prefix-LM masks
+        model.generate_batch([[9, 4, 151, 152, 30], [9, 4, 30, 151, 152]], max_new_tokens=2)

@@ -82,8 +82,8 @@ def test_gptq_calibrates_on_pre_tokenized_jsonl(tiny, tmp_path):
     calib = tmp_path / "ids.jsonl"
     rows = [list(range(5 + i, 45 + i)) for i in range(3)] + [[1, 2]]  # the short row is skipped
     calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
-    seqs = _calibration_ids(src, load_config(src), str(calib), 2, 32, 0, "cpu")
-    assert seqs == [rows[0][:32], rows[1][:32]]
+    seqs, what = _calibration_ids(src, load_config(src), str(calib), 2, 32, 0, "cpu")
+    assert seqs == [rows[0][:32], rows[1][:32]] and what == {"samples": 2, "seq_len": 32, "data": "ids.jsonl"}
     out = tmp_path / "q"
     quantize(src, out, bits=4, method="gptq", group_size=32, calib=str(calib), calib_samples=3, calib_seq_len=32,
              progress=False)
@@ -95,6 +95,51 @@ def test_gptq_calibrates_on_pre_tokenized_jsonl(tiny, tmp_path):
     with pytest.raises(ValueError, match="--group-size 128 does not divide hidden_size"):
         quantize(src, tmp_path / "g128", bits=4, method="gptq", calib=str(calib), progress=False)
     assert not (tmp_path / "g128").exists()
+
+
+@pytest.mark.parametrize("calib_model", ["source", "int8", "auto-short-of-memory"])
+def test_self_generated_calibration(calib_model, tiny, tmp_path, monkeypatch):
+    """Without --calib the text is sampled in batches, by the source model or (when it would not fit in
+    free memory, or when asked) by an INT8 RTN copy written inside the output's temporary directory and
+    removed after sampling; the output's metadata and model card say which."""
+    import torch
+
+    from lowvram.config import load_config
+    from lowvram.converters import quantize as q
+
+    src = tiny("glm-4-9b-chat", seed=3)
+    cfg = load_config(src)
+    if calib_model.startswith("auto"):  # a machine with 1 MiB free: the source cannot be the sampler
+        monkeypatch.setattr("lowvram.placement.detect_budgets", lambda: {"cpu": 1 << 20})
+    monkeypatch.setattr(q, "SAMPLING_KV_BYTES", 2 * cfg.num_layers * 2 * cfg.kv_size * 2 * 24)  # 2 rows a batch
+    mode = calib_model.split("-")[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    seqs, what = q._calibration_ids(src, cfg, None, 5, 24, 4, "cpu", mode, work, False)
+    sampler = "source" if calib_model == "source" else "int8"
+    assert what == {"samples": 5, "seq_len": 24, "data": "self-generated", "sampler": sampler, "batch": 2}
+    assert list(work.iterdir()) == []  # the int8 copy is gone
+    # the same sequences from the sampler model built by hand, in the same batches of 2 with seeds 4 + row
+    if sampler == "int8":
+        quantize(src, tmp_path / "i8", bits=8, group_size=-1, quantize_head=True, progress=False)
+        model = lowvram.load(tmp_path / "i8", tokenizer=False)
+    else:
+        model = lowvram.load(src, tokenizer=False)
+    firsts = [int(torch.randint(0, cfg.vocab_size, (1,), generator=torch.Generator().manual_seed(4 + s))) for s in range(5)]
+    want = []
+    for b in range(0, 5, 2):
+        rows = [[f] for f in firsts[b : b + 2]]
+        new = model.generate_batch(rows, max_new_tokens=23, do_sample=True, top_k=50, seed=4 + b, stop_token_ids=[])
+        want += [r + n for r, n in zip(rows, new)]
+    assert seqs == want and all(len(x) == 24 for x in seqs) and len({tuple(x) for x in seqs}) == 5
+
+    out = tmp_path / "gptq"
+    quantize(src, out, bits=4, method="gptq", group_size=32, calib_samples=3, calib_seq_len=16, progress=False,
+             calib_model=mode)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["lowvram"]["calibration"]["sampler"] == sampler
+    assert ("INT8 round-to-nearest copy" in (out / "README.md").read_text()) == (sampler == "int8")
+    assert not (out / "int8-sampler").exists() and lowvram.load(out).generate([5, 6, 7], max_new_tokens=3)
 
 
 def test_existing_output_needs_force_and_bad_source_fails_first(tiny, tmp_path):
@@ -277,3 +322,12 @@ def test_gptq_matrix_level(act_order, group):
     assert err(deq) < 0.8 * err(d_rtn), (err(deq), err(d_rtn))
     with pytest.raises(ValueError, match="not positive definite"):
         gptq(w, -torch.eye(128), 4, group)
+
+
+def test_gptq_of_a_p_tuning_checkpoint_fails_first(tiny, tmp_path):
+    src = tiny("chatglm3-6b", pre_seq_len=4)
+    with pytest.raises(ValueError, match="P-tuning v2 checkpoints is not supported; use --method rtn"):
+        quantize(src, tmp_path / "q", bits=4, method="gptq", group_size=32, progress=False)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="--calib-model must be auto, source or int8"):
+        quantize(src, tmp_path / "q", calib_model="fp8")
