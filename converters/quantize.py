@@ -9,6 +9,7 @@ directory that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 
 from lowvram.checkpoint import Checkpoint, map_name
 from lowvram.config import load_config
+from lowvram.loading import trim_heap
 
 from . import atomic_directory
 from .gptq import Hessian, gptq, rtn
@@ -335,7 +337,9 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device, calib_mode
                                        stop_token_ids=[])
             out += [r + n for r, n in zip(rows, new)]
     finally:
-        del model
+        del model  # freed before the block-by-block pass: the two never share memory
+        gc.collect()
+        trim_heap()
         if sampler == "int8":
             shutil.rmtree(workdir / "int8-sampler", ignore_errors=True)
     return out, dict(what, data="self-generated", sampler=sampler, batch=batch)

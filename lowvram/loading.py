@@ -135,8 +135,8 @@ def _mmap_threshold(nbytes: int):
         pass
 
 
-def _trim_heap():
-    """Hand freed load-time buffers back to the OS (glibc keeps them otherwise, and RSS stays high)."""
+def trim_heap():
+    """Hand freed buffers back to the OS (glibc keeps them otherwise, and RSS stays high)."""
     try:
         import ctypes
 
@@ -355,6 +355,6 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
                 more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
                 msg.append(f"{label} {len(items)}: {', '.join(items[:8])}{more}")
         raise CheckpointError("; ".join(msg))
-    _trim_heap()
+    trim_heap()
     return {"ignored": ignored, "quantized": quantized, "dtype": dtype, "devices": devs,
             "mapped": ["embed.weight"] if embed_mapped else []}
