@@ -476,4 +476,6 @@ def quantize_main(args) -> int:
               f"{s['size_in'] / 2**20:.1f} MiB -> {s['size_out'] / 2**20:.1f} MiB in {s['seconds']} s, "
               f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB; relative weight error "
               f"min {e.get('min', 0):.4f} median {e.get('median', 0):.4f} max {e.get('max', 0):.4f}")
+        if s["calibration"]:
+            print(_calib_text(s["calibration"]).strip())
     return 0

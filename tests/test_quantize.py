@@ -134,10 +134,10 @@ def test_self_generated_calibration(calib_model, tiny, tmp_path, monkeypatch):
     assert seqs == want and all(len(x) == 24 for x in seqs) and len({tuple(x) for x in seqs}) == 5
 
     out = tmp_path / "gptq"
-    quantize(src, out, bits=4, method="gptq", group_size=32, calib_samples=3, calib_seq_len=16, progress=False,
-             calib_model=mode)
+    summary = quantize(src, out, bits=4, method="gptq", group_size=32, calib_samples=3, calib_seq_len=16,
+                       progress=False, calib_model=mode)
     qc = json.loads((out / "quantize_config.json").read_text())
-    assert qc["lowvram"]["calibration"]["sampler"] == sampler
+    assert qc["lowvram"]["calibration"]["sampler"] == summary["calibration"]["sampler"] == sampler
     assert ("INT8 round-to-nearest copy" in (out / "README.md").read_text()) == (sampler == "int8")
     assert not (out / "int8-sampler").exists() and lowvram.load(out).generate([5, 6, 7], max_new_tokens=3)
 
