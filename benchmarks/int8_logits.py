@@ -7,11 +7,13 @@ and asymmetric, with the clipping search off (the 8-bit default) and on (`mse=Tr
 int8 per-channel for comparison; then the random tiny checkpoints of converters/synthetic.py per
 generation (the ids tests/test_quantize.py uses), with the error that Gaussian weight noise of the
 same relative size (0.6% of each block linear's norm) causes, to tell the quantizer's error from the
-network's sensitivity.
+network's sensitivity; last the tiny models of the original code's test vectors
+(../shared/reference/chatglm_cpp, as tests/test_reference.py builds them), when that folder is there.
 """
 
 import argparse
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -86,6 +88,33 @@ def main():
         f = lambda c: " / ".join(f"{v:.3f}" for v in c)  # noqa: E731
         print(f"| {gen} | {f(cols[0])}% | {f(cols[1])}% | {sum(cols[2]) / len(cols[2]):.2f}% / "
               f"{sum(cols[3]) / len(cols[3]):.2f}% | {f(cols[4])}% |")
+    reference_models(d)
+
+
+def reference_models(d: Path):
+    """chatglm.cpp's tiny test models (one 32-wide block; ChatGLM2/3/4's output layer, absent from the files,
+    a seeded random one that stays fp16)."""
+    ref_dir = ROOT.parent / "shared" / "reference" / "chatglm_cpp"
+    if not ref_dir.exists():
+        print(f"\n{ref_dir} not present: reference tiny models skipped")
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_reference import CASES
+
+    from lowvram.converters.synthetic import write_checkpoint
+
+    print()
+    print("| reference tiny model | RTN sym | RTN asym |")
+    print("| --- | --- | --- |")
+    for fname in sorted(CASES):
+        torch.manual_seed(0)
+        config, sd, steps = CASES[fname](ref_dir / fname)
+        src = write_checkpoint(d / fname, config, sd)
+        ids = [i for x, _ in steps for i in x]
+        ref = lowvram.load(src, dtype="float32").logits(ids)
+        es, _ = q_err(src, ids, ref, d, sym=True)
+        ea, _ = q_err(src, ids, ref, d, sym=False)
+        print(f"| {fname} | {100 * es:.3f}% | {100 * ea:.3f}% |")
 
 
 if __name__ == "__main__":
