@@ -82,6 +82,17 @@ def test_batch_rows_equal_single_generation(gen, extra, tiny):
     assert len({tuple(s) for s in sampled}) > 1  # the rows are not one row repeated
 
 
+@pytest.mark.parametrize("variant", ["int8-kv", "split"])
+def test_batch_rows_with_int8_cache_and_split_placement(variant, tiny):
+    src = tiny("chatglm3-6b")
+    model = lowvram.load(src, dtype="float32", placement="cpu:0=0-0,cpu:1=1-1" if variant == "split" else None)
+    model.kv_int8 = variant == "int8-kv"
+    prompts = [[9, 4, 30, 17], [5, 6, 7, 8]]
+    kw = dict(do_sample=True, top_k=20, temperature=4.0, seed=11, stop_token_ids=[])
+    assert model.generate_batch(prompts, max_new_tokens=5, **kw) == [
+        model.generate(p, max_new_tokens=5, **dict(kw, seed=11 + r)) for r, p in enumerate(prompts)]
+
+
 def test_batch_stops_per_row_and_checks_its_input(tiny):
     model = lowvram.load(tiny("glm-4-9b-chat"), dtype="float32")
     prompts = [[9, 4, 30], [5, 6, 7]]
