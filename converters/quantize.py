@@ -330,12 +330,16 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device, calib_mode
         firsts = [int(torch.randint(0, cfg.vocab_size, (1,), generator=torch.Generator().manual_seed(seed + s)))
                   for s in range(samples)]
         batch = _sampling_batch(cfg, samples, seq_len)
+        bar = Progress(-(-samples // batch) * (seq_len - 1), f"calibration text ({sampler} model)", progress)
         out = []
         for b in range(0, samples, batch):
             rows = [[f] for f in firsts[b : b + batch]]
-            new = model.generate_batch(rows, max_new_tokens=seq_len - 1, do_sample=True, top_k=50, seed=seed + b,
-                                       stop_token_ids=[])
-            out += [r + n for r, n in zip(rows, new)]
+            for step in model.stream_batch([list(r) for r in rows], max_new_tokens=seq_len - 1, do_sample=True,
+                                           top_k=50, seed=seed + b, stop_token_ids=[]):
+                for r, t in zip(rows, step):
+                    r.append(t)
+                bar.step()
+            out += rows
     finally:
         del model  # freed before the block-by-block pass: the two never share memory
         gc.collect()

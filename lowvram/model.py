@@ -183,47 +183,58 @@ class Model:
         """New token ids (stop id excluded); the KV cache makes each step one token's work."""
         return list(self.stream_generate(input_ids, max_new_tokens=max_new_tokens, **kw))
 
-    @torch.inference_mode()
-    def generate_batch(self, prompts, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-                       top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                       stop_token_ids=None) -> list[list[int]]:
-        """New ids for each of several equal-length prompts, all rows through one forward per step.
+    def stream_batch(self, prompts, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                     top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                     stop_token_ids=None) -> Iterator[list[int | None]]:
+        """One new id per row per step (None for a row that has stopped), all rows through one forward.
 
         Decode is bound by reading the weights, so B rows cost about one row's time until the matmuls
-        become compute-bound (GPTQ's self-written calibration text is made this way). Row r samples with
-        seed + r, as generate(seed=seed + r) would; a row ends at its first stop id (not returned) while
-        the others go on.
+        become compute-bound (GPTQ's self-written calibration text is made this way). The prompts need
+        equal lengths. Row r samples with seed + r, as generate(seed=seed + r) would; a row ends at its
+        first stop id (not yielded) while the others go on.
         """
         rows = [self._as_list(p) for p in prompts]
-        if not rows:
-            return []
-        n = len(rows[0])
-        if any(len(r) != n for r in rows):
-            raise ValueError(f"generate_batch needs prompts of equal length, got lengths {sorted({len(r) for r in rows})}")
-        self._check_len(n)
-        stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError(f"a batch needs prompts of equal length, got lengths {sorted({len(r) for r in rows})}")
+        if rows:
+            self._check_len(len(rows[0]))
         params = [Sampling(do_sample, temperature, top_p, top_k, repetition_penalty, None if seed is None else seed + r)
                   for r in range(len(rows))]
+        stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        return self._stream_batch(rows, max_new_tokens, params, stops) if rows else iter(())
+
+    @torch.inference_mode()
+    def _stream_batch(self, rows: list[list[int]], max_new_tokens: int, params: list[Sampling], stops: set[int]):
         gens = [p.generator() for p in params]
-        total = min(self.ctx, n + max_new_tokens)
+        total = min(self.ctx, len(rows[0]) + max_new_tokens)
         caches = self.new_cache(self.config.pre_seq_len + total, batch=len(rows))
-        out: list[list[int]] = [[] for _ in rows]
         live = [True] * len(rows)
-        h = self.forward_rows(rows, 0, n, caches)[:, -1:]
+        h = self.forward_rows(rows, 0, len(rows[0]), caches)[:, -1:]
         while len(rows[0]) < total:
             logits = self.net.head(h)[:, 0].float().cpu()
+            step: list[int | None] = []
             for r, row in enumerate(rows):
-                nxt = row[-1]  # a finished row repeats its last id: the batch stays rectangular, its output is cut
+                nxt = row[-1]  # a finished row repeats its last id: the batch stays rectangular
                 if live[r]:
-                    seen = torch.tensor(row, dtype=torch.long) if repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+                    seen = torch.tensor(row) if params[r].repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
                     nxt = select(logits[r], params[r], seen, gens[r])
                     live[r] = nxt not in stops
-                    if live[r]:
-                        out[r].append(nxt)
+                step.append(nxt if live[r] else None)
                 row.append(nxt)
-            if not any(live) or len(rows[0]) >= total:
-                break
+            if not any(live):
+                return
+            yield step
+            if len(rows[0]) >= total:
+                return
             h = self.forward_rows(rows, len(rows[0]) - 1, 1, caches)
+
+    def generate_batch(self, prompts, max_new_tokens: int = 256, **kw) -> list[list[int]]:
+        """New ids per row (stop ids excluded), from stream_batch."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream_batch(prompts, max_new_tokens=max_new_tokens, **kw):
+            for r, t in enumerate(step):
+                if t is not None:
+                    out[r].append(t)
         return out
 
     # ---- chat: thin wrappers over lowvram/chat.py ---------------------------------------------
