@@ -71,8 +71,10 @@ def attend_one(cfg, qkv: torch.Tensor, rope, cache, start) -> torch.Tensor | Non
     cos, sin = rope
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     o = torch.empty(1, 1, H * D, dtype=qkv.dtype)
-    native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
-                               kc.shape[2], start, _p(o), _THREADS)
+    rc = native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
+                                    kc.shape[2], start, _p(o), _THREADS)
+    if rc:
+        raise MemoryError(f"lvq_attend_one: no scratch for {H} heads x {kc.shape[2]} slots")
     return o
 
 
@@ -125,5 +127,7 @@ def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | N
     rc = native._lib.lvq_decode_block(_p(x), _p(y), *args, _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,
                                       cfg.num_kv_heads, cfg.head_dim, _p(kc), _p(vc), kc.shape[2], start, threads,
                                       _THREADS)
+    if rc == -11:
+        raise MemoryError("lvq_decode_block: out of memory")
     assert rc == 0, rc
     return y

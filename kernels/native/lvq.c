@@ -1010,7 +1010,7 @@ int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y) {
     return 0;
 }
 
-/* One new token through attention, in place on its qkv row (H query heads, G kv heads, head size D):
+/* One new token through attention (returns -11 when out of memory), in place on its qkv row (H query heads, G kv heads, head size D):
  * rotate the first `rot` dims of every q and k head by GPT-J pairs with cos/sin [rot/2], write k and v
  * into slot `slot` of the caches [G][slots][D], then o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]
  * over slots 0..slot, g = h / (H/G). */
@@ -1036,20 +1036,19 @@ int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t
     if (nthreads < 1) nthreads = omp_get_max_threads();
 #endif
     if (nthreads < 1 || S * H * D < (1 << 20)) nthreads = 1; /* short caches: not worth waking threads */
+    float *buf = (float *)malloc(sizeof(float) * H * (2 * D + S)); /* per head: q, acc, scores */
+    if (!buf) return -11;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t h = 0; h < H; h++) {
         int64_t g = h / per;
-        float *q = (float *)malloc(sizeof(float) * D), *acc = (float *)calloc(D, sizeof(float));
-        float *s = (float *)malloc(sizeof(float) * S);
+        float *q = buf + h * (2 * D + S), *acc = q + D, *s = acc + D;
+        memset(acc, 0, sizeof(float) * D);
         for (int64_t d = 0; d < D; d++) q[d] = ldf(qkv, t, h * D + d);
 #ifdef LVQ_X86
         if (t == 1 && lvq_isa() >= ISA_AVX2) {
             attend_head_avx2(q, (const uint16_t *)kc + g * slots * D, (const uint16_t *)vc + g * slots * D, S, D,
                              scale, s, acc);
             for (int64_t d = 0; d < D; d++) stf(o, t, h * D + d, acc[d]);
-            free(q);
-            free(acc);
-            free(s);
             continue;
         }
 #endif
@@ -1081,10 +1080,8 @@ int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t
             }
         }
         for (int64_t d = 0; d < D; d++) stf(o, t, h * D + d, acc[d]);
-        free(q);
-        free(acc);
-        free(s);
     }
+    free(buf);
     return 0;
 }
 
@@ -1123,9 +1120,13 @@ int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, con
     uint16_t *q = malloc(sizeof(uint16_t) * qkv->N), *o = malloc(sizeof(uint16_t) * H * D);
     uint16_t *u = malloc(sizeof(uint16_t) * up->N), *sw = malloc(sizeof(uint16_t) * ffn);
     int rc = 0;
+    if (!h || !a || !q || !o || !u || !sw) {
+        rc = -11;
+        goto done;
+    }
     lvq_rmsnorm(x, 1, n1, nt, 1, hid, eps, h);
     if ((rc = lin_bf16(qkv, h, q, nthreads))) goto done;
-    lvq_attend_one(q, 1, cos, sin, rot, H, G, D, kc, vc, slots, slot, o, athreads);
+    if ((rc = lvq_attend_one(q, 1, cos, sin, rot, H, G, D, kc, vc, slots, slot, o, athreads))) goto done;
     if ((rc = lin_bf16(out, o, a, nthreads))) goto done;
     if (pn1) lvq_rmsnorm(a, 1, pn1, nt, 1, hid, eps, a);
     add_bf16(x, a, y, hid);
