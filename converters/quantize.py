@@ -357,6 +357,18 @@ def _sampling_batch(cfg, samples: int, seq_len: int) -> int:
     return max(1, min(samples, SAMPLING_KV_BYTES // row))
 
 
+def _source_fits(src, cfg, samples, seq_len, device, budgets) -> bool:
+    """Whether the full-precision source, sampling one batch, fits in 90% of `device`'s free memory."""
+    from lowvram.memory import RUNTIME_OVERHEAD, footprint, predict_rss
+
+    batch = _sampling_batch(cfg, samples, seq_len)
+    if device == "cpu":  # the checkpoint's own tensors in the CPU's default dtype, mapped embeddings included
+        need = predict_rss(src, prompt_len=batch * seq_len, new_tokens=0, cfg=cfg).peak
+    else:
+        need = footprint(cfg, bits=None).total(batch * seq_len, cfg.num_layers) + RUNTIME_OVERHEAD[device]
+    return need <= 0.9 * budgets.get("cuda:0" if device == "cuda" else device, 0)
+
+
 def _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, progress):
     """The model that writes the calibration text, and which one it is ("source" or "int8").
 
@@ -366,19 +378,11 @@ def _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, pr
     the source's (BENCHMARKS.md). The source is freed before the block-by-block pass either way.
     """
     from lowvram import load
-    from lowvram.memory import RUNTIME_OVERHEAD, footprint, predict_rss
     from lowvram.placement import detect_budgets
 
     where = "cpu" if device == "cpu" else "auto"  # on a GPU the planner may leave blocks on the CPU
     if calib_model == "auto":
-        batch = _sampling_batch(cfg, samples, seq_len)
-        if device == "cpu":
-            need = predict_rss(src, prompt_len=batch * seq_len, new_tokens=0, cfg=cfg).peak
-        else:
-            need = footprint(cfg, bits=None).total(batch * seq_len, cfg.num_layers) + RUNTIME_OVERHEAD[device]
-        budgets = detect_budgets()
-        free = budgets.get("cuda:0" if device == "cuda" else device, 0)
-        calib_model = "source" if need <= 0.9 * free else "int8"
+        calib_model = "source" if _source_fits(src, cfg, samples, seq_len, device, detect_budgets()) else "int8"
     if calib_model == "source":
         return load(src, device=where, tokenizer=False), "source"
     copy = workdir / "int8-sampler"

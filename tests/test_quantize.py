@@ -355,3 +355,22 @@ def test_gptq_of_a_p_tuning_checkpoint_fails_first(tiny, tmp_path):
     assert not (tmp_path / "q").exists()
     with pytest.raises(ValueError, match="--calib-model must be auto, source or int8"):
         quantize(src, tmp_path / "q", calib_model="fp8")
+
+
+def test_the_sampler_choice_follows_free_memory(tiny):
+    """auto samples with the source when its predicted peak fits in 90% of the free memory, else INT8:
+    on the CPU from the checkpoint's own tensors, on a GPU from the memory model (no GPU needed to check)."""
+    from lowvram.config import load_config, parse_config
+    from lowvram.converters.quantize import _source_fits
+    from lowvram.known import known_config
+    from lowvram.memory import predict_rss
+
+    src = tiny("glm-4-9b-chat")
+    cfg = load_config(src)
+    need = predict_rss(src, prompt_len=32 * 128, new_tokens=0, cfg=cfg).peak
+    assert _source_fits(src, cfg, 32, 128, "cpu", {"cpu": int(need / 0.89)})
+    assert not _source_fits(src, cfg, 32, 128, "cpu", {"cpu": int(need / 0.91)})
+    c3 = parse_config(known_config("chatglm3-6b"))  # 12.5 GB of bf16 weights
+    assert not _source_fits(None, c3, 32, 128, "cuda", {"cuda:0": 8 << 30, "cpu": 64 << 30})
+    assert _source_fits(None, c3, 32, 128, "cuda", {"cuda:0": 16 << 30})
+    assert not _source_fits(None, c3, 32, 128, "mps", {"mps": 12 << 30})
