@@ -179,3 +179,21 @@ def test_chat_and_bench_take_the_planner_flags(tiny):
     assert json.loads(r.stdout)["decode_ms_median"] > 0
     h = subprocess.run([sys.executable, "-m", "lowvram.cli", "chat", "--help"], capture_output=True, text=True).stdout
     assert "--gpu-mem" in h and "--max-memory" in h and "--stream" in h
+
+
+NO_CUDA = "no CUDA device: GPU+CPU split and streaming through the GPU run only where a GPU is present"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("placement", ["cuda:0=0-1,cpu=2-3", "cuda:0=0-1,stream:cuda:0=2-3"])
+def test_gpu_cpu_split_and_streaming_equal_one_device(placement, tiny):
+    """Issue 6 on the GPU machine: blocks on the GPU and the CPU (or streamed through the GPU on its side
+    stream) give the logits of one device within fp32 rounding, and the same greedy tokens."""
+    d = tiny("chatglm3-6b", num_layers=4)
+    ids = [9, 4, 30, 17]
+    one = lowvram.load(d, dtype="float32")
+    split = lowvram.load(d, dtype="float32", placement=placement)
+    assert split.net.layer_device(0).type == "cuda"
+    assert torch.allclose(split.logits(ids), one.logits(ids), rtol=1e-4, atol=1e-4)
+    assert split.generate(ids, max_new_tokens=5, stop_token_ids=[]) == one.generate(ids, max_new_tokens=5,
+                                                                                     stop_token_ids=[])
