@@ -24,9 +24,7 @@ from lowvram.known import known_config
 
 
 def write_source(name: str, out: Path, layers: int | None = None) -> Path:
-    config = known_config(name)
-    if layers:  # same tensor shapes, fewer blocks: a quick check of the peak, which follows the largest tensors
-        config["num_layers" if "num_layers" in config else "num_hidden_layers"] = layers
+    config = known_config(name, layers)
     g = torch.Generator().manual_seed(0)
     with atomic_directory(out) as tmp:
         w = ShardWriter(tmp, 2 << 30)

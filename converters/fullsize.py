@@ -27,8 +27,8 @@ from .quantize import BLOCK_LINEAR, ShardWriter, _write_metadata
 
 
 def write_fullsize(name: str, out: str | Path, bits: int = 4, group_size: int = 128, quantize_head: bool = True,
-                   head_bits: int = 8, seed: int = 0, max_shard_bytes: int = 2 << 30) -> Path:
-    config = known_config(name)
+                   head_bits: int = 8, seed: int = 0, max_shard_bytes: int = 2 << 30, layers: int | None = None) -> Path:
+    config = known_config(name, layers)
     cfg = parse_config(config)
     with torch.device("meta"):
         net = GLM(cfg)
@@ -74,9 +74,10 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-quantize-head", action="store_true")
+    ap.add_argument("--layers", type=int, help="fewer blocks than the real model (same tensor shapes)")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
-    print(write_fullsize(a.name, a.out, a.bits, a.group_size, not a.no_quantize_head))
+    print(write_fullsize(a.name, a.out, a.bits, a.group_size, not a.no_quantize_head, layers=a.layers))
 
 
 if __name__ == "__main__":

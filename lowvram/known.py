@@ -61,9 +61,14 @@ KNOWN: dict[str, dict] = {
 }
 
 
-def known_config(name: str) -> dict:
-    """config.json fields of a released model; a clear error lists the known names."""
+def known_config(name: str, layers: int | None = None) -> dict:
+    """config.json fields of a released model; a clear error lists the known names.
+
+    layers: fewer blocks, the same tensor shapes (quick runs of the scripts that build full-size models)."""
     key = name.lower().split("/")[-1]
     if key not in KNOWN:
         raise ValueError(f"unknown model name {name!r}; known: {', '.join(KNOWN)}")
-    return dict(KNOWN[key]["config"])
+    config = dict(KNOWN[key]["config"])
+    if layers:
+        config["num_layers" if "num_layers" in config else "num_hidden_layers"] = layers
+    return config
