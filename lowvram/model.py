@@ -158,26 +158,7 @@ class Model:
         ids = self._as_list(input_ids)
         self._check_len(len(ids))
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        return self._stream(ids, max_new_tokens, params, stops)
-
-    @torch.inference_mode()
-    def _stream(self, ids: list[int], max_new_tokens: int, params: Sampling, stops: set[int]) -> Iterator[int]:
-        total = min(self.ctx, len(ids) + max_new_tokens)
-        caches = self.new_cache(self.config.pre_seq_len + total)
-        gen = params.generator()
-        seen = torch.tensor(ids, dtype=torch.long)
-        h = self.forward(ids, 0, len(ids), caches)[-1:]
-        while len(ids) < total:
-            nxt = select(self.net.head(h)[0].float().cpu(), params, seen, gen)
-            if nxt in stops:
-                return
-            yield nxt
-            ids.append(nxt)
-            if params.repetition_penalty != 1.0:
-                seen = torch.cat([seen, torch.tensor([nxt])])
-            if len(ids) >= total:
-                return
-            h = self.forward(ids, len(ids) - 1, 1, caches)
+        return (step[0] for step in self._stream_batch([ids], max_new_tokens, [params], stops))
 
     def generate(self, input_ids, max_new_tokens: int = 256, **kw) -> list[int]:
         """New token ids (stop id excluded); the KV cache makes each step one token's work."""
@@ -204,7 +185,9 @@ class Model:
         return self._stream_batch(rows, max_new_tokens, params, stops) if rows else iter(())
 
     @torch.inference_mode()
-    def _stream_batch(self, rows: list[list[int]], max_new_tokens: int, params: list[Sampling], stops: set[int]):
+    def _stream_batch(self, rows: list[list[int]], max_new_tokens: int, params: list[Sampling],
+                      stops: set[int]) -> Iterator[list[int | None]]:
+        """The decode loop of stream_generate (one row) and stream_batch: rows grow in place, one id each a step."""
         gens = [p.generator() for p in params]
         total = min(self.ctx, len(rows[0]) + max_new_tokens)
         caches = self.new_cache(self.config.pre_seq_len + total, batch=len(rows))
