@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu_check.sh accelerate  # issue 6: the same with transformers+accelerate's bf16 offload beside it
 # Results go to $OUT (the device tool's output folder) or ./gpu-results.
 set -euo pipefail
+case "${1:-tests}" in
+  tests|decode|offload|accelerate) ;;
+  *) echo "unknown phase $1: tests, decode, offload or accelerate" >&2; exit 2 ;;
+esac
 R=${OUT:-gpu-results}
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt" 2>&1 || true
@@ -19,5 +23,4 @@ case "${1:-tests}" in
     python benchmarks/offload.py --json "$R/offload.json" 2>&1 | tee "$R/offload.txt" ;;
   accelerate)
     python benchmarks/offload.py --accelerate --json "$R/accelerate.json" 2>&1 | tee "$R/accelerate.txt" ;;
-  *) echo "unknown phase $1: tests, decode, offload or accelerate" >&2; exit 2 ;;
 esac

@@ -37,15 +37,13 @@ def lowvram_rows(path: Path, cap: int, prompt: int, steps: int) -> tuple[list[di
     rows = [("all CPU", dict(device="cpu"))]
     cpu_blocks: list[int] = []
     if torch.cuda.is_available():
-        cfg = load_config(path)
-        p = plan(cfg, {"cuda:0": cap, "cpu": 1 << 40}, prompt + steps + 8, 4, 128,
+        capped = dict(device="cuda", max_memory={"cuda:0": cap, "cpu": 1 << 40}, ctx=prompt + steps + 8)
+        p = plan(load_config(path), capped["max_memory"], capped["ctx"], 4, 128,
                  mapped_embeddings=embeddings_will_map(path))
         cpu_blocks = p.blocks.get("cpu", [])
         rows += [("all GPU", dict(device="cuda")),
-                 (f"cap {cap / 2**30:.1f} GiB: {len(cpu_blocks)} blocks on the CPU",
-                  dict(device="cuda", max_memory={"cuda:0": cap, "cpu": 1 << 40}, ctx=prompt + steps + 8)),
-                 (f"cap {cap / 2**30:.1f} GiB, streamed", dict(device="cuda", max_memory={"cuda:0": cap, "cpu": 1 << 40},
-                                                              ctx=prompt + steps + 8, stream=True))]
+                 (f"cap {cap / 2**30:.1f} GiB: {len(cpu_blocks)} blocks on the CPU", capped),
+                 (f"cap {cap / 2**30:.1f} GiB, streamed", dict(capped, stream=True))]
     out = []
     for label, kw in rows:
         if torch.cuda.is_available():
@@ -64,10 +62,11 @@ def memory_check(path: Path, budget: int, ctx: int) -> dict:
     cfg = load_config(path)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), 0)
-    p = plan(cfg, {"cuda:0": budget, "cpu": 1 << 40}, ctx, 4, 128, mapped_embeddings=embeddings_will_map(path))
+    budgets = {"cuda:0": budget, "cpu": 1 << 40}
+    p = plan(cfg, budgets, ctx, 4, 128, mapped_embeddings=embeddings_will_map(path))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    r = bench(path, ctx - 16, 8, warmup=1, device="cuda", max_memory={"cuda:0": budget, "cpu": 1 << 40}, ctx=ctx)
+    r = bench(path, ctx - 16, 8, warmup=1, device="cuda", max_memory=budgets, ctx=ctx)
     torch.cuda.set_per_process_memory_fraction(1.0, 0)
     got, want = r["peak_cuda_bytes"], p.bytes["cuda:0"]
     print(f"memory model: {len(p.blocks['cuda:0'])} blocks on cuda:0 under {budget / 2**30:.1f} GiB at {ctx} tokens; "

@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import re
-import resource
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lowvram.bench import peak_rss
 from lowvram.checkpoint import Checkpoint, map_name
 from lowvram.config import load_config
 from lowvram.loading import trim_heap
@@ -177,19 +177,6 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         "quantized_linears": len(errors), "mse": use_mse(bits), "calibration": calibration,
         "rel_error": {"min": errs[0], "median": errs[len(errs) // 2], "max": errs[-1]} if errs else None,
     }
-
-
-def peak_rss() -> int:
-    """This process's peak RSS. VmHWM where there is /proc: getrusage's maxrss also counts the RSS the
-    parent had when it forked us, so a benchmark harness holding gigabytes would inflate it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, mse, writer, errors) -> set[str]:

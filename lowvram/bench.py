@@ -6,6 +6,7 @@ import json
 import resource
 import collections
 import statistics
+import sys
 import time
 
 import torch
@@ -13,7 +14,7 @@ import torch
 
 def peak_rss() -> int:
     """This process's peak RSS: VmHWM on Linux (getrusage's ru_maxrss can carry the parent's RSS across a
-    fork+exec), getrusage elsewhere."""
+    fork+exec, so a benchmark harness holding gigabytes would inflate it), getrusage elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -21,7 +22,8 @@ def peak_rss() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def graphed_step(model, caches, next_slot: int):

@@ -1010,10 +1010,10 @@ int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y) {
     return 0;
 }
 
-/* One new token through attention (returns -11 when out of memory), in place on its qkv row (H query heads, G kv heads, head size D):
+/* One new token through attention, in place on its qkv row (H query heads, G kv heads, head size D):
  * rotate the first `rot` dims of every q and k head by GPT-J pairs with cos/sin [rot/2], write k and v
  * into slot `slot` of the caches [G][slots][D], then o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]
- * over slots 0..slot, g = h / (H/G). */
+ * over slots 0..slot, g = h / (H/G). Returns -11 when its scratch cannot be allocated. */
 int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
                    int64_t D, void *kc, void *vc, int64_t slots, int64_t slot, void *o, int nthreads) {
     int64_t half = rot / 2;
@@ -1116,14 +1116,10 @@ int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, con
     if (out->N != hid || up->K != hid || down->N != hid || up->N != 2 * ffn || qkv->N != (H + 2 * G) * D ||
         out->K != H * D)
         return -10;
-    uint16_t *h = malloc(sizeof(uint16_t) * hid), *a = malloc(sizeof(uint16_t) * hid);
-    uint16_t *q = malloc(sizeof(uint16_t) * qkv->N), *o = malloc(sizeof(uint16_t) * H * D);
-    uint16_t *u = malloc(sizeof(uint16_t) * up->N), *sw = malloc(sizeof(uint16_t) * ffn);
+    uint16_t *h = malloc(sizeof(uint16_t) * (2 * hid + qkv->N + H * D + up->N + ffn)); /* all scratch, one block */
+    if (!h) return -11;
+    uint16_t *a = h + hid, *q = a + hid, *o = q + qkv->N, *u = o + H * D, *sw = u + up->N;
     int rc = 0;
-    if (!h || !a || !q || !o || !u || !sw) {
-        rc = -11;
-        goto done;
-    }
     lvq_rmsnorm(x, 1, n1, nt, 1, hid, eps, h);
     if ((rc = lin_bf16(qkv, h, q, nthreads))) goto done;
     if ((rc = lvq_attend_one(q, 1, cos, sin, rot, H, G, D, kc, vc, slots, slot, o, athreads))) goto done;
@@ -1138,11 +1134,6 @@ int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, con
     add_bf16(y, a, y, hid);
 done:
     free(h);
-    free(a);
-    free(q);
-    free(o);
-    free(u);
-    free(sw);
     return rc;
 }
 
