@@ -368,7 +368,7 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float 
 
 /* Two rows at once (decode, groups >= 128), as pair_vnni: two distant weight streams per thread. A loop
  * per bit width, each block's activations loaded once for both rows: with both widths in one loop GCC
- * spilled accumulators and activations to the stack (measured 1.1-1.3x slower). Even and odd blocks
+ * spilled accumulators and activations to the stack (measured 1.1-1.2x slower). Even and odd blocks
  * keep their own accumulators, the summation order of row_dot_avx2. */
 AVX2 static inline __m256i dot_q4(const uint8_t *wb, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
