@@ -112,3 +112,35 @@ def test_batch_rows_need_one_mask(tiny):
     model = lowvram.load(tiny("chatglm-6b"), dtype="float32")
     with pytest.raises(ValueError, match="same attention mask"):  # <sop> at different indices: different prefix-LM masks
         model.generate_batch([[9, 4, 151, 152, 30], [9, 4, 30, 151, 152]], max_new_tokens=2)
+
+
+def test_threads_sharing_a_model_get_their_own_tokens(tmp_path):
+    """An app or a server calls one loaded model from several threads: caches and kernel scratch are per
+    call, so each thread gets exactly the tokens it would get alone (quantized, the CPU's default kernels)."""
+    import threading
+    from pathlib import Path
+
+    from lowvram.converters.quantize import quantize
+
+    ex = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"
+    if not ex.exists():
+        pytest.skip("examples/glm4-tiny not built (python examples/train_tiny.py)")
+    quantize(ex, tmp_path / "int4", bits=4, progress=False)
+    model = lowvram.load(tmp_path / "int4")
+    prompts = [model.tokenizer.encode_prompt(t) for t in ("Return the number of", "Serialize obj to", "Open a file")]
+    alone = [model.generate(p, max_new_tokens=16, stop_token_ids=[]) for p in prompts]
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            got[i] = [model.generate(prompts[i], max_new_tokens=16, stop_token_ids=[]) for _ in range(3)]
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(got[i] == [alone[i]] * 3 for i in range(len(prompts)))
