@@ -26,7 +26,7 @@ def vision_bytes(cfg) -> int:
 
 def cell(cfg, budgets, ctx, bits) -> str:
     try:
-        # safetensors output of `lowvram quantize`: untied embeddings are looked up from the mapped file
+        # safetensors output of `lowvram quantize`: untied embeddings are looked up in the file
         p = plan(cfg, budgets, ctx, bits, vision_bytes=vision_bytes(cfg), mapped_embeddings=True)
     except ValueError:
         return "no"

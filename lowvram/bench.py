@@ -39,7 +39,7 @@ def graphed_step(model, caches, next_slot: int):
     if model.kv_int8:
         raise ValueError("--cuda-graph works with the float KV cache only (not --kv-int8)")
     P = model.config.pre_seq_len
-    # the embedding row is looked up outside the graph: the table lives on the CPU (mapped from the file)
+    # the embedding row is looked up outside the graph: the table lives on the CPU (read from the file)
     bufs = (torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype, device=dev),
             model.positions([0], 0, 1).to(dev), torch.full((1,), P + next_slot, dtype=torch.long, device=dev))
     g = GraphedStep(lambda x, pos, slot: net.head(net.hidden(x, pos, caches, slot)).argmax(-1), *bufs)
@@ -207,7 +207,7 @@ def bench_main(args) -> int:
     if "predicted_rss_bytes" in r:
         p = r["predicted_rss"]
         print(f"  predicted RSS   {r['predicted_rss_bytes'] / 2**30:.2f} GiB (runtime {p['runtime'] / 2**30:.2f}, weights "
-              f"{p['weights'] / 2**30:.2f}, KV {p['kv_cache'] / 2**30:.2f}, embeddings mapped {p['mapped'] / 2**30:.2f})")
+              f"{p['weights'] / 2**30:.2f}, KV {p['kv_cache'] / 2**30:.2f}, embeddings in the file {p['mapped'] / 2**30:.2f})")
     if "roofline_ratio_paired" in r:
         print(f"  roofline        {r['roofline_ratio_paired']:.2f}x (median over {len(r['roofline_ratios'])} steps, each "
               f"against {r['streamed_bytes'] / 1e9:.2f} GB / the bandwidth probed just before it)")

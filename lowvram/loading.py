@@ -156,7 +156,8 @@ def _orig(layout: str, name: str) -> str:
 
 
 def mmap_embeddings_enabled() -> bool:
-    """LOWVRAM_MMAP_EMBEDDINGS=0 turns the mapped word-embedding table off (for comparisons)."""
+    """LOWVRAM_MMAP_EMBEDDINGS=0 loads the word-embedding table instead of reading its rows from the file
+    (for comparisons; the name is from when the file was memory-mapped)."""
     import os
 
     return os.environ.get("LOWVRAM_MMAP_EMBEDDINGS", "1").lower() not in ("0", "false", "no", "off")
@@ -170,10 +171,10 @@ def embeddings_will_map(model: str | Path) -> bool:
 
 
 def embeddings_mappable(ckpt: Checkpoint, cfg: GLMConfig, first: torch.device) -> str | None:
-    """The checkpoint name of the word embeddings when they will be looked up from the mapped file.
+    """The checkpoint name of the word embeddings when they will be looked up in the file.
 
     Only on the CPU, from safetensors, and only when the output layer is not tied to the table
-    (ChatGLM-6B's tied head reads every row each token: mapping would gain nothing and convert the whole
+    (ChatGLM-6B's tied head reads every row each token: reading rows would gain nothing and convert the whole
     table per token)."""
     if torch.device(first).type != "cpu" or cfg.tie_word_embeddings or not mmap_embeddings_enabled():
         return None
@@ -192,19 +193,19 @@ def embeddings_mappable(ckpt: Checkpoint, cfg: GLMConfig, first: torch.device) -
 
 
 def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, first: torch.device) -> str | None:
-    """Look the word embeddings up in the mapped file instead of loading them; the checkpoint name, or None."""
+    """Look the word embeddings up in the file instead of loading them; the checkpoint name, or None."""
     cname = embeddings_mappable(ckpt, cfg, first)
     if cname is None or tuple(net.embed.weight.shape) != ckpt.shape(cname):
         return None
-    from .models.glm import MappedEmbedding
+    from .models.glm import FileEmbedding
 
     try:
-        table = ckpt.map_tensor(cname)
+        table = ckpt.file_rows(cname)
     except (OSError, ValueError):
         return None
     if table is None:
         return None
-    net.embed = MappedEmbedding(table, dtype)
+    net.embed = FileEmbedding(table, dtype)
     return cname
 
 

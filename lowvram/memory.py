@@ -108,7 +108,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
 
     Weights come from the checkpoint's tensors as stored: float tensors in the compute dtype, quantized
     linears at their file bytes (every CPU backend keeps about the GPTQ layout's bytes), the word
-    embeddings at ~0 when they are looked up from the mapped file (see loading._map_embeddings)."""
+    embeddings at ~0 when they are looked up in the file (see loading._map_embeddings)."""
     import torch
 
     from .checkpoint import Checkpoint, map_name

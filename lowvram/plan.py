@@ -64,7 +64,7 @@ def plan_main(args) -> int:
     if rss:
         print(f"all on the CPU, this checkpoint: predicted peak RSS {rss.peak / 2**30:.2f} GiB at context {args.ctx} "
               f"(runtime {rss.runtime / 2**30:.2f}, weights {rss.weights / 2**30:.2f}, KV {rss.kv_cache / 2**30:.2f}, "
-              f"embeddings mapped from the file {rss.mapped / 2**30:.2f} not counted)")
+              f"embeddings read from the file {rss.mapped / 2**30:.2f} not counted)")
     for n in p.notes:
         print(f"note: {n}")
     return 0

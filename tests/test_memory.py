@@ -63,7 +63,7 @@ def test_mapped_embeddings_stay_out_of_rss_and_change_nothing(big_vocab, tmp_pat
     emb = 151552 * 256 * (4 if dtype == "float32" else 2)  # the table in the compute dtype
     on = _probe(big_vocab, tmp_path / "on.pt", dtype, mmap=True)
     off = _probe(big_vocab, tmp_path / "off.pt", dtype, mmap=False)
-    assert on["embed"] == "MappedEmbedding" and on["mapped"] == ["embed.weight"]
+    assert on["embed"] == "FileEmbedding" and on["mapped"] == ["embed.weight"]
     assert off["embed"] == "Embedding" and off["mapped"] == []
     # bit for bit the same logits (fp32: the exact reference path; bf16: rows converted after the lookup)
     assert torch.equal(torch.load(tmp_path / "on.pt"), torch.load(tmp_path / "off.pt"))
@@ -94,6 +94,23 @@ def test_mapping_only_where_it_pays(tiny):
         finally:
             del os.environ["LOWVRAM_MMAP_EMBEDDINGS"]
         assert ref.report["mapped"] == [] and torch.equal(m.logits(ids), ref.logits(ids))
+
+
+def test_file_rows_read_exactly_the_looked_up_rows(tiny):
+    from safetensors.torch import load_file
+
+    from lowvram.checkpoint import Checkpoint
+
+    src = tiny("glm-4-9b-chat", dtype=torch.bfloat16)
+    ckpt = Checkpoint(src)
+    name = "transformer.embedding.word_embeddings.weight"
+    table = load_file(str(src / "model.safetensors"))[name]
+    rows = ckpt.file_rows(name)
+    assert rows.shape == table.shape and rows.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 0, 5], [159, 7, 0]])  # repeats, both ends of the table, a 2-D batch
+    assert torch.equal(rows.rows(ids), table[ids])
+    with pytest.raises(IndexError, match="160-row"):
+        rows.rows(torch.tensor([160]))
 
 
 GEN_PROBE = r"""

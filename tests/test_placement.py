@@ -54,7 +54,7 @@ def test_needs_cpu_offload():
 
 
 def test_mapped_embeddings_do_not_count_against_the_cpu():
-    """GLM-4-9B INT4 on a 2 GiB GPU + 4 GiB of CPU: the 1.16 GiB fp16 table is looked up from the mapped file,
+    """GLM-4-9B INT4 on a 2 GiB GPU + 4 GiB of CPU: the 1.16 GiB fp16 table is looked up in the file,
     so the CPU budget holds blocks instead; ChatGLM-6B's tied head reads the whole table, so it stays resident."""
     budgets = {"cuda:0": 2 * GiB, "cpu": 4 * GiB}
     with pytest.raises(ValueError, match="does not fit"):

@@ -234,26 +234,26 @@ class PrefixEncoder(nn.Module):
         return p.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.head_dim).permute(1, 2, 0, 3)
 
 
-class MappedEmbedding(nn.Module):
-    """Word embeddings looked up in a table mapped from the checkpoint file (CPU, untied models only).
+class FileEmbedding(nn.Module):
+    """Word embeddings looked up in the checkpoint file (CPU, untied models only).
 
-    Only the rows of looked-up tokens are ever read, so only their pages become resident: the table
-    (0.5-1.2 GB for 65K-152K x 4096 in fp16) stays out of RSS. Rows are converted to the compute dtype
-    after the lookup (an fp16 file under bf16 or fp32 compute); elementwise, that equals converting the
-    whole table first, bit for bit. `weight` is a plain attribute (not a parameter or buffer), so
-    `.to()`/`.half()` on the network never copy it.
+    Only the rows of looked-up tokens are ever read, so the table (0.5-1.2 GB for 65K-152K x 4096 in
+    fp16) stays out of RSS. Rows are converted to the compute dtype after the lookup (an fp16 file under
+    bf16 or fp32 compute); elementwise, that equals converting the whole table first, bit for bit.
+    `weight` is the table in its file (`checkpoint.FileRows`: shape, dtype, device), not a parameter, so
+    `.to()`/`.half()` on the network never touch it.
     """
 
-    def __init__(self, table: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, table, dtype: torch.dtype):
         super().__init__()
         self.weight = table
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).to(self.dtype)
+        return self.weight.rows(ids).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, file dtype {self.weight.dtype}, compute dtype {self.dtype}, mapped"
+        return f"{tuple(self.weight.shape)}, file dtype {self.weight.dtype}, compute dtype {self.dtype}, in the file"
 
 
 class GLM(nn.Module):
