@@ -1,16 +1,18 @@
 """Paired A/B of the native kernel as built from another git revision against the installed build, in one process.
 
     python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1] [--rounds 24] [--prompt-len 128] [--prompt-rounds 3]
+                                          [--load-rounds 2]
 
 Compiles `kernels/native/lvq.c` of REV with setup.py's flags into a temporary library, then alternates the two
 libraries call for call: single GEMV/GEMM calls on random weights of the checkpoint's shapes (outputs must be
-bit-identical when the arithmetic is meant to be unchanged; printed), decode steps of the checkpoint on one KV
-cache, and prompts. Alternating puts a shared VM's slow and fast phases on both builds alike. Both builds read
+bit-identical when the arithmetic is meant to be unchanged; printed), whole loads of the checkpoint (the repack
+into the kernel's layout runs in the library), decode steps of the checkpoint on one KV cache, and prompts. Alternating puts a shared VM's slow and fast phases on both builds alike. Both builds read
 the same repacked weights, so a revision whose weight layout differs cannot be compared this way.
 """
 
 import argparse
 import ctypes
+import gc
 import statistics
 import subprocess
 import sys
@@ -25,7 +27,8 @@ import lowvram
 from lowvram.kernels import PackedWeight, native, pack_cols, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_block", "lvq_dequant_bf16")
+FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_block", "lvq_dequant_bf16",
+         "lvq_repack", "lvq_hugepages")
 
 
 def build(rev: str, out: Path) -> ctypes.CDLL:
@@ -72,6 +75,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=24, help="decode steps per build")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--prompt-rounds", type=int, default=3)
+    ap.add_argument("--load-rounds", type=int, default=2)
     a = ap.parse_args()
     threads = native.threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +99,19 @@ def main():
                         f"{m * n * k / med[a.rev] / 1e9:.1f} -> {m * n * k / med['installed'] / 1e9:.1f} GMAC/s")
                 print(f"  {bits}-bit {n}x{k}, {m} row(s): {unit} ({med[a.rev] / med['installed']:.2f}x), "
                       f"outputs {'identical' if torch.equal(*ys.values()) else 'DIFFER'}")
+        loads = {key: [] for key in libs}
+        for _ in range(a.load_rounds):
+            for key, lib in libs.items():
+                native._lib = lib
+                t = time.perf_counter()
+                m = lowvram.load(a.checkpoint, tokenizer=False)
+                loads[key].append(time.perf_counter() - t)
+                del m
+                gc.collect()
+        native._lib = libs["installed"]
+        if a.load_rounds:
+            print(f"load ({a.checkpoint}): " + " / ".join(f"{x:.1f}" for x in loads[a.rev]) + " -> "
+                  + " / ".join(f"{x:.1f}" for x in loads["installed"]) + " s")
         m = lowvram.load(a.checkpoint, tokenizer=False)
         ids = list(range(100, 164))
         caches = m.new_cache(len(ids) + 2 * a.rounds + 1)
