@@ -910,8 +910,6 @@ int lvq_dequant_bf16(const uint8_t *w, const uint16_t *scales, const uint8_t *ze
     return 0;
 }
 
-/* GPTQ qweight int32 [K*bits/32][N] (packed along K, low bits first) -> our rows [N][rowbytes].
- * perm (may be NULL): input k of our layout is input perm[k] of the checkpoint (act-order). */
 /* The 8 nibbles of w, nibble m into the low half of byte m. */
 static inline uint64_t spread4(uint32_t w) {
     uint64_t x = w;
@@ -920,6 +918,8 @@ static inline uint64_t spread4(uint32_t w) {
     return (x | x << 4) & 0x0F0F0F0F0F0F0F0Full;
 }
 
+/* GPTQ qweight int32 [K*bits/32][N] (packed along K, low bits first) -> our rows [N][rowbytes].
+ * perm (may be NULL): input k of our layout is input perm[k] of the checkpoint (act-order). */
 int lvq_repack(const int32_t *qweight, int64_t K, int64_t N, int bits, const int32_t *perm, uint8_t *out,
                int nthreads) {
     if ((bits != 4 && bits != 8) || K % BLK) return -1;
