@@ -275,42 +275,53 @@ AVX2 static float row_prep_avx2(const uint16_t *sr, const uint8_t *zr, const flo
     return c;
 }
 
+/* A block's 128 activations as four vectors of 32. */
+typedef struct {
+    __m256i v[4];
+} xblock;
+
+AVX2 static inline xblock load_x(const int8_t *xb) {
+    xblock x;
+    for (int i = 0; i < 4; i++) x.v[i] = _mm256_loadu_si256((const __m256i *)(xb + 32 * i));
+    return x;
+}
+
 /* The four 32-input parts of one 128-input block as int16 pair sums (4-bit: vpmaddubsw of the 0..15
  * codes with the int8 activations, at most 3810 per lane, so sums of parts cannot overflow). */
-AVX2 static inline void parts_q4(const uint8_t *wb, const int8_t *xb, __m256i p[4]) {
+AVX2 static inline void parts_q4(const uint8_t *wb, xblock x, __m256i p[4]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i va = _mm256_loadu_si256((const __m256i *)wb), vb = _mm256_loadu_si256((const __m256i *)(wb + 32));
     /* byte j of the block: input j (low nibble) and input 64 + j (high) */
-    p[0] = _mm256_maddubs_epi16(_mm256_and_si256(va, m4), _mm256_loadu_si256((const __m256i *)xb));
-    p[1] = _mm256_maddubs_epi16(_mm256_and_si256(vb, m4), _mm256_loadu_si256((const __m256i *)(xb + 32)));
-    p[2] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(va, 4), m4), _mm256_loadu_si256((const __m256i *)(xb + 64)));
-    p[3] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), _mm256_loadu_si256((const __m256i *)(xb + 96)));
+    p[0] = _mm256_maddubs_epi16(_mm256_and_si256(va, m4), x.v[0]);
+    p[1] = _mm256_maddubs_epi16(_mm256_and_si256(vb, m4), x.v[1]);
+    p[2] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(va, 4), m4), x.v[2]);
+    p[3] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), x.v[3]);
 }
 
 /* 8-bit codes reach 255, so vpmaddubsw on them could saturate. Instead: q - 128 (signed) against the
  * activations by vpmaddubsw(|q - 128|, x * sign(q - 128)): |q - 128| <= 128 as unsigned, |x| <= 127,
  * pair sums <= 32512. The 128 * sum(x) left out goes into the zero-point term (zero - 128, row_prep). */
-AVX2 static inline __m256i part_q8x(const uint8_t *wp, __m256i xv) {
+AVX2 static inline __m256i part_q8(const uint8_t *wp, __m256i xv) {
     __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wp), _mm256_set1_epi8((char)0x80));
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q)), _mm256_set1_epi16(1));
 }
 
-AVX2 static inline __m256i part_q8(const uint8_t *wp, const int8_t *xp) {
-    return part_q8x(wp, _mm256_loadu_si256((const __m256i *)xp));
+/* The dot product of one whole block as 8 int32 lanes, per bit width (wb: the block's codes). */
+AVX2 static inline __m256i dot_q4(const uint8_t *wb, xblock x) {
+    __m256i p[4];
+    parts_q4(wb, x, p);
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                             _mm256_set1_epi16(1));
 }
 
-/* The dot product of one whole block as 8 int32 lanes. */
+AVX2 static inline __m256i dot_q8(const uint8_t *wb, xblock x) {
+    return _mm256_add_epi32(_mm256_add_epi32(part_q8(wb, x.v[0]), part_q8(wb + 32, x.v[1])),
+                            _mm256_add_epi32(part_q8(wb + 64, x.v[2]), part_q8(wb + 96, x.v[3])));
+}
+
 AVX2 static inline __m256i block_dot_avx2(const uint8_t *wr, const int8_t *xm, int64_t b, int bits) {
-    if (bits == 4) {
-        __m256i p[4];
-        parts_q4(wr + b * 64, xm + b * BLK, p);
-        __m256i s = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
-        return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
-    }
-    const uint8_t *wb = wr + b * BLK;
-    const int8_t *xb = xm + b * BLK;
-    return _mm256_add_epi32(_mm256_add_epi32(part_q8(wb, xb), part_q8(wb + 32, xb + 32)),
-                            _mm256_add_epi32(part_q8(wb + 64, xb + 64), part_q8(wb + 96, xb + 96)));
+    xblock x = load_x(xm + b * BLK);
+    return bits == 4 ? dot_q4(wr + b * 64, x) : dot_q8(wr + b * BLK, x);
 }
 
 /* prefetcht0 in asm: GCC 12 drops _mm_prefetch from these avx2-target functions (the vnni ones keep theirs). */
@@ -344,11 +355,12 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float 
         for (int64_t b = 0; b < nb; b++) {
             __m256i d[4];
             prefetch_block(wr, b, bits);
+            xblock x = load_x(xm + b * BLK);
             if (bits == 4) {
-                parts_q4(wr + b * 64, xm + b * BLK, d);
+                parts_q4(wr + b * 64, x, d);
                 for (int i = 0; i < 4; i++) d[i] = _mm256_madd_epi16(d[i], one);
             } else {
-                for (int i = 0; i < 4; i++) d[i] = part_q8(wr + b * BLK + 32 * i, xm + b * BLK + 32 * i);
+                for (int i = 0; i < 4; i++) d[i] = part_q8(wr + b * BLK + 32 * i, x.v[i]);
             }
             float sb = sxm[b];
             if (group == 64) {
@@ -369,25 +381,13 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float 
 /* Two rows at once (decode, groups >= 128), as pair_vnni: two distant weight streams per thread. A loop
  * per bit width, each block's activations loaded once for both rows: with both widths in one loop GCC
  * spilled accumulators and activations to the stack (measured 1.1-1.2x slower). Even and odd blocks
- * keep their own accumulators, the summation order of row_dot_avx2. */
-AVX2 static inline __m256i dot_q4(const uint8_t *wb, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256i va = _mm256_loadu_si256((const __m256i *)wb), vb = _mm256_loadu_si256((const __m256i *)(wb + 32));
-    __m256i s = _mm256_add_epi16(
-        _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(va, m4), x0),
-                         _mm256_maddubs_epi16(_mm256_and_si256(vb, m4), x1)),
-        _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(va, 4), m4), x2),
-                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), x3)));
-    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
-}
-
-#define LVQ_PAIR_STEP(DOT, A, B, i)                                                                        \
-    {                                                                                                      \
-        const __m256i *xb = (const __m256i *)(xm + (i) * BLK);                                              \
-        __m256i x0 = _mm256_loadu_si256(xb), x1 = _mm256_loadu_si256(xb + 1);                              \
-        __m256i x2 = _mm256_loadu_si256(xb + 2), x3 = _mm256_loadu_si256(xb + 3);                          \
-        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w0 + (i) * RB, x0, x1, x2, x3)), _mm256_set1_ps(c0[i]), A); \
-        B = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w1 + (i) * RB, x0, x1, x2, x3)), _mm256_set1_ps(c1[i]), B); \
+ * keep their own accumulators, the summation order of row_dot_avx2. LVQ_PAIR_STEP: block i of both rows
+ * against the same activations (the pair functions' w0, w1, c0, c1, xm and RB, the bytes per block). */
+#define LVQ_PAIR_STEP(DOT, A, B, i)                                                                    \
+    {                                                                                                  \
+        xblock x = load_x(xm + (i) * BLK);                                                             \
+        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w0 + (i) * RB, x)), _mm256_set1_ps(c0[i]), A);      \
+        B = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w1 + (i) * RB, x)), _mm256_set1_ps(c1[i]), B);      \
     }
 
 AVX2 static void pair_q4_avx2(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, const float *c0,
@@ -406,11 +406,6 @@ AVX2 static void pair_q4_avx2(const int8_t *xm, const uint8_t *w0, const uint8_t
     for (; i < nb; i++) LVQ_PAIR_STEP(dot_q4, a0, b0, i)
     *r0 = hsum256(_mm256_add_ps(a0, a1));
     *r1 = hsum256(_mm256_add_ps(b0, b1));
-}
-
-AVX2 static inline __m256i dot_q8(const uint8_t *wb, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
-    return _mm256_add_epi32(_mm256_add_epi32(part_q8x(wb, x0), part_q8x(wb + 32, x1)),
-                            _mm256_add_epi32(part_q8x(wb + 64, x2), part_q8x(wb + 96, x3)));
 }
 
 AVX2 static void pair_q8_avx2(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, const float *c0,
