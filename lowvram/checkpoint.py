@@ -165,7 +165,7 @@ class FileRows:
         import threading
 
         self.path, self.offset, self.shape, self.dtype = Path(path), offset, torch.Size(shape), dtype
-        self.row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = shape[1] * dtype.itemsize
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with this object
         self._lock = threading.Lock()  # only where there is no os.preadv (a seek + read pair)
 
@@ -177,11 +177,11 @@ class FileRows:
             raise IndexError(f"token id out of range for the {self.shape[0]}-row embedding table")
         out = torch.empty(len(uniq), self.shape[1], dtype=self.dtype)
         buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        fd, n = self._file.fileno(), self.row_bytes
+        n, preadv = self.row_bytes, getattr(os, "preadv", None)
         for i, r in enumerate(uniq.tolist()):
             row, at = buf[i * n : (i + 1) * n], self.offset + r * n
-            if hasattr(os, "preadv"):
-                got = os.preadv(fd, [row], at)
+            if preadv:
+                got = preadv(self._file.fileno(), [row], at)
             else:
                 with self._lock:
                     self._file.seek(at)
