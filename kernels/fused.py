@@ -1,5 +1,6 @@
 """The small ops of a CPU decode step (RMSNorm, RoPE + cache write + attention, SwiGLU) in one C call each,
-and a whole block in one call where every piece of it runs in C (`decode_block`).
+a whole block in one call where every piece of it runs in C (`decode_block`), and every block of a token in one
+call where all of them do (`decode_blocks`).
 
 A token's step through a block is ~65 torch ops on tiny tensors; on a 2-core CPU that was 25-35 ms of a
 ~175 ms step. Each function here returns None where it does not apply (no native kernel, not on the
@@ -129,5 +130,63 @@ def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | N
                                       _THREADS)
     if rc == -11:
         raise MemoryError("lvq_decode_block: out of memory")
+    assert rc == 0, rc
+    return y
+
+
+class _Block(ctypes.Structure):
+    """lvq_block in lvq.c: one block's fixed arguments of lvq_decode_block."""
+    _fields_ = [("n1", ctypes.c_void_p), ("n2", ctypes.c_void_p), ("pn1", ctypes.c_void_p), ("pn2", ctypes.c_void_p),
+                ("nt", ctypes.c_int64), ("eps", ctypes.c_double), ("qkv", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("nthreads", ctypes.c_int64)]
+
+
+def _blocks_args(blocks) -> tuple | None:
+    """(lvq_block array, what it points to, kept alive), or None if a block is not one C call."""
+    fixed = []
+    for b in blocks:
+        if type(b).__name__ != "Block":  # a streamed block computes elsewhere
+            return None
+        f = b.__dict__.get("_native_args", False)
+        if f is False:
+            f = b.__dict__["_native_args"] = _block_args(b)
+        if f is None:
+            return None
+        fixed.append(f)
+    arr = (_Block * len(fixed))()
+    for a, (args, lins, threads) in zip(arr, fixed):
+        a.n1, a.n2, a.pn1, a.pn2 = (None if v is None else v.value for v in args[:4])
+        a.nt, a.eps, a.nthreads = args[4], args[5], threads
+        a.qkv, a.out, a.up, a.down = (ctypes.addressof(t) for t in lins)
+    return arr, fixed
+
+
+def decode_blocks(blocks, x: torch.Tensor, rope, caches, start) -> torch.Tensor | None:
+    """A bf16 token through every block in one C call (the same calls as decode_block's), or None."""
+    if (not _BLOCK or not isinstance(start, int) or caches is None or x.shape[:2] != (1, 1) or not _ok(x)
+            or len(caches) != len(blocks)):
+        return None
+    key = tuple(map(id, blocks))
+    fixed = blocks.__dict__.get("_native_args", (None, False))
+    if fixed[0] != key:  # computed once for these blocks: their weights do not move
+        fixed = blocks.__dict__["_native_args"] = key, _blocks_args(blocks)
+    fixed = fixed[1]
+    if fixed is None:
+        return None
+    slots = None
+    for c in caches:
+        if not isinstance(c, tuple) or not _cache_ok(c, rope, x.dtype) or c[0].shape[2] != (slots or c[0].shape[2]):
+            return None
+        slots = c[0].shape[2]
+    n = len(blocks)
+    kc = (ctypes.c_void_p * n)(*(c[0].data_ptr() for c in caches))
+    vc = (ctypes.c_void_p * n)(*(c[1].data_ptr() for c in caches))
+    cos, sin = rope
+    cfg = blocks[0].attn.cfg
+    y = torch.empty_like(x)
+    rc = native._lib.lvq_decode_blocks(_p(x), _p(y), fixed[0], n, kc, vc, _p(cos), _p(sin), cfg.rotary_dim,
+                                       cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, slots, start, _THREADS)
+    if rc == -11:
+        raise MemoryError("lvq_decode_blocks: out of memory")
     assert rc == 0, rc
     return y

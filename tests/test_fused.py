@@ -107,8 +107,9 @@ def test_decode_with_fused_ops_equals_torch_ops(generation, tiny, monkeypatch):
 
 @pytest.mark.parametrize("generation,bits", [("chatglm3-6b", 4), ("glm-4-9b-chat", 8), ("glm-4-0414", 4)])
 def test_decode_block_equals_the_blocks_separate_calls(generation, bits, tiny, tmp_path, monkeypatch):
-    """A quantized bf16 model decoded with one C call per block gives the same logits, bit for bit, as the
-    block's separate calls (norms, native linears, attention, SwiGLU, torch's bf16 residual adds)."""
+    """A quantized bf16 model decoded with one C call for all blocks, and with one C call per block, gives the
+    same logits, bit for bit, as the blocks' separate calls (norms, native linears, attention, SwiGLU, torch's
+    bf16 residual adds)."""
     import lowvram
     from lowvram.converters.quantize import quantize
 
@@ -122,17 +123,20 @@ def test_decode_block_equals_the_blocks_separate_calls(generation, bits, tiny, t
     def steps():
         return _decode_logits(model, ids, 12)
 
-    calls = []
-    real = fused.decode_block
-    def counted(*a, **k):
-        r = real(*a, **k)
-        calls.append(r is not None)
-        return r
-
-    monkeypatch.setattr(fused, "decode_block", counted)
+    calls = {"decode_blocks": [], "decode_block": []}
+    for name in calls:
+        def counted(*a, _real=getattr(fused, name), _log=calls[name], **k):
+            r = _real(*a, **k)
+            _log.append(r is not None)
+            return r
+        monkeypatch.setattr(fused, name, counted)
     with torch.inference_mode():
-        fast = steps()
-        assert sum(calls) == (len(ids) - 12) * model.config.num_layers  # every decode step, every block
+        whole = steps()
+        assert sum(calls["decode_blocks"]) == len(ids) - 12  # every decode step in one call
+        monkeypatch.setattr(fused, "decode_blocks", lambda *a, **k: None)
+        per_block = steps()
+        assert sum(calls["decode_block"]) == (len(ids) - 12) * model.config.num_layers  # every step, every block
         monkeypatch.setattr(fused, "decode_block", lambda *a, **k: None)
         ref = steps()
-    assert torch.equal(fast, ref), _rel(fast, ref)
+    assert torch.equal(per_block, ref), _rel(per_block, ref)
+    assert torch.equal(whole, ref), _rel(whole, ref)

@@ -1217,6 +1217,30 @@ done:
     return rc;
 }
 
+/* One block's fixed arguments of lvq_decode_block (all fields 8 bytes: no padding). */
+typedef struct {
+    const void *n1, *n2, *pn1, *pn2;
+    int64_t nt;
+    double eps;
+    const lvq_lin *qkv, *out, *up, *down;
+    int64_t nthreads;
+} lvq_block;
+
+/* One token through n blocks, layer i with its caches kc[i], vc[i]: lvq_decode_block per block, in one
+ * call. Between calls from Python a 2-core CPU spent ~300 us per block: the interpreter's data had to come
+ * back from DRAM after every block had streamed ~100 MB of weights through the caches (~8 ms a token). */
+int lvq_decode_blocks(const void *x, void *y, const lvq_block *b, int64_t n, void *const *kc, void *const *vc,
+                      const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G, int64_t D,
+                      int64_t slots, int64_t slot, int athreads) {
+    for (int64_t i = 0; i < n; i++) {
+        int rc = lvq_decode_block(i ? y : x, y, b[i].n1, b[i].n2, b[i].pn1, b[i].pn2, (int)b[i].nt, (float)b[i].eps,
+                                  b[i].qkv, b[i].out, b[i].up, b[i].down, cos, sin, rot, H, G, D, kc[i], vc[i],
+                                  slots, slot, (int)b[i].nthreads, athreads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* An importable module, so that Python finds this library the usual way; the functions above are
  * called through ctypes, which releases the GIL for their duration. */
 static struct PyModuleDef lvq_module = {PyModuleDef_HEAD_INIT, "_lvq", "lowvram native CPU kernels", -1, NULL};

@@ -280,6 +280,10 @@ class GLM(nn.Module):
         if not torch.is_floating_point(x):
             x = self.embed(x.to(self.embed.weight.device))
         ropes = {}
+        if mask is None and self.layer_device(0) == x.device:
+            ropes[x.device] = rope_tables(self.cfg, pos.to(x.device))
+            if (y := fused.decode_blocks(self.layers, x, ropes[x.device], caches, start)) is not None:
+                return self.norm(y)
         for i, layer in enumerate(self.layers):
             dev = self.layer_device(i)
             if dev not in ropes:
