@@ -1,7 +1,7 @@
 """Paired A/B of the native kernel as built from another git revision against the installed build, in one process.
 
-    python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1] [--rounds 24] [--prompt-len 128] [--prompt-rounds 3]
-                                          [--load-rounds 2]
+    python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1] [--rounds 24] [--context 64] [--prompt-len 128]
+                                          [--prompt-rounds 3] [--load-rounds 2]
 
 Compiles `kernels/native/lvq.c` of REV with setup.py's flags into a temporary library, then alternates the two
 libraries call for call: single GEMV/GEMM calls on random weights of the checkpoint's shapes (outputs must be
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 import lowvram
-from lowvram.kernels import PackedWeight, native, pack_cols, pack_rows
+from lowvram.kernels import PackedWeight, fused, native, pack_cols, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_block", "lvq_dequant_bf16",
-         "lvq_repack", "lvq_hugepages")
+FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_block", "lvq_decode_blocks",
+         "lvq_dequant_bf16", "lvq_repack", "lvq_hugepages")
 
 
 def build(rev: str, out: Path) -> ctypes.CDLL:
@@ -42,6 +42,11 @@ def build(rev: str, out: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     cur = native._load()
     for f in FUNCS:
+        if not hasattr(lib, f):  # older than the function: decode then runs per block on both sides
+            print(f"{rev} has no {f}")
+            if f == "lvq_decode_blocks":
+                fused.decode_blocks = lambda *a, **k: None
+            continue
         getattr(lib, f).argtypes, getattr(lib, f).restype = getattr(cur, f).argtypes, getattr(cur, f).restype
     return lib
 
@@ -73,6 +78,7 @@ def main():
     ap.add_argument("checkpoint")
     ap.add_argument("--rev", default="HEAD~1", help="git revision whose lvq.c is the other side (default HEAD~1)")
     ap.add_argument("--rounds", type=int, default=24, help="decode steps per build")
+    ap.add_argument("--context", type=int, default=64, help="tokens in the cache before the decode steps")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--prompt-rounds", type=int, default=3)
     ap.add_argument("--load-rounds", type=int, default=2)
@@ -113,7 +119,7 @@ def main():
             print(f"load ({a.checkpoint}): " + " / ".join(f"{x:.1f}" for x in loads[a.rev]) + " -> "
                   + " / ".join(f"{x:.1f}" for x in loads["installed"]) + " s")
         m = lowvram.load(a.checkpoint, tokenizer=False)
-        ids = list(range(100, 164))
+        ids = [100 + (i * 7) % 30000 for i in range(a.context)]
         caches = m.new_cache(len(ids) + 2 * a.rounds + 1)
         pos = [len(ids)]
 

@@ -19,7 +19,7 @@ from . import native
 
 _BF16 = 1
 _MAX_ELEMS = 1 << 16  # a decode step's rows; prompts keep torch's multithreaded ops
-_THREADS = int(os.environ.get("LOWVRAM_THREADS", 0))  # 0: OpenMP's default (torch runs 1 thread in decode)
+_THREADS = int(os.environ.get("LOWVRAM_THREADS", 0))  # 0: attention on as many threads as the linears
 _BLOCK = os.environ.get("LOWVRAM_FUSED_BLOCK", "1") != "0"  # 0: separate calls per block (for comparisons)
 
 
@@ -60,9 +60,12 @@ def _cache_ok(cache, rope, dtype) -> bool:
             and sin.is_contiguous() and cos.dtype == torch.float32)
 
 
-def attend_one(cfg, qkv: torch.Tensor, rope, cache, start) -> torch.Tensor | None:
+def attend_one(cfg, qkv: torch.Tensor, rope, cache, start, threads: int = 0) -> torch.Tensor | None:
     """One new token of a batch of one: RoPE on its q and k (in place in qkv), k and v into cache slot
-    `start`, attention over slots 0..start. Returns [1, 1, heads * head_dim], or None."""
+    `start`, attention over slots 0..start. Returns [1, 1, heads * head_dim], or None.
+
+    threads: the native linears' count (LOWVRAM_THREADS overrides; 0: OpenMP's default, which is 1 during a
+    decode step, as torch is set to one thread there)."""
     if (cfg.rope != "interleaved" or cfg.layout == "chatglm-v1" or not isinstance(start, int)
             or not isinstance(cache, tuple) or qkv.shape[0] != 1 or qkv.shape[1] != 1 or not _ok(qkv)):
         return None
@@ -73,7 +76,7 @@ def attend_one(cfg, qkv: torch.Tensor, rope, cache, start) -> torch.Tensor | Non
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     o = torch.empty(1, 1, H * D, dtype=qkv.dtype)
     rc = native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
-                                    kc.shape[2], start, _p(o), _THREADS)
+                                    kc.shape[2], start, _p(o), _THREADS or threads)
     if rc:
         raise MemoryError(f"lvq_attend_one: no scratch for {H} heads x {kc.shape[2]} slots")
     return o
@@ -127,7 +130,7 @@ def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | N
     y = torch.empty_like(x)
     rc = native._lib.lvq_decode_block(_p(x), _p(y), *args, _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,
                                       cfg.num_kv_heads, cfg.head_dim, _p(kc), _p(vc), kc.shape[2], start, threads,
-                                      _THREADS)
+                                      _THREADS or threads)
     if rc == -11:
         raise MemoryError("lvq_decode_block: out of memory")
     assert rc == 0, rc

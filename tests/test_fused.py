@@ -44,13 +44,16 @@ def test_rms_norm_and_swiglu_match_torch(path):
 
 
 @pytest.mark.parametrize("path", native.ISAS)
-@pytest.mark.parametrize("slot", [0, 37, 700])  # the last is long enough to split heads across threads
-def test_attend_one_matches_rope_cache_write_and_attention(path, slot):
+@pytest.mark.parametrize("slot", [0, 37, 700])
+# groups of 4 query heads per kv head, groups with heads left over, and ChatGLM3's heads (whose 700-slot cache
+# is long enough to split the heads across threads)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (3, 1, 32), (32, 2, 128)])
+def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv_heads, head_dim):
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
     cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
-                    num_heads=8, num_kv_heads=2, head_dim=32, ffn_hidden_size=64, norm_eps=1e-5, max_length=1024,
-                    rotary_dim=16)
+                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
+                    max_length=1024, rotary_dim=16)
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     torch.manual_seed(slot)
     qkv = torch.randn(1, 1, (H + 2 * G) * D).bfloat16()
