@@ -1037,7 +1037,7 @@ AVX2 static void attend_head_avx2(const float *q, const uint16_t *k, const uint1
         float dot = hsum256(a);
         for (; d < D; d++) dot += q[d] * bf2f(kr[d]);
         s[j] = dot * scale;
-        mx = fmaxf(mx, s[j]);
+        mx = s[j] > mx ? s[j] : mx;
     }
     __m256 sum8 = _mm256_setzero_ps();
     int64_t j = 0;
@@ -1096,7 +1096,12 @@ AVX2 static void attend4_avx2(float *const *q, const uint16_t *k, const uint16_t
         }
     for (int h = 0; h < 4; h++) { /* softmax, the probabilities normalised in place */
         float mx = -INFINITY;
-        for (j = 0; j < S; j++) mx = fmaxf(mx, s[h][j]);
+        __m256 m8 = _mm256_set1_ps(-INFINITY);
+        for (j = 0; j + 8 <= S; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s[h] + j));
+        float m4[8];
+        _mm256_storeu_ps(m4, m8);
+        for (int i = 0; i < 8; i++) mx = m4[i] > mx ? m4[i] : mx; /* not fmaxf: a libm call here (16% of the time) */
+        for (; j < S; j++) mx = s[h][j] > mx ? s[h][j] : mx;
         __m256 sum8 = _mm256_setzero_ps();
         for (j = 0; j + 8 <= S; j += 8) {
             __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s[h] + j), _mm256_set1_ps(mx)));
