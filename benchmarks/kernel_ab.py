@@ -139,8 +139,9 @@ def main():
                 m.forward(prompt, 0, len(prompt), m.new_cache(len(prompt)))
 
             res = paired(libs, prefill, a.prompt_rounds)
-            print(f"prefill of {a.prompt_len} tokens: {a.prompt_len / statistics.median(res[a.rev]):.1f} -> "
-                  f"{a.prompt_len / statistics.median(res['installed']):.1f} tok/s")
+            if a.prompt_rounds:
+                print(f"prefill of {a.prompt_len} tokens: {a.prompt_len / statistics.median(res[a.rev]):.1f} -> "
+                      f"{a.prompt_len / statistics.median(res['installed']):.1f} tok/s")
     return 0
 
 

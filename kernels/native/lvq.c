@@ -41,6 +41,9 @@
 
 #define BLK 128
 #define LVQ_MR 4 /* activation rows per weight row in the AVX2 prompt kernel (quad_q4/quad_q8 name four) */
+#ifndef LVQ_PF_ROWS
+#define LVQ_PF_ROWS 4 /* rows ahead to prefetch a decode row's scales and zeros */
+#endif
 #ifndef LVQ_PF
 #define LVQ_PF 1024 /* bytes ahead to prefetch the weight stream (measured: 1024 > 512, 2048, 4096) */
 #endif
@@ -327,6 +330,13 @@ AVX2 static inline __m256i block_dot_avx2(const uint8_t *wr, const int8_t *xm, i
 /* prefetcht0 in asm: GCC 12 drops _mm_prefetch from these avx2-target functions (the vnni ones keep theirs). */
 static inline void pf(const uint8_t *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
 
+/* Every line of n bytes from p. */
+static inline void pf_range(const void *p, int64_t n) {
+    const uint8_t *b = (const uint8_t *)p;
+    for (int64_t i = 0; i < n; i += 64) pf(b + i);
+    pf(b + n - 1);
+}
+
 AVX2 static inline void prefetch_block(const uint8_t *wr, int64_t b, int bits) {
     if (bits == 4) {
         pf(wr + b * 64 + LVQ_PF);
@@ -491,6 +501,12 @@ AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum,
         int64_t h = (n1 - n0) / 2;
         for (int64_t i = 0; i < h; i++) {
             int64_t na = n0 + i, nb2 = n0 + h + i;
+            if (i + LVQ_PF_ROWS < h) { /* scales and zeros, ~1/30 of a row's bytes: a DRAM miss each unprefetched */
+                pf_range(scales + (na + LVQ_PF_ROWS) * G, 2 * G);
+                pf_range(scales + (nb2 + LVQ_PF_ROWS) * G, 2 * G);
+                pf_range(zeros + (na + LVQ_PF_ROWS) * G, G);
+                pf_range(zeros + (nb2 + LVQ_PF_ROWS) * G, G);
+            }
             float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, zs);
             float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, zs);
             float r0, r1;
