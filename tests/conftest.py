@@ -9,6 +9,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"  # the trained example model
 
 
 def need_reference(sub: str) -> Path:
@@ -16,6 +17,12 @@ def need_reference(sub: str) -> Path:
     if not p.exists():
         pytest.skip(f"reference data {p} not present (it lives in ../shared beside the checkout)")
     return p
+
+
+def need_example() -> Path:
+    if not EXAMPLE.exists():
+        pytest.skip("examples/glm4-tiny not built (python examples/train_tiny.py)")
+    return EXAMPLE
 
 
 @pytest.fixture

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import need_reference
+from conftest import EXAMPLE as MODEL, need_example, need_reference
 
-MODEL = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"
 # the console script pip installed (what a user types), beside this interpreter
 _SCRIPT = Path(sys.executable).with_name("lowvram")
 CMD = [str(_SCRIPT) if _SCRIPT.exists() else shutil.which("lowvram") or ""]
@@ -40,8 +39,7 @@ def read_until(fd, marker: bytes, buf: bytearray, timeout=120) -> bytes:
 
 @pytest.fixture
 def example():
-    if not MODEL.exists():
-        pytest.skip("examples/glm4-tiny not built")
+    need_example()
     if not CMD[0]:
         pytest.skip("the lowvram console script is not installed (pip install -e .)")
     return MODEL

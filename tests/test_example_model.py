@@ -2,22 +2,19 @@
 
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 import lowvram
+from conftest import EXAMPLE as MODEL, need_example
 
-EX = Path(__file__).resolve().parents[1] / "examples"
-MODEL = EX / "glm4-tiny"
+EX = MODEL.parent
 
 
 @pytest.fixture(scope="module")
 def model():
-    if not MODEL.exists():
-        pytest.skip("examples/glm4-tiny not built (python examples/train_tiny.py)")
-    return lowvram.load(MODEL, dtype="float32")
+    return lowvram.load(need_example(), dtype="float32")
 
 
 def test_is_a_glm4_checkpoint(model):

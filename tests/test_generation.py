@@ -118,13 +118,10 @@ def test_threads_sharing_a_model_get_their_own_tokens(tmp_path):
     """An app or a server calls one loaded model from several threads: caches and kernel scratch are per
     call, so each thread gets exactly the tokens it would get alone (quantized, the CPU's default kernels)."""
     import threading
-    from pathlib import Path
-
+    from conftest import need_example
     from lowvram.converters.quantize import quantize
 
-    ex = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"
-    if not ex.exists():
-        pytest.skip("examples/glm4-tiny not built (python examples/train_tiny.py)")
+    ex = need_example()
     quantize(ex, tmp_path / "int4", bits=4, progress=False)
     model = lowvram.load(tmp_path / "int4")
     prompts = [model.tokenizer.encode_prompt(t) for t in ("Return the number of", "Serialize obj to", "Open a file")]

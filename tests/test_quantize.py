@@ -205,11 +205,9 @@ def test_model_names_resolve_to_the_local_caches(tmp_path, monkeypatch):
 
 
 def _example():
-    from pathlib import Path
+    from conftest import need_example
 
-    ex = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny"
-    if not ex.exists():
-        pytest.skip("examples/glm4-tiny not built")
+    ex = need_example()
     ref_model = lowvram.load(ex, dtype="float32")
     ids = ref_model.tokenizer.encode((ex.parent / "corpus" / "heldout.txt").read_text()[:600])
     return ex, ids, ref_model.logits(ids)
