@@ -130,7 +130,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self.qkv(x)
-        if T == 1 and mask is None and (o := fused.attend_one(cfg, qkv, rope, cache, start, getattr(self.qkv, "threads", 0))) is not None:
+        threads = getattr(self.qkv, "threads", 0)  # the native kernel's: attention runs on as many
+        if T == 1 and mask is None and (o := fused.attend_one(cfg, qkv, rope, cache, start, threads)) is not None:
             return self.out(o)
         if cfg.layout == "chatglm-v1":
             q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)
