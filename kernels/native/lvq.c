@@ -278,6 +278,43 @@ AVX2 static float row_prep_avx2(const uint16_t *sr, const uint8_t *zr, const flo
     return c;
 }
 
+/* row_prep_avx2 in two halves for prompts, where every weight row meets many activation rows: the weight
+ * row's part (scales sf and scale x shifted zero sz, per group) once per call, then per activation row
+ * only cs and the zero-point term. Same operations in the same order, so the same floats. */
+AVX2 static void row_scales_avx2(const uint16_t *sr, const uint8_t *zr, int64_t G, float zshift, float *sf, float *sz) {
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + g)));
+        __m256 z8 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g)))),
+                                  _mm256_set1_ps(zshift));
+        _mm256_storeu_ps(sf + g, s8);
+        _mm256_storeu_ps(sz + g, _mm256_mul_ps(s8, z8));
+    }
+    for (; g < G; g++) {
+        sf[g] = _cvtsh_ss(sr[g]);
+        sz[g] = sf[g] * ((float)zr[g] - zshift);
+    }
+}
+
+AVX2 static float row_prep_x_avx2(const float *sf, const float *sz, const float *sxm, const float *xs, int64_t G,
+                                  int group, float *cs) {
+    int64_t g = 0;
+    __m256 c8 = _mm256_setzero_ps();
+    for (; g + 8 <= G; g += 8) {
+        c8 = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(xs + g), c8);
+        if (group == BLK) _mm256_storeu_ps(cs + g, _mm256_mul_ps(_mm256_loadu_ps(sf + g), _mm256_loadu_ps(sxm + g)));
+    }
+    float c = hsum256(c8);
+    for (int64_t g1 = g; g1 < G; g1++) {
+        c += sz[g1] * xs[g1];
+        if (group == BLK) cs[g1] = sf[g1] * sxm[g1];
+    }
+    if (group != BLK)
+        for (int64_t gi = 0, b = 0, bpg = group / BLK; gi < G; gi++)
+            for (int64_t j = 0; j < bpg; j++, b++) cs[b] = sf[gi] * sxm[b];
+    return c;
+}
+
 /* A block's 128 activations as four vectors of 32. */
 typedef struct {
     __m256i v[4];
@@ -525,15 +562,19 @@ AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum,
         /* Prompts: 32 weight rows (at most 32 KiB of 8-bit codes) stay in L1/L2 while every activation
          * row passes over them, so each weight byte is fetched from memory once per call. */
         float *cs4 = (float *)malloc(sizeof(float) * LVQ_MR * nb);
+        float *tsf = (float *)malloc(sizeof(float) * 64 * G), *tsz = tsf + 32 * G; /* the tile's rows' halves */
         for (int64_t t0 = n0; t0 < n1; t0 += 32) {
             int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
             int64_t m = 0;
+            if (group >= BLK && M >= LVQ_MR)
+                for (int64_t n = t0; n < t1; n++)
+                    row_scales_avx2(scales + n * G, zeros + n * G, G, zs, tsf + (n - t0) * G, tsz + (n - t0) * G);
             for (; group >= BLK && m + LVQ_MR <= M; m += LVQ_MR)
                 for (int64_t n = t0; n < t1; n++) {
                     float c[LVQ_MR], r[LVQ_MR];
                     for (int i = 0; i < LVQ_MR; i++)
-                        c[i] = row_prep_avx2(scales + n * G, zeros + n * G, sx + (m + i) * nb, xsum + (m + i) * G, G,
-                                             nb, group, sf, cs4 + i * nb, zs);
+                        c[i] = row_prep_x_avx2(tsf + (n - t0) * G, tsz + (n - t0) * G, sx + (m + i) * nb,
+                                               xsum + (m + i) * G, G, group, cs4 + i * nb);
                     (bits == 4 ? quad_q4 : quad_q8)(w + n * rowbytes, xq + m * K, K, cs4, nb, r);
                     for (int i = 0; i < LVQ_MR; i++) put(y, (m + i) * N + n, r[i] - c[i] + (bias ? bias[n] : 0.f));
                 }
@@ -546,6 +587,7 @@ AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum,
                 }
             }
         }
+        free(tsf);
         free(cs4);
     }
     free(sf);
