@@ -27,8 +27,8 @@ import lowvram
 from lowvram.kernels import PackedWeight, fused, native, pack_cols, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_block", "lvq_decode_blocks",
-         "lvq_dequant_bf16", "lvq_repack", "lvq_hugepages")
+FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_blocks", "lvq_dequant_bf16",
+         "lvq_repack", "lvq_hugepages")
 
 
 def build(rev: str, out: Path) -> ctypes.CDLL:
@@ -42,10 +42,10 @@ def build(rev: str, out: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     cur = native._load()
     for f in FUNCS:
-        if not hasattr(lib, f):  # older than the function: decode then runs per block on both sides
+        if not hasattr(lib, f):  # older than the function: decode then runs the separate calls on both sides
             print(f"{rev} has no {f}")
             if f == "lvq_decode_blocks":
-                fused.decode_blocks = lambda *a, **k: None
+                fused.decode_blocks = fused.decode_block = lambda *a, **k: None
             continue
         getattr(lib, f).argtypes, getattr(lib, f).restype = getattr(cur, f).argtypes, getattr(cur, f).restype
     return lib

@@ -88,9 +88,16 @@ class _Lin(ctypes.Structure):
                 ("N", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64), ("bias", ctypes.c_void_p)]
 
 
+class _Block(ctypes.Structure):
+    """lvq_block in lvq.c: one block's fixed arguments of lvq_decode_block."""
+    _fields_ = [("n1", ctypes.c_void_p), ("n2", ctypes.c_void_p), ("pn1", ctypes.c_void_p), ("pn2", ctypes.c_void_p),
+                ("nt", ctypes.c_int64), ("eps", ctypes.c_double), ("qkv", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("nthreads", ctypes.c_int64)]
+
+
 def _block_args(block) -> tuple | None:
-    """(the fixed arguments of lvq_decode_block: norms, norm type and eps, the four linears; the structs they
-    point to, kept alive; the linears' threads), or None if a piece of the block is not native."""
+    """(the block's lvq_block: norms, norm type and eps, the four linears, their threads; the lvq_lin structs it
+    points to, kept alive), or None if a piece of the block is not native."""
     cfg = block.attn.cfg
     if (block.residual not in ("pre", "sandwich") or cfg.mlp != "swiglu" or cfg.norm != "rmsnorm"
             or cfg.rope != "interleaved" or cfg.layout == "chatglm-v1"):
@@ -107,74 +114,28 @@ def _block_args(block) -> tuple | None:
         return None
     structs = [_Lin(m.in_features, m.weight.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr(), m.out_features,
                     m.bits, m.group, None if m.bias is None else m.bias.data_ptr()) for m in lins]
-    ptrs = [_p(w) for w in ws] + [None] * (4 - len(ws))
+    ptrs = [w.data_ptr() for w in ws] + [None] * (4 - len(ws))
     nt = _BF16 if ws[0].dtype == torch.bfloat16 else 0
-    return (*ptrs, nt, block.attn_norm.eps, *[ctypes.byref(t) for t in structs]), structs, lins[0].threads
+    return _Block(*ptrs, nt, block.attn_norm.eps, *map(ctypes.addressof, structs), lins[0].threads), structs
 
 
-def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | None:
-    """A bf16 token through a whole block in one C call (same arithmetic as the block's separate calls), or None."""
-    if not _BLOCK or not isinstance(start, int) or not isinstance(cache, tuple) or x.shape[:2] != (1, 1) or not _ok(x):
+def _fixed(block) -> _Block | None:
+    """The block's lvq_block, computed once per block (its weights do not move), or None."""
+    if type(block).__name__ != "Block":  # a streamed block computes elsewhere
         return None
-    fixed = block.__dict__.get("_native_args", False)
-    if fixed is False:  # computed once per block: its weights do not move
-        fixed = block.__dict__["_native_args"] = _block_args(block)
-    if fixed is None:
-        return None
-    args, _, threads = fixed
-    if not _cache_ok(cache, rope, x.dtype):
-        return None
-    kc, vc = cache
-    cos, sin = rope
-    cfg = block.attn.cfg
-    y = torch.empty_like(x)
-    rc = native._lib.lvq_decode_block(_p(x), _p(y), *args, _p(cos), _p(sin), cfg.rotary_dim, cfg.num_heads,
-                                      cfg.num_kv_heads, cfg.head_dim, _p(kc), _p(vc), kc.shape[2], start, threads,
-                                      _THREADS or threads)
-    if rc == -11:
-        raise MemoryError("lvq_decode_block: out of memory")
-    assert rc == 0, rc
-    return y
+    f = block.__dict__.get("_native_args", False)
+    if f is False:
+        f = block.__dict__["_native_args"] = _block_args(block)
+    return None if f is None else f[0]
 
 
-class _Block(ctypes.Structure):
-    """lvq_block in lvq.c: one block's fixed arguments of lvq_decode_block."""
-    _fields_ = [("n1", ctypes.c_void_p), ("n2", ctypes.c_void_p), ("pn1", ctypes.c_void_p), ("pn2", ctypes.c_void_p),
-                ("nt", ctypes.c_int64), ("eps", ctypes.c_double), ("qkv", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("nthreads", ctypes.c_int64)]
-
-
-def _blocks_args(blocks) -> tuple | None:
-    """(lvq_block array, what it points to, kept alive), or None if a block is not one C call."""
-    fixed = []
-    for b in blocks:
-        if type(b).__name__ != "Block":  # a streamed block computes elsewhere
-            return None
-        f = b.__dict__.get("_native_args", False)
-        if f is False:
-            f = b.__dict__["_native_args"] = _block_args(b)
-        if f is None:
-            return None
-        fixed.append(f)
-    arr = (_Block * len(fixed))()
-    for a, (args, lins, threads) in zip(arr, fixed):
-        a.n1, a.n2, a.pn1, a.pn2 = (None if v is None else v.value for v in args[:4])
-        a.nt, a.eps, a.nthreads = args[4], args[5], threads
-        a.qkv, a.out, a.up, a.down = (ctypes.addressof(t) for t in lins)
-    return arr, fixed
-
-
-def decode_blocks(blocks, x: torch.Tensor, rope, caches, start) -> torch.Tensor | None:
-    """A bf16 token through every block in one C call (the same calls as decode_block's), or None."""
+def _run(blocks, x: torch.Tensor, rope, caches, start) -> torch.Tensor | None:
+    """x through `blocks` with their caches in one lvq_decode_blocks call, or None where it does not apply."""
     if (not _BLOCK or not isinstance(start, int) or caches is None or x.shape[:2] != (1, 1) or not _ok(x)
             or len(caches) != len(blocks)):
         return None
-    key = tuple(map(id, blocks))
-    fixed = blocks.__dict__.get("_native_args", (None, False))
-    if fixed[0] != key:  # computed once for these blocks: their weights do not move
-        fixed = blocks.__dict__["_native_args"] = key, _blocks_args(blocks)
-    fixed = fixed[1]
-    if fixed is None:
+    fixed = [_fixed(b) for b in blocks]
+    if None in fixed:
         return None
     slots = None
     for c in caches:
@@ -187,9 +148,20 @@ def decode_blocks(blocks, x: torch.Tensor, rope, caches, start) -> torch.Tensor 
     cos, sin = rope
     cfg = blocks[0].attn.cfg
     y = torch.empty_like(x)
-    rc = native._lib.lvq_decode_blocks(_p(x), _p(y), fixed[0], n, kc, vc, _p(cos), _p(sin), cfg.rotary_dim,
-                                       cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, slots, start, _THREADS)
+    rc = native._lib.lvq_decode_blocks(_p(x), _p(y), (_Block * n)(*fixed), n, kc, vc, _p(cos), _p(sin),
+                                       cfg.rotary_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, slots, start,
+                                       _THREADS)
     if rc == -11:
         raise MemoryError("lvq_decode_blocks: out of memory")
     assert rc == 0, rc
     return y
+
+
+def decode_block(block, x: torch.Tensor, rope, cache, start) -> torch.Tensor | None:
+    """A bf16 token through a whole block in one C call (same arithmetic as the block's separate calls), or None."""
+    return _run([block], x, rope, [cache], start)
+
+
+def decode_blocks(blocks, x: torch.Tensor, rope, caches, start) -> torch.Tensor | None:
+    """A bf16 token through every block in one C call (the same arithmetic block by block), or None."""
+    return _run(blocks, x, rope, caches, start)

@@ -1335,12 +1335,13 @@ static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *y, int64_t 
 
 /* One bf16 token through a whole pre-norm block (ChatGLM2/3, GLM-4; GLM-4-0414 with post norms pn1/pn2):
  * the same C steps as the block's separate calls (lvq_rmsnorm, lvq_gemm, lvq_attend_one, lvq_swiglu, a
- * bf16 residual add), in one call: ~10 Python calls a block cost more than the attention itself on a
- * 2-core CPU. Norm weights of type nt (0 float32, 1 bf16); pn1/pn2 NULL without post norms; y may be x. */
-int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, const void *pn1, const void *pn2,
-                     int nt, float eps, const lvq_lin *qkv, const lvq_lin *out, const lvq_lin *up,
-                     const lvq_lin *down, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
-                     int64_t D, void *kc, void *vc, int64_t slots, int64_t slot, int nthreads, int athreads) {
+ * bf16 residual add), in one call (Python reaches it through lvq_decode_blocks, one block or all): ~10
+ * Python calls a block cost more than the attention itself on a 2-core CPU. Norm weights of type nt (0 float32, 1 bf16); pn1/pn2 NULL without post norms; y may be x. */
+static int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, const void *pn1,
+                            const void *pn2, int nt, float eps, const lvq_lin *qkv, const lvq_lin *out,
+                            const lvq_lin *up, const lvq_lin *down, const float *cos, const float *sin, int64_t rot,
+                            int64_t H, int64_t G, int64_t D, void *kc, void *vc, int64_t slots, int64_t slot,
+                            int nthreads, int athreads) {
     int64_t hid = qkv->K, ffn = down->K;
     if (out->N != hid || up->K != hid || down->N != hid || up->N != 2 * ffn || qkv->N != (H + 2 * G) * D ||
         out->K != H * D)
