@@ -6,8 +6,9 @@
 Compiles `kernels/native/lvq.c` of REV with setup.py's flags into a temporary library, then alternates the two
 libraries call for call: single GEMV/GEMM calls on random weights of the checkpoint's shapes (outputs must be
 bit-identical when the arithmetic is meant to be unchanged; printed), whole loads of the checkpoint (the repack
-into the kernel's layout runs in the library), decode steps of the checkpoint on one KV cache, and prompts. Alternating puts a shared VM's slow and fast phases on both builds alike. Both builds read
-the same repacked weights, so a revision whose weight layout differs cannot be compared this way.
+into the kernel's layout runs in the library), decode steps of the checkpoint on one KV cache, and prompts.
+Alternating puts a shared VM's slow and fast phases on both builds alike. Both builds read the same repacked
+weights, so a revision whose weight layout differs cannot be compared this way.
 """
 
 import argparse
