@@ -185,6 +185,8 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if shape[-1] != self.in_features:  # the C kernel would read past the row, not fail
+            raise ValueError(f"input has {shape[-1]} features, this linear takes {self.in_features}")
         a = x.reshape(-1, shape[-1])
         if self.perm is not None:
             a = a[:, self.perm]

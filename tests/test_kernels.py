@@ -111,6 +111,15 @@ def test_native_falls_back_for_shapes_it_does_not_take():
     assert native.supports(w) and type(native.make(w, torch.bfloat16)).__module__.endswith("ort")
 
 
+def test_native_rejects_an_input_of_the_wrong_width():
+    if native.available() is not None:
+        pytest.skip(f"native kernel not built: {native.available()}")
+    mod = native.NativeLinear(random_packed(32, 256, 4, 128, False, False), torch.bfloat16)
+    assert mod(torch.randn(3, 256)).shape == (3, 32)
+    with pytest.raises(ValueError, match="input has 128 features, this linear takes 256"):
+        mod(torch.randn(3, 128))
+
+
 def test_default_backend_and_errors(monkeypatch):
     assert default_backend("cpu", torch.float32) == "torch"
     assert default_backend("cpu", torch.bfloat16) == ("native" if native.available() is None and native.fast()
