@@ -381,46 +381,112 @@ AVX2 static inline void prefetch_block(const uint8_t *wr, int64_t b, int bits) {
     }
 }
 
+AVX2 static inline __m256i small_q4(__m256i p0, __m256i p1, __m256i p2, __m256i p3, const int g32) {
+    /* int16 pair sums of at most 3810: four of them still fit */
+    __m256i h = g32 ? _mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3))
+                    : _mm256_hadd_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+    return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
+}
+
+/* The same for 8-bit parts, already int32 (part_q8). */
+AVX2 static inline __m256i small_q8(__m256i d0, __m256i d1, __m256i d2, __m256i d3, const int g32) {
+    return g32 ? _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3))
+               : _mm256_hadd_epi32(_mm256_add_epi32(d0, d1), _mm256_add_epi32(d2, d3));
+}
+
+/* A block's lane scales for small_q4/small_q8's lanes: groups 0..3 (32) or 0,0,1,1 (64), times sb. */
+AVX2 static inline __m256 small_scales(const float *sf, int64_t b, float sb, const int g32) {
+    __m128 s = g32 ? _mm_loadu_ps(sf + 4 * b) : _mm_castpd_ps(_mm_load_sd((const double *)(sf + 2 * b)));
+    if (!g32) s = _mm_unpacklo_ps(s, s);
+    s = _mm_mul_ps(s, _mm_set1_ps(sb));
+    return _mm256_set_m128(s, s);
+}
+
+/* One weight row against one activation row, groups of 32 or 64: each block's parts in one vector. */
+AVX2 static inline float row_dot_small(const uint8_t *wr, const int8_t *xm, const float *sxm, const float *sf,
+                                       int64_t nb, int bits, const int g32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_block(wr, b, bits);
+        xblock x = load_x(xm + b * BLK);
+        __m256i t;
+        if (bits == 4) {
+            __m256i p[4];
+            parts_q4(wr + b * 64, x, p);
+            t = small_q4(p[0], p[1], p[2], p[3], g32);
+        } else {
+            const uint8_t *wb = wr + b * BLK;
+            t = small_q8(part_q8(wb, x.v[0]), part_q8(wb + 32, x.v[1]), part_q8(wb + 64, x.v[2]), part_q8(wb + 96, x.v[3]), g32);
+        }
+        __m256 sc = small_scales(sf, b, sxm[b], g32);
+        if (b & 1)
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, a1);
+        else
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, a0);
+    }
+    return hsum256(_mm256_add_ps(a0, a1));
+}
+
+/* Two rows at once for groups of 32 or 64 (decode), as pair_q4_avx2: two weight streams per thread. */
+AVX2 static inline void pair_small(const uint8_t *w0, const uint8_t *w1, const int8_t *xm, const float *sxm,
+                                   const float *sf0, const float *sf1, int64_t nb, int bits, float *r0, float *r1,
+                                   const int g32) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0;
+    const int64_t RB = bits == 4 ? 64 : BLK;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t j = 0; j < RB; j += 64) {
+            pf(w0 + b * RB + j + LVQ_PF);
+            pf(w1 + b * RB + j + LVQ_PF);
+        }
+        xblock x = load_x(xm + b * BLK);
+        __m256i t0, t1;
+        if (bits == 4) {
+            __m256i p[4];
+            parts_q4(w0 + b * 64, x, p);
+            t0 = small_q4(p[0], p[1], p[2], p[3], g32);
+            parts_q4(w1 + b * 64, x, p);
+            t1 = small_q4(p[0], p[1], p[2], p[3], g32);
+        } else {
+            const uint8_t *u = w0 + b * BLK, *v = w1 + b * BLK;
+            t0 = small_q8(part_q8(u, x.v[0]), part_q8(u + 32, x.v[1]), part_q8(u + 64, x.v[2]), part_q8(u + 96, x.v[3]), g32);
+            t1 = small_q8(part_q8(v, x.v[0]), part_q8(v + 32, x.v[1]), part_q8(v + 64, x.v[2]), part_q8(v + 96, x.v[3]), g32);
+        }
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t0), small_scales(sf0, b, sxm[b], g32), a0);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t1), small_scales(sf1, b, sxm[b], g32), b0);
+    }
+    *r0 = hsum256(a0);
+    *r1 = hsum256(b0);
+}
+
+/* Each width and group size its own compiled loop. */
+AVX2 static void pair_small_avx2(const uint8_t *w0, const uint8_t *w1, const int8_t *xm, const float *sxm,
+                                 const float *sf0, const float *sf1, int64_t nb, int bits, int group, float *r0,
+                                 float *r1) {
+    if (bits == 4) {
+        if (group == 32) pair_small(w0, w1, xm, sxm, sf0, sf1, nb, 4, r0, r1, 1);
+        else pair_small(w0, w1, xm, sxm, sf0, sf1, nb, 4, r0, r1, 0);
+    } else {
+        if (group == 32) pair_small(w0, w1, xm, sxm, sf0, sf1, nb, 8, r0, r1, 1);
+        else pair_small(w0, w1, xm, sxm, sf0, sf1, nb, 8, r0, r1, 0);
+    }
+}
+
 /* One weight row against one activation row; cs/sf/sxm as in rows_vnni. */
 AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float *sxm,
                                const float *sf, const float *cs, int64_t nb, int bits, int group) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const __m256i one = _mm256_set1_epi16(1);
-    if (group >= BLK) {
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2) {
-            prefetch_block(wr, b, bits);
-            prefetch_block(wr, b + 1, bits);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b, bits)), _mm256_set1_ps(cs[b]), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b + 1, bits)), _mm256_set1_ps(cs[b + 1]), a1);
-        }
-        for (; b < nb; b++)
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b, bits)), _mm256_set1_ps(cs[b]), a0);
-    } else {
-        for (int64_t b = 0; b < nb; b++) {
-            __m256i d[4];
-            prefetch_block(wr, b, bits);
-            xblock x = load_x(xm + b * BLK);
-            if (bits == 4) {
-                parts_q4(wr + b * 64, x, d);
-                for (int i = 0; i < 4; i++) d[i] = _mm256_madd_epi16(d[i], one);
-            } else {
-                for (int i = 0; i < 4; i++) d[i] = part_q8(wr + b * BLK + 32 * i, x.v[i]);
-            }
-            float sb = sxm[b];
-            if (group == 64) {
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[0], d[1])), _mm256_set1_ps(sb * sf[2 * b]), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[2], d[3])), _mm256_set1_ps(sb * sf[2 * b + 1]), a1);
-            } else { /* group 32: each part is a group */
-                const float *s4 = sf + 4 * b;
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[0]), _mm256_set1_ps(sb * s4[0]), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[1]), _mm256_set1_ps(sb * s4[1]), a1);
-                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2]), _mm256_set1_ps(sb * s4[2]), a2);
-                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[3]), _mm256_set1_ps(sb * s4[3]), a3);
-            }
-        }
+    if (group < BLK)
+        return group == 32 ? row_dot_small(wr, xm, sxm, sf, nb, bits, 1) : row_dot_small(wr, xm, sxm, sf, nb, bits, 0);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        prefetch_block(wr, b, bits);
+        prefetch_block(wr, b + 1, bits);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b, bits)), _mm256_set1_ps(cs[b]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b + 1, bits)), _mm256_set1_ps(cs[b + 1]), a1);
     }
-    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; b < nb; b++)
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wr, xm, b, bits)), _mm256_set1_ps(cs[b]), a0);
+    return hsum256(_mm256_add_ps(a0, a1));
 }
 
 /* Two rows at once (decode, groups >= 128), as pair_vnni: two distant weight streams per thread. A loop
@@ -537,13 +603,6 @@ AVX2 static void quad_q8(const uint8_t *wr, const int8_t *x0, int64_t K, const f
  * groups apart (per 128-bit half: groups 0,1,2,3 for 32; 0,0,1,1 for 64), and one multiply by the matching
  * scales sw4 [nb][4] (each block's four lane scales) times the row's block scale takes the whole block.
  * Without this, these groups ran row by row at 40% of the speed of groups of 128. */
-AVX2 static inline __m256i small_q4(__m256i p0, __m256i p1, __m256i p2, __m256i p3, const int g32) {
-    /* int16 pair sums of at most 3810: four of them still fit */
-    __m256i h = g32 ? _mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3))
-                    : _mm256_hadd_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-    return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
-}
-
 AVX2 static inline void quad_q4_small(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sw4,
                                       const float *sx0, int64_t nb, const float *sz, const float *xs0, int64_t G,
                                       float *out, const int g32) {
@@ -628,7 +687,7 @@ AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum,
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
     const float zs = bits == 8 ? 128.f : 0.f; /* see part_q8 */
-    if (M == 1 && group >= BLK) {
+    if (M == 1) {
         float *sf2 = (float *)malloc(sizeof(float) * G), *cs2 = (float *)malloc(sizeof(float) * nb);
         int64_t h = (n1 - n0) / 2;
         for (int64_t i = 0; i < h; i++) {
@@ -642,7 +701,11 @@ AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum,
             float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, zs);
             float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, zs);
             float r0, r1;
-            (bits == 4 ? pair_q4_avx2 : pair_q8_avx2)(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, &r0, &r1);
+            if (group >= BLK) {
+                (bits == 4 ? pair_q4_avx2 : pair_q8_avx2)(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, &r0, &r1);
+            } else {
+                pair_small_avx2(w + na * rowbytes, w + nb2 * rowbytes, xq, sx, sf, sf2, nb, bits, group, &r0, &r1);
+            }
             put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
             put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
         }
@@ -816,7 +879,7 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i zero = _mm512_setzero_si512();
     int64_t n = n0;
-    if (M == 1 && group >= BLK) {
+    if (M == 1) {
         float *cs2 = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
         float *sf2 = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
         /* The two rows come from the two halves of the range: two distant sequential streams, each
