@@ -879,7 +879,7 @@ static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int6
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i zero = _mm512_setzero_si512();
     int64_t n = n0;
-    if (M == 1) {
+    if (M == 1 && group >= BLK) {
         float *cs2 = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
         float *sf2 = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
         /* The two rows come from the two halves of the range: two distant sequential streams, each
