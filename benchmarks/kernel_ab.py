@@ -1,7 +1,10 @@
 """Paired A/B of the native kernel as built from another git revision against the installed build, in one process.
 
-    python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1] [--rounds 24] [--context 64] [--prompt-len 128]
-                                          [--prompt-rounds 3] [--load-rounds 2]
+    python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1 | --isa avx2] [--rounds 24] [--context 64]
+                                          [--prompt-len 128] [--prompt-rounds 3] [--load-rounds 2]
+
+With --isa PATH the other side is the installed build itself capped at one of its slower paths (avx2, generic),
+to see whether a CPU's best path is also its fastest.
 
 Compiles `kernels/native/lvq.c` of REV with setup.py's flags into a temporary library, then alternates the two
 libraries call for call: single GEMV/GEMM calls on random weights of the checkpoint's shapes (outputs must be
@@ -62,15 +65,20 @@ def random_linear(n: int, k: int, bits: int, group: int = 128) -> native.NativeL
     return native.NativeLinear(w, torch.bfloat16)
 
 
+CAPS: dict = {}  # side -> the path it is capped at (--isa)
+
+
 def paired(libs: dict, run, rounds: int) -> dict:
     res = {k: [] for k in libs}
     for _ in range(rounds):
         for k, lib in libs.items():
             native._lib = lib
+            native.set_isa(CAPS.get(k))
             t = time.perf_counter()
             run(k)
             res[k].append(time.perf_counter() - t)
     native._lib = libs["installed"]
+    native.set_isa(None)
     return res
 
 
@@ -78,6 +86,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--rev", default="HEAD~1", help="git revision whose lvq.c is the other side (default HEAD~1)")
+    ap.add_argument("--isa", choices=native.ISAS[:-1], help="the other side: the installed build on this slower path")
     ap.add_argument("--rounds", type=int, default=24, help="decode steps per build")
     ap.add_argument("--context", type=int, default=64, help="tokens in the cache before the decode steps")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -86,7 +95,12 @@ def main():
     a = ap.parse_args()
     threads = native.threads()
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {a.rev: build(a.rev, Path(tmp)), "installed": native._load()}
+        if a.isa:
+            a.rev = f"installed@{a.isa}"
+            CAPS[a.rev] = a.isa
+            libs = {a.rev: native._load(), "installed": native._load()}
+        else:
+            libs = {a.rev: build(a.rev, Path(tmp)), "installed": native._load()}
         print(f"native kernel: {a.rev} against the installed build, {threads} threads, path {native.isa()}")
         for bits in (4, 8):
             for n, k, m in ((27392, 4096, 1), (4096, 13696, 1), (4096, 4096, 128), (13696, 4096, 37)):
@@ -110,12 +124,14 @@ def main():
         for _ in range(a.load_rounds):
             for key, lib in libs.items():
                 native._lib = lib
+                native.set_isa(CAPS.get(key))
                 t = time.perf_counter()
                 m = lowvram.load(a.checkpoint, tokenizer=False)
                 loads[key].append(time.perf_counter() - t)
                 del m
                 gc.collect()
         native._lib = libs["installed"]
+        native.set_isa(None)
         if a.load_rounds:
             print(f"load ({a.checkpoint}): " + " / ".join(f"{x:.1f}" for x in loads[a.rev]) + " -> "
                   + " / ".join(f"{x:.1f}" for x in loads["installed"]) + " s")

@@ -16,10 +16,11 @@
  * where xsum_g is the sum of the dequantized activations of group g: the result is exactly
  * W @ x_hat for the dequantized activations x_hat.
  *
- * Three paths, the best the CPU has: AVX512-VNNI (vpdpbusd), AVX2 (vpmaddubsw; 8-bit codes as
- * |q-128| against x*sign(q-128), see part_q8: AMD Zen 2-4 and most laptop CPUs have no VNNI), and
- * portable C, which is correct but not fast (the Python side prefers ONNX Runtime there). All three
- * compute the same integer dot products; only the float summation order differs.
+ * Three paths, the best the CPU has: AVX512-VNNI (vpdpbusd: 512-bit in the prompt loops, 256-bit in
+ * decode, which 512-bit vectors slowed on Ice Lake), AVX2 (vpmaddubsw; 8-bit codes as |q-128| against
+ * x*sign(q-128), see part_q8: AMD Zen 2-4 and most laptop CPUs have no VNNI), and portable C, which is
+ * correct but not fast (the Python side prefers ONNX Runtime there). All three compute the same integer
+ * dot products; only the float summation order differs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -471,7 +472,7 @@ AVX2 static void pair_small_avx2(const uint8_t *w0, const uint8_t *w1, const int
     }
 }
 
-/* One weight row against one activation row; cs/sf/sxm as in rows_vnni. */
+/* One weight row against one activation row: sf the row's scales, cs each block's scale times sxm's (groups >= 128). */
 AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float *sxm,
                                const float *sf, const float *cs, int64_t nb, int bits, int group) {
     if (group < BLK)
@@ -489,7 +490,8 @@ AVX2 static float row_dot_avx2(const uint8_t *wr, const int8_t *xm, const float 
     return hsum256(_mm256_add_ps(a0, a1));
 }
 
-/* Two rows at once (decode, groups >= 128), as pair_vnni: two distant weight streams per thread. A loop
+/* Two rows at once (decode, groups >= 128): two distant weight streams per thread keep more cache misses
+ * outstanding than one (measured +10-15%). A loop
  * per bit width, each block's activations loaded once for both rows: with both widths in one loop GCC
  * spilled accumulators and activations to the stack (measured 1.1-1.2x slower). Even and odd blocks
  * keep their own accumulators, the summation order of row_dot_avx2. LVQ_PAIR_STEP: block i of both rows
@@ -681,88 +683,251 @@ AVX2 static void quad_q8_g64(const uint8_t *w, const int8_t *x, int64_t K, const
     quad_q8_small(w, x, K, s, sx, nb, sz, xs, G, out, 0);
 }
 
-AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum, int64_t M,
-                           int64_t K, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits,
-                           int group, int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
+/* The prompt loops on AVX512-VNNI: vpdpbusd multiplies the unsigned codes (4- and 8-bit alike, no q - 128
+ * shift) by the int8 activations and sums four products into each int32 lane, one instruction for what
+ * takes vpmaddubsw + vpmaddwd on AVX2. A block's 128 inputs are two vectors of 64: lanes 0-7 of each are
+ * its inputs 0-31 (64-95), lanes 8-15 inputs 32-63 (96-127). Scales and zero-point term as in quad_q4. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
+
+VNNI static inline __m256 fold512(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+/* Groups >= 128: one scale per block and row. */
+VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sfb, const float *sx0,
+                                  int64_t nb, const float *sz, const float *xs0, int64_t G, float *out, const int bits) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i lo, hi;
+        if (bits == 4) {
+            __m512i v = _mm512_loadu_si512((const void *)(wr + b * 64));
+            lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        } else {
+            lo = _mm512_loadu_si512((const void *)(wr + b * BLK));
+            hi = _mm512_loadu_si512((const void *)(wr + b * BLK + 64));
+        }
+        const __m512 sw = _mm512_set1_ps(sfb[b]);
+#define LVQ_ROW(r, A)                                                                                          \
+    {                                                                                                          \
+        const int8_t *xb = x0 + (r) * K + b * BLK;                                                             \
+        __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)xb)), hi, \
+                                        _mm512_loadu_si512((const void *)(xb + 64)));                          \
+        A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(sx0[(r) * nb + b])), A);    \
+    }
+        LVQ_ROW(0, a0) LVQ_ROW(1, a1) LVQ_ROW(2, a2) LVQ_ROW(3, a3)
+#undef LVQ_ROW
+    }
+    quad_finish(fold512(a0), fold512(a1), fold512(a2), fold512(a3), sz, xs0, G, out);
+}
+
+/* Groups of 32 or 64: sw4 [nb][4] the scales of each block's four 32-input parts, spread over the lanes
+ * that hold them; the two halves of a block keep their own accumulators. */
+VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sw4,
+                                        const float *sx0, int64_t nb, const float *sz, const float *xs0, int64_t G,
+                                        float *out, const int bits) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i ilo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i ihi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i lo, hi;
+        if (bits == 4) {
+            __m512i v = _mm512_loadu_si512((const void *)(wr + b * 64));
+            lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        } else {
+            lo = _mm512_loadu_si512((const void *)(wr + b * BLK));
+            hi = _mm512_loadu_si512((const void *)(wr + b * BLK + 64));
+        }
+        const __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(sw4 + 4 * b));
+        const __m512 sl = _mm512_permutexvar_ps(ilo, s4), sh = _mm512_permutexvar_ps(ihi, s4);
+#define LVQ_ROW(r, A, C)                                                                                      \
+    {                                                                                                         \
+        const int8_t *xb = x0 + (r) * K + b * BLK;                                                            \
+        __m512 sb = _mm512_set1_ps(sx0[(r) * nb + b]);                                                        \
+        __m512i dl = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)xb));                     \
+        __m512i dh = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512((const void *)(xb + 64)));              \
+        A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_mul_ps(sl, sb), A);                                \
+        C = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dh), _mm512_mul_ps(sh, sb), C);                                \
+    }
+        LVQ_ROW(0, a0, c0) LVQ_ROW(1, a1, c1) LVQ_ROW(2, a2, c2) LVQ_ROW(3, a3, c3)
+#undef LVQ_ROW
+    }
+    quad_finish(fold512(_mm512_add_ps(a0, c0)), fold512(_mm512_add_ps(a1, c1)), fold512(_mm512_add_ps(a2, c2)),
+                fold512(_mm512_add_ps(a3, c3)), sz, xs0, G, out);
+}
+
+VNNI static void quad_vnni_q4(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
+                              const float *sz, const float *xs, int64_t G, float *out) {
+    quad_vnni(w, x, K, s, sx, nb, sz, xs, G, out, 4);
+}
+VNNI static void quad_vnni_q8(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
+                              const float *sz, const float *xs, int64_t G, float *out) {
+    quad_vnni(w, x, K, s, sx, nb, sz, xs, G, out, 8);
+}
+VNNI static void quad_vnni_small_q4(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx,
+                                    int64_t nb, const float *sz, const float *xs, int64_t G, float *out) {
+    quad_vnni_small(w, x, K, s, sx, nb, sz, xs, G, out, 4);
+}
+VNNI static void quad_vnni_small_q8(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx,
+                                    int64_t nb, const float *sz, const float *xs, int64_t G, float *out) {
+    quad_vnni_small(w, x, K, s, sx, nb, sz, xs, G, out, 8);
+}
+
+/* Decode on AVX512-VNNI, groups >= 128: pair_q4_avx2's loop with each block's dot product taken by vpdpbusd
+ * on 256-bit vectors (512-bit ones ran this memory-bound loop ~40% slower on Ice Lake, measured). */
+VNNI static inline __m256i dot_vnni(const uint8_t *wb, xblock x, const int bits) {
+    __m256i l0, l1, h0, h1;
+    if (bits == 4) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        __m256i va = _mm256_loadu_si256((const __m256i *)wb), vb = _mm256_loadu_si256((const __m256i *)(wb + 32));
+        l0 = _mm256_and_si256(va, m4), l1 = _mm256_and_si256(vb, m4);
+        h0 = _mm256_and_si256(_mm256_srli_epi16(va, 4), m4), h1 = _mm256_and_si256(_mm256_srli_epi16(vb, 4), m4);
+    } else {
+        l0 = _mm256_loadu_si256((const __m256i *)wb), l1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+        h0 = _mm256_loadu_si256((const __m256i *)(wb + 64)), h1 = _mm256_loadu_si256((const __m256i *)(wb + 96));
+    }
+    __m256i z = _mm256_setzero_si256();
+    return _mm256_add_epi32(_mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, l0, x.v[0]), l1, x.v[1]),
+                            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, h0, x.v[2]), h1, x.v[3]));
+}
+
+VNNI static inline void pair_vnni256(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, const float *c0,
+                                     const float *c1, int64_t nb, float *r0, float *r1, const int bits) {
+    const int64_t RB = bits == 4 ? 64 : BLK;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t i = 0;
+#define LVQ_STEP(A, B, i)                                                                                   \
+    {                                                                                                       \
+        xblock x = load_x(xm + (i) * BLK);                                                                  \
+        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_vnni(w0 + (i) * RB, x, bits)), _mm256_set1_ps(c0[i]), A); \
+        B = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_vnni(w1 + (i) * RB, x, bits)), _mm256_set1_ps(c1[i]), B); \
+    }
+    for (; i + 2 <= nb; i += 2) {
+        for (int64_t j = 0; j < 2 * RB; j += 64) {
+            pf(w0 + i * RB + j + LVQ_PF);
+            pf(w1 + i * RB + j + LVQ_PF);
+        }
+        LVQ_STEP(a0, b0, i)
+        LVQ_STEP(a1, b1, i + 1)
+    }
+    for (; i < nb; i++) LVQ_STEP(a0, b0, i)
+#undef LVQ_STEP
+    *r0 = hsum256(_mm256_add_ps(a0, a1));
+    *r1 = hsum256(_mm256_add_ps(b0, b1));
+}
+
+VNNI static void pair_vnni_q4(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, const float *c0, const float *c1,
+                              int64_t nb, float *r0, float *r1) {
+    pair_vnni256(xm, w0, w1, c0, c1, nb, r0, r1, 4);
+}
+VNNI static void pair_vnni_q8(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, const float *c0, const float *c1,
+                              int64_t nb, float *r0, float *r1) {
+    pair_vnni256(xm, w0, w1, c0, c1, nb, r0, r1, 8);
+}
+
+/* Prompts on AVX2 or AVX512-VNNI (vnni = 1): rows [n0, n1) of y for M activation rows. */
+AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K,
+                              const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits, int group,
+                              int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y, int vnni) {
+    int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
+    float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
+    const float zs = bits == 8 ? 128.f : 0.f; /* see part_q8; the VNNI loops take the codes as they are */
+    /* Prompts: 32 weight rows (at most 32 KiB of 8-bit codes) stay in L1/L2 while every activation
+     * row passes over them, so each weight byte is fetched from memory once per call. */
+    int64_t bpg = group / BLK;
+    float *tsf = (float *)malloc(sizeof(float) * 64 * G), *tsz = tsf + 32 * G; /* the tile's rows' halves */
+    /* per block: its scale when groups span blocks (tsb); with groups of 64, each block's four lane scales */
+    float *tsb = bpg > 1 || group == 64 ? (float *)malloc(sizeof(float) * 32 * 4 * nb) : tsf;
+    void (*quad)(const uint8_t *, const int8_t *, int64_t, const float *, const float *, int64_t, const float *,
+                 const float *, int64_t, float *) =
+        vnni ? (group >= BLK ? (bits == 4 ? quad_vnni_q4 : quad_vnni_q8)
+                             : (bits == 4 ? quad_vnni_small_q4 : quad_vnni_small_q8))
+        : group >= BLK ? (bits == 4 ? quad_q4 : quad_q8)
+        : group == 64  ? (bits == 4 ? quad_q4_g64 : quad_q8_g64)
+                       : (bits == 4 ? quad_q4_g32 : quad_q8_g32);
+    int64_t ts = group >= BLK ? nb : 4 * nb; /* tsb floats per row */
+    for (int64_t t0 = n0; t0 < n1; t0 += 32) {
+        int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
+        int64_t m = 0;
+        if (M >= LVQ_MR)
+            for (int64_t n = t0; n < t1; n++) {
+                float *rf = tsf + (n - t0) * G, *rb = tsb + (n - t0) * ts;
+                row_scales_avx2(scales + n * G, zeros + n * G, G, vnni ? 0.f : zs, rf, tsz + (n - t0) * G);
+                if (bpg > 1)
+                    for (int64_t b = 0; b < nb; b++) rb[b] = rf[b / bpg];
+                else if (group == 64)
+                    for (int64_t b = 0; b < nb; b++)
+                        rb[4 * b] = rb[4 * b + 1] = rf[2 * b], rb[4 * b + 2] = rb[4 * b + 3] = rf[2 * b + 1];
+            }
+        for (; m + LVQ_MR <= M; m += LVQ_MR)
+            for (int64_t n = t0; n < t1; n++) {
+                float r[LVQ_MR];
+                quad(w + n * rowbytes, xq + m * K, K, tsb + (n - t0) * ts, sx + m * nb, nb, tsz + (n - t0) * G,
+                     xsum + m * G, G, r);
+                for (int i = 0; i < LVQ_MR; i++) put(y, (m + i) * N + n, r[i] + (bias ? bias[n] : 0.f));
+            }
+        for (; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            for (int64_t n = t0; n < t1; n++) {
+                float c = row_prep_avx2(scales + n * G, zeros + n * G, sx + m * nb, xsum + m * G, G, nb, group, sf, cs, zs);
+                put(y, m * N + n, row_dot_avx2(w + n * rowbytes, xm, sx + m * nb, sf, cs, nb, bits, group) - c +
+                               (bias ? bias[n] : 0.f));
+            }
+        }
+    }
+    if (tsb != tsf) free(tsb);
+    free(tsf);
+    free(sf);
+    free(cs);
+}
+
+/* Decode (one activation row) on AVX2, or with vnni = 1 on AVX512-VNNI for groups >= 128: two weight rows
+ * per step, from the two halves of [n0, n1). */
+AVX2 static void decode_rows(const int8_t *xq, const float *sx, const float *xsum, int64_t K, const uint8_t *w,
+                             const uint16_t *scales, const uint8_t *zeros, int bits, int group, int64_t n0, int64_t n1,
+                             const float *bias, out_t y, int vnni) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
     const float zs = bits == 8 ? 128.f : 0.f; /* see part_q8 */
-    if (M == 1) {
-        float *sf2 = (float *)malloc(sizeof(float) * G), *cs2 = (float *)malloc(sizeof(float) * nb);
-        int64_t h = (n1 - n0) / 2;
-        for (int64_t i = 0; i < h; i++) {
-            int64_t na = n0 + i, nb2 = n0 + h + i;
-            if (i + LVQ_PF_ROWS < h) { /* scales and zeros, ~1/30 of a row's bytes: a DRAM miss each unprefetched */
-                pf_range(scales + (na + LVQ_PF_ROWS) * G, 2 * G);
-                pf_range(scales + (nb2 + LVQ_PF_ROWS) * G, 2 * G);
-                pf_range(zeros + (na + LVQ_PF_ROWS) * G, G);
-                pf_range(zeros + (nb2 + LVQ_PF_ROWS) * G, G);
-            }
-            float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, zs);
-            float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, zs);
-            float r0, r1;
-            if (group >= BLK) {
-                (bits == 4 ? pair_q4_avx2 : pair_q8_avx2)(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, &r0, &r1);
-            } else {
-                pair_small_avx2(w + na * rowbytes, w + nb2 * rowbytes, xq, sx, sf, sf2, nb, bits, group, &r0, &r1);
-            }
-            put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
-            put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
+    vnni = vnni && group >= BLK;
+    float *sf2 = (float *)malloc(sizeof(float) * G), *cs2 = (float *)malloc(sizeof(float) * nb);
+    int64_t h = (n1 - n0) / 2;
+    for (int64_t i = 0; i < h; i++) {
+        int64_t na = n0 + i, nb2 = n0 + h + i;
+        if (i + LVQ_PF_ROWS < h) { /* scales and zeros, ~1/30 of a row's bytes: a DRAM miss each unprefetched */
+            pf_range(scales + (na + LVQ_PF_ROWS) * G, 2 * G);
+            pf_range(scales + (nb2 + LVQ_PF_ROWS) * G, 2 * G);
+            pf_range(zeros + (na + LVQ_PF_ROWS) * G, G);
+            pf_range(zeros + (nb2 + LVQ_PF_ROWS) * G, G);
         }
-        if ((n1 - n0) & 1) {
-            int64_t n = n1 - 1;
-            float c = row_prep_avx2(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, cs, zs);
-            put(y, n, row_dot_avx2(w + n * rowbytes, xq, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f));
+        float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, vnni ? 0.f : zs);
+        float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, vnni ? 0.f : zs);
+        float r0, r1;
+        if (group >= BLK) {
+            (vnni ? (bits == 4 ? pair_vnni_q4 : pair_vnni_q8) : bits == 4 ? pair_q4_avx2 : pair_q8_avx2)(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, &r0, &r1);
+        } else {
+            pair_small_avx2(w + na * rowbytes, w + nb2 * rowbytes, xq, sx, sf, sf2, nb, bits, group, &r0, &r1);
         }
-        free(sf2);
-        free(cs2);
-    } else {
-        /* Prompts: 32 weight rows (at most 32 KiB of 8-bit codes) stay in L1/L2 while every activation
-         * row passes over them, so each weight byte is fetched from memory once per call. */
-        int64_t bpg = group / BLK;
-        float *tsf = (float *)malloc(sizeof(float) * 64 * G), *tsz = tsf + 32 * G; /* the tile's rows' halves */
-        /* per block: its scale when groups span blocks (tsb); with groups of 64, each block's four lane scales */
-        float *tsb = bpg > 1 || group == 64 ? (float *)malloc(sizeof(float) * 32 * 4 * nb) : tsf;
-        void (*quad)(const uint8_t *, const int8_t *, int64_t, const float *, const float *, int64_t, const float *,
-                     const float *, int64_t, float *) =
-            group >= BLK ? (bits == 4 ? quad_q4 : quad_q8)
-            : group == 64 ? (bits == 4 ? quad_q4_g64 : quad_q8_g64)
-                          : (bits == 4 ? quad_q4_g32 : quad_q8_g32);
-        int64_t ts = group >= BLK ? nb : 4 * nb; /* tsb floats per row */
-        for (int64_t t0 = n0; t0 < n1; t0 += 32) {
-            int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
-            int64_t m = 0;
-            if (M >= LVQ_MR)
-                for (int64_t n = t0; n < t1; n++) {
-                    float *rf = tsf + (n - t0) * G, *rb = tsb + (n - t0) * ts;
-                    row_scales_avx2(scales + n * G, zeros + n * G, G, zs, rf, tsz + (n - t0) * G);
-                    if (bpg > 1)
-                        for (int64_t b = 0; b < nb; b++) rb[b] = rf[b / bpg];
-                    else if (group == 64)
-                        for (int64_t b = 0; b < nb; b++)
-                            rb[4 * b] = rb[4 * b + 1] = rf[2 * b], rb[4 * b + 2] = rb[4 * b + 3] = rf[2 * b + 1];
-                }
-            for (; m + LVQ_MR <= M; m += LVQ_MR)
-                for (int64_t n = t0; n < t1; n++) {
-                    float r[LVQ_MR];
-                    quad(w + n * rowbytes, xq + m * K, K, tsb + (n - t0) * ts, sx + m * nb, nb, tsz + (n - t0) * G,
-                         xsum + m * G, G, r);
-                    for (int i = 0; i < LVQ_MR; i++) put(y, (m + i) * N + n, r[i] + (bias ? bias[n] : 0.f));
-                }
-            for (; m < M; m++) {
-                const int8_t *xm = xq + m * K;
-                for (int64_t n = t0; n < t1; n++) {
-                    float c = row_prep_avx2(scales + n * G, zeros + n * G, sx + m * nb, xsum + m * G, G, nb, group, sf, cs, zs);
-                    put(y, m * N + n, row_dot_avx2(w + n * rowbytes, xm, sx + m * nb, sf, cs, nb, bits, group) - c +
-                                   (bias ? bias[n] : 0.f));
-                }
-            }
-        }
-        if (tsb != tsf) free(tsb);
-        free(tsf);
+        put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
+        put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
     }
+    if ((n1 - n0) & 1) {
+        int64_t n = n1 - 1;
+        float c = row_prep_avx2(scales + n * G, zeros + n * G, sx, xsum, G, nb, group, sf, cs, zs);
+        put(y, n, row_dot_avx2(w + n * rowbytes, xq, sx, sf, cs, nb, bits, group) - c + (bias ? bias[n] : 0.f));
+    }
+    free(sf2);
+    free(cs2);
     free(sf);
     free(cs);
+}
+
+AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum, int64_t M,
+                           int64_t K, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits,
+                           int group, int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
+    if (M == 1) decode_rows(xq, sx, xsum, K, w, scales, zeros, bits, group, n0, n1, bias, y, 0);
+    else prompt_tiles(xq, sx, xsum, M, K, w, scales, zeros, bits, group, n0, n1, N, bias, y, 0);
 }
 #endif
 
@@ -801,175 +966,13 @@ static void rows_generic(const int8_t *xq, const float *sx, const float *xsum, i
 }
 
 #ifdef LVQ_X86
-/* Two rows at once for the common decode case (one activation row, groups of >= 128): two weight
- * streams in flight per thread keep more cache misses outstanding than one (measured +10-15%). */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
-static void pair_vnni(const int8_t *xm, const uint8_t *w0, const uint8_t *w1, const float *c0, const float *c1,
-                      int64_t nb, int bits, float *r0, float *r1) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i xl = _mm512_loadu_si512((const void *)(xm + b * BLK));
-        __m512i xh = _mm512_loadu_si512((const void *)(xm + b * BLK + 64));
-        __m512i l0, h0, l1, h1;
-        if (bits == 4) {
-            _mm_prefetch((const char *)(w0 + b * 64 + LVQ_PF), LVQ_HINT);
-            _mm_prefetch((const char *)(w1 + b * 64 + LVQ_PF), LVQ_HINT);
-            __m512i v0 = _mm512_loadu_si512((const void *)(w0 + b * 64));
-            __m512i v1 = _mm512_loadu_si512((const void *)(w1 + b * 64));
-            l0 = _mm512_and_si512(v0, m4);
-            h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
-            l1 = _mm512_and_si512(v1, m4);
-            h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-        } else {
-            _mm_prefetch((const char *)(w0 + b * BLK + LVQ_PF), LVQ_HINT);
-            _mm_prefetch((const char *)(w0 + b * BLK + 64 + LVQ_PF), LVQ_HINT);
-            _mm_prefetch((const char *)(w1 + b * BLK + LVQ_PF), LVQ_HINT);
-            _mm_prefetch((const char *)(w1 + b * BLK + 64 + LVQ_PF), LVQ_HINT);
-            l0 = _mm512_loadu_si512((const void *)(w0 + b * BLK));
-            h0 = _mm512_loadu_si512((const void *)(w0 + b * BLK + 64));
-            l1 = _mm512_loadu_si512((const void *)(w1 + b * BLK));
-            h1 = _mm512_loadu_si512((const void *)(w1 + b * BLK + 64));
-        }
-        __m512i d0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, l0, xl), h0, xh);
-        __m512i d1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, l1, xl), h1, xh);
-        if (b & 1) {
-            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(c0[b]), a1);
-            b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(c1[b]), b1);
-        } else {
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(c0[b]), a0);
-            b0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(c1[b]), b0);
-        }
-    }
-    *r0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    *r1 = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-}
-
-
-
-/* One row for one activation row: its weight scales as floats (sf), the combined scale of each block
- * (activation x weight, cs; groups of >= 128 only) and the zero-point correction it returns. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
-static float row_prep(const uint16_t *sr, const uint8_t *zr, const float *sxm, const float *xs, int64_t G,
-                      int64_t nb, int group, float *sf, float *cs) {
-    int64_t g = 0;
-    for (; g + 16 <= G; g += 16)
-        _mm512_store_ps(sf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sr + g))));
-    for (; g < G; g++) sf[g] = _cvtsh_ss(sr[g]);
-    for (int64_t gi = 0, b = 0, bpg = group / BLK; gi < G; gi++)
-        for (int64_t j = 0; j < bpg; j++, b++) cs[b] = sf[gi] * sxm[b];
-    __m512 c = _mm512_setzero_ps();
-    for (g = 0; g < G; g += 16) {
-        __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-        __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zr + g)));
-        c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_load_ps(k, sf + g), z), _mm512_maskz_loadu_ps(k, xs + g), c);
-    }
-    return _mm512_reduce_add_ps(c);
-}
-#endif
-
-#ifdef LVQ_X86
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
-static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K,
-                      const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits, int group,
-                      int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
-    int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
-    float *sf = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
-    float *cs = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t n = n0;
-    if (M == 1 && group >= BLK) {
-        float *cs2 = (float *)aligned_alloc(64, sizeof(float) * ((nb + 15) / 16 * 16));
-        float *sf2 = (float *)aligned_alloc(64, sizeof(float) * ((G + 15) / 16 * 16));
-        /* The two rows come from the two halves of the range: two distant sequential streams, each
-         * followed by the hardware prefetcher. */
-        int64_t h = (n1 - n0) / 2;
-        for (int64_t i = 0; i < h; i++) {
-            int64_t na = n0 + i, nb2 = n0 + h + i;
-            float c0 = row_prep(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs);
-            float c1 = row_prep(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2);
-            float r0, r1;
-            pair_vnni(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, bits, &r0, &r1);
-            put(y, na, r0 - c0 + (bias ? bias[na] : 0.f));
-            put(y, nb2, r1 - c1 + (bias ? bias[nb2] : 0.f));
-        }
-        n = n0 + 2 * h;
-        free(cs2);
-        free(sf2);
-    }
-    for (; n < n1; n++) {
-        const uint8_t *wr = w + n * rowbytes;
-        if (n + 1 < n1) _mm_prefetch((const char *)(scales + (n + 1) * G), _MM_HINT_T0);
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *xm = xq + m * K;
-            const float *sxm = sx + m * nb;
-            /* weight scales (sf), combined block scales (cs, groups >= 128) and the zero-point term */
-            float corr = row_prep(scales + n * G, zeros + n * G, sxm, xsum + m * G, G, nb, group, sf, cs);
-            __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-#define LVQ_LOAD(b)                                                                 \
-    __m512i lo, hi;                                                                 \
-    if (bits == 4) {                                                                \
-        _mm_prefetch((const char *)(wr + (b) * 64 + LVQ_PF), LVQ_HINT);          \
-        __m512i v = _mm512_loadu_si512((const void *)(wr + (b) * 64));              \
-        lo = _mm512_and_si512(v, m4);                                               \
-        hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);                         \
-    } else {                                                                        \
-        _mm_prefetch((const char *)(wr + (b) * BLK + LVQ_PF), LVQ_HINT);         \
-        _mm_prefetch((const char *)(wr + (b) * BLK + 64 + LVQ_PF), LVQ_HINT);    \
-        lo = _mm512_loadu_si512((const void *)(wr + (b) * BLK));                    \
-        hi = _mm512_loadu_si512((const void *)(wr + (b) * BLK + 64));               \
-    }                                                                               \
-    __m512i xl = _mm512_loadu_si512((const void *)(xm + (b) * BLK));                \
-    __m512i xh = _mm512_loadu_si512((const void *)(xm + (b) * BLK + 64));
-            if (group >= BLK) {
-                /* Four blocks in flight, each with its own accumulator: the fma chain, not memory,
-                 * was the limit with one. */
-                __m512 acc3 = _mm512_setzero_ps(), acc4 = _mm512_setzero_ps();
-                int64_t b = 0;
-#define LVQ_BLOCK(bb, A)                                                                    \
-    {                                                                                       \
-        LVQ_LOAD(bb)                                                                        \
-        __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);         \
-        A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[bb]), A);              \
-    }
-                for (; b + 4 <= nb; b += 4) {
-                    LVQ_BLOCK(b, acc)
-                    LVQ_BLOCK(b + 1, acc2)
-                    LVQ_BLOCK(b + 2, acc3)
-                    LVQ_BLOCK(b + 3, acc4)
-                }
-                for (; b < nb; b++) LVQ_BLOCK(b, acc)
-#undef LVQ_BLOCK
-                acc = _mm512_add_ps(acc, acc3);
-                acc2 = _mm512_add_ps(acc2, acc4);
-            } else if (group == 64) {
-                for (int64_t b = 0; b < nb; b++) {
-                    LVQ_LOAD(b)
-                    __m512i dl = _mm512_dpbusd_epi32(zero, lo, xl), dh = _mm512_dpbusd_epi32(zero, hi, xh);
-                    float sb = sxm[b];
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_set1_ps(sb * sf[2 * b]), acc);
-                    acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dh), _mm512_set1_ps(sb * sf[2 * b + 1]), acc2);
-                }
-            } else { /* group 32: lanes 0-7 of each half are one group, lanes 8-15 the next */
-                for (int64_t b = 0; b < nb; b++) {
-                    LVQ_LOAD(b)
-                    __m512i dl = _mm512_dpbusd_epi32(zero, lo, xl), dh = _mm512_dpbusd_epi32(zero, hi, xh);
-                    __m512 sb = _mm512_set1_ps(sxm[b]);
-                    const float *s4 = sf + 4 * b;
-                    __m512 sl = _mm512_insertf32x8(_mm512_set1_ps(s4[0]), _mm256_set1_ps(s4[1]), 1);
-                    __m512 sh = _mm512_insertf32x8(_mm512_set1_ps(s4[2]), _mm256_set1_ps(s4[3]), 1);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_mul_ps(sl, sb), acc);
-                    acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dh), _mm512_mul_ps(sh, sb), acc2);
-                }
-            }
-#undef LVQ_LOAD
-            acc = _mm512_add_ps(acc, acc2);
-            put(y, m * N + n, _mm512_reduce_add_ps(acc) - corr + (bias ? bias[n] : 0.f));
-        }
-    }
-    free(cs);
-    free(sf);
+/* The AVX512-VNNI path: the prompt loops on 512-bit vpdpbusd, decode on 256-bit (see pair_vnni256); groups of
+ * 32/64 decode and the rows a prompt leaves over (M % 4) on the AVX2 loops. */
+static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K, const uint8_t *w,
+                      const uint16_t *scales, const uint8_t *zeros, int bits, int group, int64_t n0, int64_t n1,
+                      int64_t N, const float *bias, out_t y) {
+    if (M == 1) decode_rows(xq, sx, xsum, K, w, scales, zeros, bits, group, n0, n1, bias, y, 1);
+    else prompt_tiles(xq, sx, xsum, M, K, w, scales, zeros, bits, group, n0, n1, N, bias, y, 1);
 }
 #endif
 
