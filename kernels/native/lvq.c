@@ -694,30 +694,65 @@ VNNI static inline __m256 fold512(__m512 a) {
 }
 
 /* Groups >= 128: one scale per block and row. */
+/* Four blocks' int32 dot products (16 lanes each) summed down to 4 lanes a block, block i in 128-bit chunk i,
+ * by shuffles, which run beside the multiplies (Ice Lake: one 512-bit multiply pipe for vpdpbusd, convert and
+ * FMA alike; its shuffle pipe is otherwise idle), so one convert and one FMA take four blocks. */
+VNNI static inline __m512i merge4(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
+    __m512i m01 = _mm512_add_epi32(_mm512_shuffle_i32x4(d0, d1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_i32x4(d0, d1, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512i m23 = _mm512_add_epi32(_mm512_shuffle_i32x4(d2, d3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_i32x4(d2, d3, _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(m01, m23, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(m01, m23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Groups >= 128: one scale per block and row, cs [4][nb] their products (weight row's x activation row's). */
 VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sfb, const float *sx0,
                                   int64_t nb, const float *sz, const float *xs0, int64_t G, float *out, const int bits) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i lo, hi;
-        if (bits == 4) {
-            __m512i v = _mm512_loadu_si512((const void *)(wr + b * 64));
-            lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        } else {
-            lo = _mm512_loadu_si512((const void *)(wr + b * BLK));
-            hi = _mm512_loadu_si512((const void *)(wr + b * BLK + 64));
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    float cs[4 * nb]; /* K / 32 floats on the stack */
+    for (int r = 0; r < 4; r++)
+        for (int64_t b = 0; b < nb; b += 16) {
+            __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
+            _mm512_mask_storeu_ps(cs + r * nb + b, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sfb + b),
+                                                                   _mm512_maskz_loadu_ps(k, sx0 + r * nb + b)));
         }
-        const __m512 sw = _mm512_set1_ps(sfb[b]);
-#define LVQ_ROW(r, A)                                                                                          \
-    {                                                                                                          \
-        const int8_t *xb = x0 + (r) * K + b * BLK;                                                             \
-        __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)xb)), hi, \
-                                        _mm512_loadu_si512((const void *)(xb + 64)));                          \
-        A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(sx0[(r) * nb + b])), A);    \
+#define LVQ_W(b, lo, hi)                                                             \
+    if (bits == 4) {                                                                 \
+        __m512i v = _mm512_loadu_si512((const void *)(wr + (b) * 64));               \
+        lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
+    } else {                                                                         \
+        lo = _mm512_loadu_si512((const void *)(wr + (b) * BLK));                     \
+        hi = _mm512_loadu_si512((const void *)(wr + (b) * BLK + 64));                \
+    }
+#define LVQ_D(r, b, lo, hi)                                                                                \
+    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)(x0 + (r) * K + (b) * BLK))), \
+                        hi, _mm512_loadu_si512((const void *)(x0 + (r) * K + (b) * BLK + 64)))
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        __m512i l0, h0, l1, h1, l2, h2, l3, h3;
+        LVQ_W(b, l0, h0) LVQ_W(b + 1, l1, h1) LVQ_W(b + 2, l2, h2) LVQ_W(b + 3, l3, h3)
+#define LVQ_ROW(r, A)                                                                                      \
+    {                                                                                                      \
+        __m512i m = merge4(LVQ_D(r, b, l0, h0), LVQ_D(r, b + 1, l1, h1), LVQ_D(r, b + 2, l2, h2),          \
+                           LVQ_D(r, b + 3, l3, h3));                                                       \
+        __m512 c = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(cs + (r) * nb + b))); \
+        A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), c, A);                                                  \
     }
         LVQ_ROW(0, a0) LVQ_ROW(1, a1) LVQ_ROW(2, a2) LVQ_ROW(3, a3)
 #undef LVQ_ROW
     }
+    for (; b < nb; b++) {
+        __m512i lo, hi;
+        LVQ_W(b, lo, hi)
+#define LVQ_ROW(r, A) A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(LVQ_D(r, b, lo, hi)), _mm512_set1_ps(cs[(r) * nb + b]), A);
+        LVQ_ROW(0, a0) LVQ_ROW(1, a1) LVQ_ROW(2, a2) LVQ_ROW(3, a3)
+#undef LVQ_ROW
+    }
+#undef LVQ_W
+#undef LVQ_D
     quad_finish(fold512(a0), fold512(a1), fold512(a2), fold512(a3), sz, xs0, G, out);
 }
 
