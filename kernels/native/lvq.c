@@ -756,16 +756,64 @@ VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K
     quad_finish(fold512(a0), fold512(a1), fold512(a2), fold512(a3), sz, xs0, G, out);
 }
 
-/* Groups of 32 or 64: sw4 [nb][4] the scales of each block's four 32-input parts, spread over the lanes
- * that hold them; the two halves of a block keep their own accumulators. */
+/* Groups of 32 or 64: sw4 [nb][4] the scales of each block's four 32-input parts. Four blocks at a time, their
+ * parts summed by shuffles into one vector (parts4, pairsum) for one convert and one FMA, as in quad_vnni; a
+ * block left over takes its two halves with their own accumulators and lane scales. */
+/* Groups of 32/64, a block's two vpdpbusd halves (lanes 0-7 / 8-15 of each: its 32-input parts 0, 1 / 2, 3)
+ * summed to 4 lanes a part, part c in 128-bit chunk c. */
+VNNI static inline __m512i parts4(__m512i dl, __m512i dh) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(dl, dh, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(dl, dh, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Adjacent lanes summed, per 128-bit chunk: [a0 + a1, a2 + a3, b0 + b1, b2 + b3]. */
+VNNI static inline __m512i pairsum(__m512i a, __m512i b) {
+    __m512 fa = _mm512_castsi512_ps(a), fb = _mm512_castsi512_ps(b);
+    return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(fa, fb, _MM_SHUFFLE(2, 0, 2, 0))),
+                            _mm512_castps_si512(_mm512_shuffle_ps(fa, fb, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+
 VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sw4,
                                         const float *sx0, int64_t nb, const float *sz, const float *xs0, int64_t G,
                                         float *out, const int bits) {
+#define LVQ_W(b, lo, hi)                                                             \
+    if (bits == 4) {                                                                 \
+        __m512i v = _mm512_loadu_si512((const void *)(wr + (b) * 64));               \
+        lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
+    } else {                                                                         \
+        lo = _mm512_loadu_si512((const void *)(wr + (b) * BLK));                     \
+        hi = _mm512_loadu_si512((const void *)(wr + (b) * BLK + 64));                \
+    }
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
     const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i ilo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i ihi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
-    for (int64_t b = 0; b < nb; b++) {
+    /* lane 4c + j of the four-block loop: part c of block b + j */
+    const __m512i tr = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const __m512i rep = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        __m512i l0, h0, l1, h1, l2, h2, l3, h3;
+        LVQ_W(b, l0, h0) LVQ_W(b + 1, l1, h1) LVQ_W(b + 2, l2, h2) LVQ_W(b + 3, l3, h3)
+        const __m512 sw = _mm512_permutexvar_ps(tr, _mm512_loadu_ps(sw4 + 4 * b));
+#define LVQ_ROW(r, A)                                                                                           \
+    {                                                                                                           \
+        const int8_t *xb = x0 + (r) * K + b * BLK;                                                              \
+        __m512i e0 = parts4(_mm512_dpbusd_epi32(zero, l0, _mm512_loadu_si512((const void *)xb)),                \
+                            _mm512_dpbusd_epi32(zero, h0, _mm512_loadu_si512((const void *)(xb + 64))));        \
+        __m512i e1 = parts4(_mm512_dpbusd_epi32(zero, l1, _mm512_loadu_si512((const void *)(xb + 128))),        \
+                            _mm512_dpbusd_epi32(zero, h1, _mm512_loadu_si512((const void *)(xb + 192))));       \
+        __m512i e2 = parts4(_mm512_dpbusd_epi32(zero, l2, _mm512_loadu_si512((const void *)(xb + 256))),        \
+                            _mm512_dpbusd_epi32(zero, h2, _mm512_loadu_si512((const void *)(xb + 320))));       \
+        __m512i e3 = parts4(_mm512_dpbusd_epi32(zero, l3, _mm512_loadu_si512((const void *)(xb + 384))),        \
+                            _mm512_dpbusd_epi32(zero, h3, _mm512_loadu_si512((const void *)(xb + 448))));       \
+        __m512 sxr = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(sx0 + (r) * nb + b)));     \
+        A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pairsum(pairsum(e0, e1), pairsum(e2, e3))), _mm512_mul_ps(sw, sxr), A); \
+    }
+        LVQ_ROW(0, a0) LVQ_ROW(1, a1) LVQ_ROW(2, a2) LVQ_ROW(3, a3)
+#undef LVQ_ROW
+    }
+    for (; b < nb; b++) {
         __m512i lo, hi;
         if (bits == 4) {
             __m512i v = _mm512_loadu_si512((const void *)(wr + b * 64));
@@ -788,6 +836,7 @@ VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int
         LVQ_ROW(0, a0, c0) LVQ_ROW(1, a1, c1) LVQ_ROW(2, a2, c2) LVQ_ROW(3, a3, c3)
 #undef LVQ_ROW
     }
+#undef LVQ_W
     quad_finish(fold512(_mm512_add_ps(a0, c0)), fold512(_mm512_add_ps(a1, c1)), fold512(_mm512_add_ps(a2, c2)),
                 fold512(_mm512_add_ps(a3, c3)), sz, xs0, G, out);
 }
