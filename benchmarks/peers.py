@@ -10,13 +10,15 @@ package) quantized by `llama_cpp.llama_model_quantize`. Each runtime then runs i
 The peers are not dependencies; install them outside the repository, e.g.
 
     python -m venv --system-site-packages /tmp/peers/venv && . /tmp/peers/venv/bin/activate
-    pip install gguf
+    pip install gguf tabulate  # chatglm_cpp.convert imports tabulate
     CMAKE_ARGS="-DCMAKE_POLICY_VERSION_MINIMUM=3.5 -DGGML_NATIVE=ON" pip install --no-binary chatglm-cpp chatglm-cpp==0.4.2
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \
       -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
     python benchmarks/peers.py --bits 4 8 --tokenizer /path/to/chatglm3/tokenizer.model
 
-(llama.cpp's AMX path, as built by GCC 12.2 here, crashes on the first batch: see GLM_FACTS §9.)
+(llama.cpp's AMX path, as built by GCC 12.2 here, crashes on the first batch: see GLM_FACTS §9. The flags
+above are for a CPU with AVX512-BF16; elsewhere, e.g. Ice Lake or Zen 3, build llama.cpp with
+`-DGGML_NATIVE=ON` and the AMX options off.)
 """
 
 from __future__ import annotations
