@@ -665,23 +665,16 @@ AVX2 static inline void quad_q8_small(const uint8_t *wr, const int8_t *x0, int64
     quad_finish(a[0], a[1], a[2], a[3], sz, xs0, G, out);
 }
 
-/* Each group size and width its own compiled loop. */
-AVX2 static void quad_q4_g32(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
-                             const float *sz, const float *xs, int64_t G, float *out) {
-    quad_q4_small(w, x, K, s, sx, nb, sz, xs, G, out, 1);
-}
-AVX2 static void quad_q4_g64(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
-                             const float *sz, const float *xs, int64_t G, float *out) {
-    quad_q4_small(w, x, K, s, sx, nb, sz, xs, G, out, 0);
-}
-AVX2 static void quad_q8_g32(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
-                             const float *sz, const float *xs, int64_t G, float *out) {
-    quad_q8_small(w, x, K, s, sx, nb, sz, xs, G, out, 1);
-}
-AVX2 static void quad_q8_g64(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
-                             const float *sz, const float *xs, int64_t G, float *out) {
-    quad_q8_small(w, x, K, s, sx, nb, sz, xs, G, out, 0);
-}
+/* One compiled copy of a prompt loop per width and group size (the constant folds into its inner loop). */
+#define LVQ_QUAD_AS(ATTR, name, impl, c)                                                                     \
+    ATTR static void name(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx,     \
+                          int64_t nb, const float *sz, const float *xs, int64_t G, float *out) {             \
+        impl(w, x, K, s, sx, nb, sz, xs, G, out, c);                                                         \
+    }
+LVQ_QUAD_AS(AVX2, quad_q4_g32, quad_q4_small, 1)
+LVQ_QUAD_AS(AVX2, quad_q4_g64, quad_q4_small, 0)
+LVQ_QUAD_AS(AVX2, quad_q8_g32, quad_q8_small, 1)
+LVQ_QUAD_AS(AVX2, quad_q8_g64, quad_q8_small, 0)
 
 /* The prompt loops on AVX512-VNNI: vpdpbusd multiplies the unsigned codes (4- and 8-bit alike, no q - 128
  * shift) by the int8 activations and sums four products into each int32 lane, one instruction for what
@@ -693,7 +686,17 @@ VNNI static inline __m256 fold512(__m512 a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
 }
 
-/* Groups >= 128: one scale per block and row. */
+/* Block b of a weight row as two vectors of 64 unsigned codes: inputs 0-63 and 64-127. */
+VNNI static inline void load_w512(const uint8_t *wr, int64_t b, const int bits, __m512i *lo, __m512i *hi) {
+    if (bits == 4) {
+        const __m512i v = _mm512_loadu_si512((const void *)(wr + b * 64)), m4 = _mm512_set1_epi8(0x0F);
+        *lo = _mm512_and_si512(v, m4), *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    } else {
+        *lo = _mm512_loadu_si512((const void *)(wr + b * BLK));
+        *hi = _mm512_loadu_si512((const void *)(wr + b * BLK + 64));
+    }
+}
+
 /* Four blocks' int32 dot products (16 lanes each) summed down to 4 lanes a block, block i in 128-bit chunk i,
  * by shuffles, which run beside the multiplies (Ice Lake: one 512-bit multiply pipe for vpdpbusd, convert and
  * FMA alike; its shuffle pipe is otherwise idle), so one convert and one FMA take four blocks. */
@@ -710,7 +713,7 @@ VNNI static inline __m512i merge4(__m512i d0, __m512i d1, __m512i d2, __m512i d3
 VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sfb, const float *sx0,
                                   int64_t nb, const float *sz, const float *xs0, int64_t G, float *out, const int bits) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i zero = _mm512_setzero_si512();
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     float cs[4 * nb]; /* K / 32 floats on the stack */
     for (int r = 0; r < 4; r++)
@@ -719,21 +722,14 @@ VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K
             _mm512_mask_storeu_ps(cs + r * nb + b, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sfb + b),
                                                                    _mm512_maskz_loadu_ps(k, sx0 + r * nb + b)));
         }
-#define LVQ_W(b, lo, hi)                                                             \
-    if (bits == 4) {                                                                 \
-        __m512i v = _mm512_loadu_si512((const void *)(wr + (b) * 64));               \
-        lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
-    } else {                                                                         \
-        lo = _mm512_loadu_si512((const void *)(wr + (b) * BLK));                     \
-        hi = _mm512_loadu_si512((const void *)(wr + (b) * BLK + 64));                \
-    }
 #define LVQ_D(r, b, lo, hi)                                                                                \
     _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)(x0 + (r) * K + (b) * BLK))), \
                         hi, _mm512_loadu_si512((const void *)(x0 + (r) * K + (b) * BLK + 64)))
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4) {
         __m512i l0, h0, l1, h1, l2, h2, l3, h3;
-        LVQ_W(b, l0, h0) LVQ_W(b + 1, l1, h1) LVQ_W(b + 2, l2, h2) LVQ_W(b + 3, l3, h3)
+        load_w512(wr, b, bits, &l0, &h0), load_w512(wr, b + 1, bits, &l1, &h1);
+        load_w512(wr, b + 2, bits, &l2, &h2), load_w512(wr, b + 3, bits, &l3, &h3);
 #define LVQ_ROW(r, A)                                                                                      \
     {                                                                                                      \
         __m512i m = merge4(LVQ_D(r, b, l0, h0), LVQ_D(r, b + 1, l1, h1), LVQ_D(r, b + 2, l2, h2),          \
@@ -746,12 +742,11 @@ VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K
     }
     for (; b < nb; b++) {
         __m512i lo, hi;
-        LVQ_W(b, lo, hi)
+        load_w512(wr, b, bits, &lo, &hi);
 #define LVQ_ROW(r, A) A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(LVQ_D(r, b, lo, hi)), _mm512_set1_ps(cs[(r) * nb + b]), A);
         LVQ_ROW(0, a0) LVQ_ROW(1, a1) LVQ_ROW(2, a2) LVQ_ROW(3, a3)
 #undef LVQ_ROW
     }
-#undef LVQ_W
 #undef LVQ_D
     quad_finish(fold512(a0), fold512(a1), fold512(a2), fold512(a3), sz, xs0, G, out);
 }
@@ -776,16 +771,8 @@ VNNI static inline __m512i pairsum(__m512i a, __m512i b) {
 VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sw4,
                                         const float *sx0, int64_t nb, const float *sz, const float *xs0, int64_t G,
                                         float *out, const int bits) {
-#define LVQ_W(b, lo, hi)                                                             \
-    if (bits == 4) {                                                                 \
-        __m512i v = _mm512_loadu_si512((const void *)(wr + (b) * 64));               \
-        lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); \
-    } else {                                                                         \
-        lo = _mm512_loadu_si512((const void *)(wr + (b) * BLK));                     \
-        hi = _mm512_loadu_si512((const void *)(wr + (b) * BLK + 64));                \
-    }
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i zero = _mm512_setzero_si512();
     const __m512i ilo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i ihi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
     /* lane 4c + j of the four-block loop: part c of block b + j */
@@ -794,7 +781,8 @@ VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4) {
         __m512i l0, h0, l1, h1, l2, h2, l3, h3;
-        LVQ_W(b, l0, h0) LVQ_W(b + 1, l1, h1) LVQ_W(b + 2, l2, h2) LVQ_W(b + 3, l3, h3)
+        load_w512(wr, b, bits, &l0, &h0), load_w512(wr, b + 1, bits, &l1, &h1);
+        load_w512(wr, b + 2, bits, &l2, &h2), load_w512(wr, b + 3, bits, &l3, &h3);
         const __m512 sw = _mm512_permutexvar_ps(tr, _mm512_loadu_ps(sw4 + 4 * b));
 #define LVQ_ROW(r, A)                                                                                           \
     {                                                                                                           \
@@ -815,13 +803,7 @@ VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int
     }
     for (; b < nb; b++) {
         __m512i lo, hi;
-        if (bits == 4) {
-            __m512i v = _mm512_loadu_si512((const void *)(wr + b * 64));
-            lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        } else {
-            lo = _mm512_loadu_si512((const void *)(wr + b * BLK));
-            hi = _mm512_loadu_si512((const void *)(wr + b * BLK + 64));
-        }
+        load_w512(wr, b, bits, &lo, &hi);
         const __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(sw4 + 4 * b));
         const __m512 sl = _mm512_permutexvar_ps(ilo, s4), sh = _mm512_permutexvar_ps(ihi, s4);
 #define LVQ_ROW(r, A, C)                                                                                      \
@@ -836,27 +818,14 @@ VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int
         LVQ_ROW(0, a0, c0) LVQ_ROW(1, a1, c1) LVQ_ROW(2, a2, c2) LVQ_ROW(3, a3, c3)
 #undef LVQ_ROW
     }
-#undef LVQ_W
     quad_finish(fold512(_mm512_add_ps(a0, c0)), fold512(_mm512_add_ps(a1, c1)), fold512(_mm512_add_ps(a2, c2)),
                 fold512(_mm512_add_ps(a3, c3)), sz, xs0, G, out);
 }
 
-VNNI static void quad_vnni_q4(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
-                              const float *sz, const float *xs, int64_t G, float *out) {
-    quad_vnni(w, x, K, s, sx, nb, sz, xs, G, out, 4);
-}
-VNNI static void quad_vnni_q8(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx, int64_t nb,
-                              const float *sz, const float *xs, int64_t G, float *out) {
-    quad_vnni(w, x, K, s, sx, nb, sz, xs, G, out, 8);
-}
-VNNI static void quad_vnni_small_q4(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx,
-                                    int64_t nb, const float *sz, const float *xs, int64_t G, float *out) {
-    quad_vnni_small(w, x, K, s, sx, nb, sz, xs, G, out, 4);
-}
-VNNI static void quad_vnni_small_q8(const uint8_t *w, const int8_t *x, int64_t K, const float *s, const float *sx,
-                                    int64_t nb, const float *sz, const float *xs, int64_t G, float *out) {
-    quad_vnni_small(w, x, K, s, sx, nb, sz, xs, G, out, 8);
-}
+LVQ_QUAD_AS(VNNI, quad_vnni_q4, quad_vnni, 4)
+LVQ_QUAD_AS(VNNI, quad_vnni_q8, quad_vnni, 8)
+LVQ_QUAD_AS(VNNI, quad_vnni_small_q4, quad_vnni_small, 4)
+LVQ_QUAD_AS(VNNI, quad_vnni_small_q8, quad_vnni_small, 8)
 
 /* Decode on AVX512-VNNI, groups >= 128: pair_q4_avx2's loop with each block's dot product taken by vpdpbusd
  * on 256-bit vectors (512-bit ones ran this memory-bound loop ~40% slower on Ice Lake, measured). */
