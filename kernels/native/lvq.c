@@ -41,7 +41,7 @@
 #endif
 
 #define BLK 128
-#define LVQ_MR 4 /* activation rows per weight row in the AVX2 prompt kernel (quad_q4/quad_q8 name four) */
+#define LVQ_MR 4 /* activation rows per weight row in the prompt loops (the quad_* functions name four) */
 #ifndef LVQ_PF_ROWS
 #define LVQ_PF_ROWS 4 /* rows ahead to prefetch a decode row's scales and zeros */
 #endif
@@ -698,8 +698,8 @@ VNNI static inline void load_w512(const uint8_t *wr, int64_t b, const int bits, 
 }
 
 /* Four blocks' int32 dot products (16 lanes each) summed down to 4 lanes a block, block i in 128-bit chunk i,
- * by shuffles, which run beside the multiplies (Ice Lake: one 512-bit multiply pipe for vpdpbusd, convert and
- * FMA alike; its shuffle pipe is otherwise idle), so one convert and one FMA take four blocks. */
+ * by shuffles, which run beside the multiplies (Ice Lake: vpdpbusd and 512-bit FMAs share one pipe, measured;
+ * the shuffle pipe is otherwise idle), so one convert and one FMA take four blocks instead of one. */
 VNNI static inline __m512i merge4(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
     __m512i m01 = _mm512_add_epi32(_mm512_shuffle_i32x4(d0, d1, _MM_SHUFFLE(1, 0, 1, 0)),
                                    _mm512_shuffle_i32x4(d0, d1, _MM_SHUFFLE(3, 2, 3, 2)));
