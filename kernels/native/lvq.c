@@ -246,6 +246,31 @@ AVX2 static void quant_x_avx2(const float *x, int64_t K, int group, int8_t *xq, 
     }
 }
 
+AVX2 static inline __m256 ld8bf(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* f2bf on 8 floats, bit for bit (round to nearest even; a NaN stays a quiet NaN). */
+AVX2 static inline void st8bf(uint16_t *o, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
+    _mm_storeu_si128((__m128i *)o, _mm_packus_epi32(lo, hi));
+}
+
+/* y[i] = v[i] + bias[i] (bias may be NULL) for n consecutive outputs from i0, 8 at a time. */
+AVX2 static void put_row(out_t y, int64_t i0, const float *v, const float *bias, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(v + i);
+        if (bias) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + i));
+        if (y.t == 1) st8bf((uint16_t *)y.p + i0 + i, x);
+        else _mm256_storeu_ps((float *)y.p + i0 + i, x);
+    }
+    for (; i < n; i++) put(y, i0 + i, v[i] + (bias ? bias[i] : 0.f));
+}
+
 AVX2 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -913,13 +938,16 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
                     for (int64_t b = 0; b < nb; b++)
                         rb[4 * b] = rb[4 * b + 1] = rf[2 * b], rb[4 * b + 2] = rb[4 * b + 3] = rf[2 * b + 1];
             }
-        for (; m + LVQ_MR <= M; m += LVQ_MR)
+        for (; m + LVQ_MR <= M; m += LVQ_MR) {
+            float r[LVQ_MR][32]; /* the tile's outputs, written a row at a time (one by one cost 5% of a prompt) */
             for (int64_t n = t0; n < t1; n++) {
-                float r[LVQ_MR];
+                float q[LVQ_MR];
                 quad(w + n * rowbytes, xq + m * K, K, tsb + (n - t0) * ts, sx + m * nb, nb, tsz + (n - t0) * G,
-                     xsum + m * G, G, r);
-                for (int i = 0; i < LVQ_MR; i++) put(y, (m + i) * N + n, r[i] + (bias ? bias[n] : 0.f));
+                     xsum + m * G, G, q);
+                for (int i = 0; i < LVQ_MR; i++) r[i][n - t0] = q[i];
             }
+            for (int i = 0; i < LVQ_MR; i++) put_row(y, (m + i) * N + t0, r[i], bias ? bias + t0 : NULL, t1 - t0);
+        }
         for (; m < M; m++) {
             const int8_t *xm = xq + m * K;
             for (int64_t n = t0; n < t1; n++) {
@@ -1284,18 +1312,6 @@ AVX2 static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-AVX2 static inline __m256 ld8bf(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-/* bf16 of 8 floats, round to nearest even (NaN not expected here). */
-AVX2 static inline void st8bf(uint16_t *o, __m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-    r = _mm256_srli_epi32(r, 16);
-    __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
-    _mm_storeu_si128((__m128i *)o, _mm_packus_epi32(lo, hi));
-}
 
 AVX2 static void swiglu_bf16_avx2(const uint16_t *h, int64_t n, uint16_t *y) {
     int64_t i = 0;
