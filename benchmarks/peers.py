@@ -234,7 +234,8 @@ def run_lowvram(path, prompt_len, steps, threads):
 
     r = bench(path, prompt_len, steps, threads=threads, roofline_pairs=ROOFLINE_PAIRS)
     return {"load_s": r["load_s"], "prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_ms_median"],
-            "peak_rss": r["peak_rss_bytes"], "roofline_ratio_paired": r["roofline_ratio_paired"]}
+            "peak_rss": r["peak_rss_bytes"], "roofline_ratio_paired": r["roofline_ratio_paired"],
+            "native_path": r.get("native_path")}
 
 
 def run_chatglm_cpp(path, prompt_len, steps, threads):

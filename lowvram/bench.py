@@ -157,6 +157,10 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     # which quantized-linear modules ran, by backend module (e.g. {"native": 113}): says what was measured
     kernels = dict(collections.Counter(type(m).__module__.rpartition(".")[2] for m in model.net.modules()
                                        if type(m).__module__.startswith("lowvram.kernels")))
+    if "native" in kernels:  # the native kernel's instruction-set path differs per CPU and decides its speed
+        from .kernels import native
+
+        dev["native_path"] = native.isa()
     return {
         "model": str(path), "generation": generation_of(path, cfg), "dtype": str(model.dtype).removeprefix("torch."),
         "kernels": kernels,
@@ -199,6 +203,9 @@ def bench_main(args) -> int:
         print(json.dumps(r, indent=2))
         return 0
     print(f"{r['generation']} ({r['dtype']}, {r['threads']} threads) from {r['model']}")
+    if r["kernels"]:
+        path = f" (its {r['native_path']} path)" if r.get("native_path") else ""
+        print("  kernels         " + ", ".join(f"{k} x{n}" for k, n in r["kernels"].items()) + path)
     print(f"  load            {r['load_s']:.2f} s")
     print(f"  prefill         {r['prefill_tok_s']:.1f} tok/s ({r['prompt_len']} tokens), first token {r['ttft_s']:.2f} s "
           f"({r['ttft_cold_s']:.2f} s for the first prompt after load)")

@@ -10,6 +10,7 @@ import pytest
 
 from lowvram.config import load_config
 from lowvram.converters.quantize import quantize
+from lowvram.kernels import native
 
 
 def _lowvram():
@@ -33,6 +34,8 @@ def test_bench_json(tiny, tmp_path):
     assert d["cuda_graph"] is False and d["kv_int8"] is True
     # every block linear is quantized and counted by the backend module that ran it
     assert sum(d["kernels"].values()) == 4 * load_config(out).num_layers, d["kernels"]
+    if "native" in d["kernels"]:  # and the native kernel's path on this CPU is named
+        assert d["native_path"] == native.isa() and d["native_path"] in native.ISAS
     assert abs(d["predicted_rss_bytes"] / d["peak_rss_bytes"] - 1) < 0.10
 
 
@@ -43,6 +46,7 @@ def test_bench_plain_text_and_errors(tiny, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "decode" in r.stdout and "ms/token median" in r.stdout and "prefill" in r.stdout
+    assert "\n  kernels " in r.stdout  # which quantized-linear backend ran
     r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "4", "--decode-steps", "2", "--cuda-graph"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--cuda-graph needs the whole model on one CUDA device" in r.stderr
