@@ -776,9 +776,6 @@ VNNI static inline void quad_vnni(const uint8_t *wr, const int8_t *x0, int64_t K
     quad_finish(fold512(a0), fold512(a1), fold512(a2), fold512(a3), sz, xs0, G, out);
 }
 
-/* Groups of 32 or 64: sw4 [nb][4] the scales of each block's four 32-input parts. Four blocks at a time, their
- * parts summed by shuffles into one vector (parts4, pairsum) for one convert and one FMA, as in quad_vnni; a
- * block left over takes its two halves with their own accumulators and lane scales. */
 /* Groups of 32/64, a block's two vpdpbusd halves (lanes 0-7 / 8-15 of each: its 32-input parts 0, 1 / 2, 3)
  * summed to 4 lanes a part, part c in 128-bit chunk c. */
 VNNI static inline __m512i parts4(__m512i dl, __m512i dh) {
@@ -793,6 +790,16 @@ VNNI static inline __m512i pairsum(__m512i a, __m512i b) {
                             _mm512_castps_si512(_mm512_shuffle_ps(fa, fb, _MM_SHUFFLE(3, 1, 3, 1))));
 }
 
+/* One block of one activation row (xb) against its codes lo, hi: part c's 32-input dot product in 4 lanes of chunk c. */
+VNNI static inline __m512i parts_vnni(__m512i lo, __m512i hi, const int8_t *xb) {
+    const __m512i zero = _mm512_setzero_si512();
+    return parts4(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)xb)),
+                  _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512((const void *)(xb + 64))));
+}
+
+/* Groups of 32 or 64: sw4 [nb][4] the scales of each block's four 32-input parts. Four blocks at a time, their
+ * parts summed by shuffles into one vector (parts4, pairsum) for one convert and one FMA, as in quad_vnni; a
+ * block left over takes its two halves with their own accumulators and lane scales. */
 VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sw4,
                                         const float *sx0, int64_t nb, const float *sz, const float *xs0, int64_t G,
                                         float *out, const int bits) {
@@ -812,14 +819,8 @@ VNNI static inline void quad_vnni_small(const uint8_t *wr, const int8_t *x0, int
 #define LVQ_ROW(r, A)                                                                                           \
     {                                                                                                           \
         const int8_t *xb = x0 + (r) * K + b * BLK;                                                              \
-        __m512i e0 = parts4(_mm512_dpbusd_epi32(zero, l0, _mm512_loadu_si512((const void *)xb)),                \
-                            _mm512_dpbusd_epi32(zero, h0, _mm512_loadu_si512((const void *)(xb + 64))));        \
-        __m512i e1 = parts4(_mm512_dpbusd_epi32(zero, l1, _mm512_loadu_si512((const void *)(xb + 128))),        \
-                            _mm512_dpbusd_epi32(zero, h1, _mm512_loadu_si512((const void *)(xb + 192))));       \
-        __m512i e2 = parts4(_mm512_dpbusd_epi32(zero, l2, _mm512_loadu_si512((const void *)(xb + 256))),        \
-                            _mm512_dpbusd_epi32(zero, h2, _mm512_loadu_si512((const void *)(xb + 320))));       \
-        __m512i e3 = parts4(_mm512_dpbusd_epi32(zero, l3, _mm512_loadu_si512((const void *)(xb + 384))),        \
-                            _mm512_dpbusd_epi32(zero, h3, _mm512_loadu_si512((const void *)(xb + 448))));       \
+        __m512i e0 = parts_vnni(l0, h0, xb), e1 = parts_vnni(l1, h1, xb + BLK);                                 \
+        __m512i e2 = parts_vnni(l2, h2, xb + 2 * BLK), e3 = parts_vnni(l3, h3, xb + 3 * BLK);                   \
         __m512 sxr = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(sx0 + (r) * nb + b)));     \
         A = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pairsum(pairsum(e0, e1), pairsum(e2, e3))), _mm512_mul_ps(sw, sxr), A); \
     }
