@@ -365,10 +365,13 @@ AVX2 static inline void parts_q4(const uint8_t *wb, xblock x, __m256i p[4]) {
 /* 8-bit codes reach 255, so vpmaddubsw on them could saturate. Instead: q - 128 (signed) against the
  * activations by vpmaddubsw(|q - 128|, x * sign(q - 128)): |q - 128| <= 128 as unsigned, |x| <= 127,
  * pair sums <= 32512. The 128 * sum(x) left out goes into the zero-point term (zero - 128, row_prep). */
-AVX2 static inline __m256i part_q8(const uint8_t *wp, __m256i xv) {
-    __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wp), _mm256_set1_epi8((char)0x80));
+AVX2 static inline __m256i codes_q8(const uint8_t *wp) { /* 32 codes as q - 128 */
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wp), _mm256_set1_epi8((char)0x80));
+}
+AVX2 static inline __m256i dot_q8s(__m256i q, __m256i xv) { /* q from codes_q8 */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q)), _mm256_set1_epi16(1));
 }
+AVX2 static inline __m256i part_q8(const uint8_t *wp, __m256i xv) { return dot_q8s(codes_q8(wp), xv); }
 
 /* The dot product of one whole block as 8 int32 lanes, per bit width (wb: the block's codes). */
 AVX2 static inline __m256i dot_q4(const uint8_t *wb, xblock x) {
@@ -603,16 +606,12 @@ AVX2 static void quad_q4(const uint8_t *wr, const int8_t *x0, int64_t K, const f
 AVX2 static void quad_q8(const uint8_t *wr, const int8_t *x0, int64_t K, const float *sfb, const float *sx0,
                          int64_t nb, const float *sz, const float *xs0, int64_t G, float *out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const __m256i one = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
         __m256i d0 = _mm256_setzero_si256(), d1 = d0, d2 = d0, d3 = d0;
         for (int i = 0; i < 4; i++) {
-            __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + b * BLK + 32 * i)),
-                                         _mm256_set1_epi8((char)0x80));
-            __m256i aq = _mm256_abs_epi8(q);
-#define LVQ_ROW(r, D)                                                                                     \
-    D = _mm256_add_epi32(D, _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(_mm256_loadu_si256( \
-                                 (const __m256i *)(x0 + (r) * K + b * BLK + 32 * i)), q)), one));
+            __m256i q = codes_q8(wr + b * BLK + 32 * i);
+#define LVQ_ROW(r, D) \
+    D = _mm256_add_epi32(D, dot_q8s(q, _mm256_loadu_si256((const __m256i *)(x0 + (r) * K + b * BLK + 32 * i))));
             LVQ_ROW(0, d0) LVQ_ROW(1, d1) LVQ_ROW(2, d2) LVQ_ROW(3, d3)
 #undef LVQ_ROW
         }
@@ -664,25 +663,17 @@ AVX2 static inline void quad_q8_small(const uint8_t *wr, const int8_t *x0, int64
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = wr + b * BLK;
         const __m256 sw = _mm256_broadcast_ps((const __m128 *)(sw4 + 4 * b));
-        __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wb), _mm256_set1_epi8((char)0x80));
-        __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 32)), _mm256_set1_epi8((char)0x80));
+        __m256i q0 = codes_q8(wb), q1 = codes_q8(wb + 32);
         __m256i h01[4];
         for (int r = 0; r < 4; r++) {
             const __m256i *xb = (const __m256i *)(x0 + r * K + b * BLK);
-            __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q0), _mm256_sign_epi8(_mm256_loadu_si256(xb), q0)),
-                                           _mm256_set1_epi16(1));
-            __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q1), _mm256_sign_epi8(_mm256_loadu_si256(xb + 1), q1)),
-                                           _mm256_set1_epi16(1));
+            __m256i d0 = dot_q8s(q0, _mm256_loadu_si256(xb)), d1 = dot_q8s(q1, _mm256_loadu_si256(xb + 1));
             h01[r] = g32 ? _mm256_hadd_epi32(d0, d1) : _mm256_add_epi32(d0, d1);
         }
-        __m256i q2 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64)), _mm256_set1_epi8((char)0x80));
-        __m256i q3 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 96)), _mm256_set1_epi8((char)0x80));
+        __m256i q2 = codes_q8(wb + 64), q3 = codes_q8(wb + 96);
         for (int r = 0; r < 4; r++) {
             const __m256i *xb = (const __m256i *)(x0 + r * K + b * BLK);
-            __m256i d2 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q2), _mm256_sign_epi8(_mm256_loadu_si256(xb + 2), q2)),
-                                           _mm256_set1_epi16(1));
-            __m256i d3 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q3), _mm256_sign_epi8(_mm256_loadu_si256(xb + 3), q3)),
-                                           _mm256_set1_epi16(1));
+            __m256i d2 = dot_q8s(q2, _mm256_loadu_si256(xb + 2)), d3 = dot_q8s(q3, _mm256_loadu_si256(xb + 3));
             __m256i t = _mm256_hadd_epi32(h01[r], g32 ? _mm256_hadd_epi32(d2, d3) : _mm256_add_epi32(d2, d3));
             a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(sw, _mm256_broadcast_ss(sx0 + r * nb + b)), a[r]);
         }
@@ -971,8 +962,8 @@ AVX2 static void decode_rows(const int8_t *xq, const float *sx, const float *xsu
                              const float *bias, out_t y, int vnni) {
     int64_t nb = K / BLK, G = K / group, rowbytes = bits == 4 ? K / 2 : K;
     float *sf = (float *)malloc(sizeof(float) * G), *cs = (float *)malloc(sizeof(float) * nb);
-    const float zs = bits == 8 ? 128.f : 0.f; /* see part_q8 */
     vnni = vnni && group >= BLK;
+    const float zs = bits == 8 ? 128.f : 0.f, zp = vnni ? 0.f : zs; /* see part_q8; pair_vnni256 takes the codes as they are */
     float *sf2 = (float *)malloc(sizeof(float) * G), *cs2 = (float *)malloc(sizeof(float) * nb);
     int64_t h = (n1 - n0) / 2;
     for (int64_t i = 0; i < h; i++) {
@@ -983,8 +974,8 @@ AVX2 static void decode_rows(const int8_t *xq, const float *sx, const float *xsu
             pf_range(zeros + (na + LVQ_PF_ROWS) * G, G);
             pf_range(zeros + (nb2 + LVQ_PF_ROWS) * G, G);
         }
-        float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, vnni ? 0.f : zs);
-        float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, vnni ? 0.f : zs);
+        float c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, zp);
+        float c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, zp);
         float r0, r1;
         if (group >= BLK) {
             (vnni ? (bits == 4 ? pair_vnni_q4 : pair_vnni_q8) : bits == 4 ? pair_q4_avx2 : pair_q8_avx2)(xq, w + na * rowbytes, w + nb2 * rowbytes, cs, cs2, nb, &r0, &r1);
@@ -1005,12 +996,6 @@ AVX2 static void decode_rows(const int8_t *xq, const float *sx, const float *xsu
     free(cs);
 }
 
-AVX2 static void rows_avx2(const int8_t *xq, const float *sx, const float *xsum, int64_t M,
-                           int64_t K, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int bits,
-                           int group, int64_t n0, int64_t n1, int64_t N, const float *bias, out_t y) {
-    if (M == 1) decode_rows(xq, sx, xsum, K, w, scales, zeros, bits, group, n0, n1, bias, y, 0);
-    else prompt_tiles(xq, sx, xsum, M, K, w, scales, zeros, bits, group, n0, n1, N, bias, y, 0);
-}
 #endif
 
 /* The portable path: the same arithmetic in plain C. */
@@ -1048,13 +1033,13 @@ static void rows_generic(const int8_t *xq, const float *sx, const float *xsum, i
 }
 
 #ifdef LVQ_X86
-/* The AVX512-VNNI path: the prompt loops on 512-bit vpdpbusd, decode on 256-bit (see pair_vnni256); groups of
- * 32/64 decode and the rows a prompt leaves over (M % 4) on the AVX2 loops. */
-static void rows_vnni(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K, const uint8_t *w,
+/* The AVX2 path, or with vnni = 1 the AVX512-VNNI one: the prompt loops on 512-bit vpdpbusd, decode on 256-bit
+ * (see pair_vnni256); groups of 32/64 decode and the rows a prompt leaves over (M % 4) on the AVX2 loops. */
+static void rows_simd(const int8_t *xq, const float *sx, const float *xsum, int64_t M, int64_t K, const uint8_t *w,
                       const uint16_t *scales, const uint8_t *zeros, int bits, int group, int64_t n0, int64_t n1,
-                      int64_t N, const float *bias, out_t y) {
-    if (M == 1) decode_rows(xq, sx, xsum, K, w, scales, zeros, bits, group, n0, n1, bias, y, 1);
-    else prompt_tiles(xq, sx, xsum, M, K, w, scales, zeros, bits, group, n0, n1, N, bias, y, 1);
+                      int64_t N, const float *bias, out_t y, int vnni) {
+    if (M == 1) decode_rows(xq, sx, xsum, K, w, scales, zeros, bits, group, n0, n1, bias, y, vnni);
+    else prompt_tiles(xq, sx, xsum, M, K, w, scales, zeros, bits, group, n0, n1, N, bias, y, vnni);
 }
 #endif
 
@@ -1102,10 +1087,8 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t a = c * chunk, e = a + chunk < N ? a + chunk : N;
 #ifdef LVQ_X86
-        if (isa == ISA_VNNI)
-            rows_vnni(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
-        else if (isa == ISA_AVX2)
-            rows_avx2(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
+        if (isa >= ISA_AVX2)
+            rows_simd(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y, isa == ISA_VNNI);
         else
 #endif
             rows_generic(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
