@@ -68,17 +68,21 @@ def random_linear(n: int, k: int, bits: int, group: int = 128) -> native.NativeL
 CAPS: dict = {}  # side -> the path it is capped at (--isa)
 
 
+def use(libs: dict, key: str = "installed") -> None:
+    """Route the kernel calls to one side: its library, at its path."""
+    native._lib = libs[key]
+    native.set_isa(CAPS.get(key))
+
+
 def paired(libs: dict, run, rounds: int) -> dict:
     res = {k: [] for k in libs}
     for _ in range(rounds):
-        for k, lib in libs.items():
-            native._lib = lib
-            native.set_isa(CAPS.get(k))
+        for k in libs:
+            use(libs, k)
             t = time.perf_counter()
             run(k)
             res[k].append(time.perf_counter() - t)
-    native._lib = libs["installed"]
-    native.set_isa(None)
+    use(libs)
     return res
 
 
@@ -122,16 +126,14 @@ def main():
                       f"outputs {'identical' if torch.equal(*ys.values()) else 'DIFFER'}")
         loads = {key: [] for key in libs}
         for _ in range(a.load_rounds):
-            for key, lib in libs.items():
-                native._lib = lib
-                native.set_isa(CAPS.get(key))
+            for key in libs:
+                use(libs, key)
                 t = time.perf_counter()
                 m = lowvram.load(a.checkpoint, tokenizer=False)
                 loads[key].append(time.perf_counter() - t)
                 del m
                 gc.collect()
-        native._lib = libs["installed"]
-        native.set_isa(None)
+        use(libs)
         if a.load_rounds:
             print(f"load ({a.checkpoint}): " + " / ".join(f"{x:.1f}" for x in loads[a.rev]) + " -> "
                   + " / ".join(f"{x:.1f}" for x in loads["installed"]) + " s")
