@@ -847,124 +847,178 @@ LVQ_QUAD_AS(VNNI, quad_vnni_small_q8, quad_vnni_small, 8)
 /* Prompts of many rows on AVX512-VNNI: the tile's 32 weight rows are first copied into two panels of 16 rows,
  * interleaved so that one vector holds four inputs of each of 16 rows. vpdpbusd of that vector with four
  * activations broadcast then sums each row's dot product in its own lane: no per-block shuffles to merge
- * lanes (quad_vnni's cost), one convert and FMA per 16 rows and block. Measured on Ice Lake, one core, the
- * loop alone: 4-bit g128 ~145 GMAC/s against quad_vnni's ~80, g32 ~94 against ~59; the copy costs about
- * three four-row steps, so it pays from LVQ_PANEL_ROWS rows. */
+ * lanes (quad_vnni's cost), one convert and FMA per 16 rows and group. Measured on Ice Lake, one core, the
+ * loops alone: 4-bit g128 ~145 GMAC/s (four rows) and ~170 (eight) against quad_vnni's ~80, g32 ~94 against
+ * ~59; the copy costs about three four-row steps, so it pays from LVQ_PANEL_ROWS rows. */
 #ifndef LVQ_PANEL_ROWS
 #define LVQ_PANEL_ROWS 32
 #endif
 
 /* Pack the tile's rows [t0, t1) (at most 32) into two 16-row panels: per block b and chunk c (0-15), panel p's
  * vector holds in lane j dword c of row t0 + 16p + j's block (4-bit: inputs 4c..4c+3 in the low nibbles and
- * 64+4c.. in the high ones); 8-bit: dword c (inputs 4c..) then dword c + 16 (inputs 64 + 4c..). */
-VNNI static void pack_panels(const uint8_t *w, int64_t rowbytes, int64_t t0, int64_t t1, int64_t nb, int bits, uint8_t *pk) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15,14,13,12,11,10,9,8,7,6,5,4,3,2,1,0), _mm512_set1_epi32((int)rowbytes));
+ * 64+4c.. in the high ones); 8-bit: dword c (inputs 4c..) then dword c + 16 (inputs 64 + 4c..). Rows past t1
+ * are zeros. */
+VNNI static void pack_panels(const uint8_t *w, int64_t rowbytes, int64_t t0, int64_t t1, int64_t nb, int bits,
+                             uint8_t *pk) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)rowbytes));
+    const int vecs = bits == 4 ? 1 : 2; /* per chunk and panel */
     for (int p = 0; p < 2; p++) {
         int64_t r0 = t0 + 16 * p, nr = t1 - r0;
         __mmask16 k = nr >= 16 ? 0xFFFF : nr <= 0 ? 0 : (__mmask16)((1u << nr) - 1);
         const uint8_t *base = w + (nr > 0 ? r0 : t0) * rowbytes;
-        if (bits == 4) {
-            for (int64_t b = 0; b < nb; b++)
-                for (int c = 0; c < 16; c++)
-                    _mm512_storeu_si512((void *)(pk + ((b * 16 + c) * 2 + p) * 64),
-                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, idx, base + b * 64 + 4 * c, 1));
-        } else {
-            for (int64_t b = 0; b < nb; b++)
-                for (int c = 0; c < 16; c++)
-                    for (int h = 0; h < 2; h++)
-                        _mm512_storeu_si512((void *)(pk + (((b * 16 + c) * 2 + p) * 2 + h) * 64),
-                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, idx, base + b * 128 + 64 * h + 4 * c, 1));
-        }
+        for (int64_t b = 0; b < nb; b++)
+            for (int c = 0; c < 16; c++)
+                for (int h = 0; h < vecs; h++)
+                    _mm512_storeu_si512((void *)(pk + (((b * 16 + c) * 2 + p) * vecs + h) * 64),
+                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, idx,
+                                                                    base + b * (rowbytes / nb) + 64 * h + 4 * c, 1));
     }
 }
 
-/* acc += u8 a . s8 b in place: through the intrinsic gcc copied every accumulator at each step */
-#define LVQ_DP(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+/* Chunk c of block b, both panels: the codes of inputs 4c.. (lo) and 64 + 4c.. (hi). */
+VNNI static inline void panel_chunk(const uint8_t *pk, int64_t b, int c, const int bits, __m512i *lo0, __m512i *hi0,
+                                    __m512i *lo1, __m512i *hi1) {
+    if (bits == 4) {
+        const uint8_t *q = pk + (b * 16 + c) * 128;
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        __m512i v0 = _mm512_loadu_si512((const void *)q), v1 = _mm512_loadu_si512((const void *)(q + 64));
+        *lo0 = _mm512_and_si512(v0, m4), *hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+        *lo1 = _mm512_and_si512(v1, m4), *hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+    } else {
+        const uint8_t *q = pk + (b * 16 + c) * 256;
+        *lo0 = _mm512_loadu_si512((const void *)q), *hi0 = _mm512_loadu_si512((const void *)(q + 64));
+        *lo1 = _mm512_loadu_si512((const void *)(q + 128)), *hi1 = _mm512_loadu_si512((const void *)(q + 192));
+    }
+}
 
-/* Four activation rows against a packed 32-row tile. sw, sz [G][32]: the rows' scales and scale x zero per group.
- * out [4][32]. Groups: 32, 64 or multiples of 128 (gc 128). Named accumulators, not arrays: with arrays gcc
- * copied every accumulator at each iteration (48 moves per 16 vpdpbusd). */
-VNNI __attribute__((always_inline)) static inline void conv_f(float *F, __m512i l, __m512i h, const float *swl,
-                                                             const float *swh, float s, const int same) {
+/* F [rows][32] -= the zero-point term sum_g sz[g][n] * xs[r][g]. */
+VNNI static inline void panel_zero_terms(float *F, int rows, const float *sz, const float *xs, int64_t G) {
+    for (int r = 0; r < rows; r++)
+        for (int p = 0; p < 2; p++) {
+            __m512 f = _mm512_loadu_ps(F + 32 * r + 16 * p);
+            for (int64_t g = 0; g < G; g++)
+                f = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + g * 32 + 16 * p), _mm512_set1_ps(xs[r * G + g]), f);
+            _mm512_storeu_ps(F + 32 * r + 16 * p, f);
+        }
+}
+
+/* F += (cvt(l) * swl + cvt(h) * swh) * s: one accumulator pair's groups, times the activation row's block scale. */
+VNNI static inline void conv_f(float *F, __m512i l, __m512i h, const float *swl, const float *swh, float s,
+                               const int same) {
     __m512 v = same ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(l, h)), _mm512_loadu_ps(swl))
                     : _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_loadu_ps(swh),
                                       _mm512_mul_ps(_mm512_cvtepi32_ps(l), _mm512_loadu_ps(swl)));
     _mm512_storeu_ps(F, _mm512_fmadd_ps(v, _mm512_set1_ps(s), _mm512_loadu_ps(F)));
 }
 
-VNNI __attribute__((always_inline)) static inline void panel_quad(const uint8_t *pk, const int8_t *x0, int64_t K, int64_t nb, const float *sw,
-                                    const float *sz, const float *sx0, const float *xs0, int64_t G, float *F, const int bits, const int gc) {
+/* acc += u8 a . s8 b, in place: through the intrinsic gcc copied every accumulator at each step (48 moves per
+ * 16 vpdpbusd), as it did with accumulators in arrays, hence the sixteen named ones below. */
+#define LVQ_DP(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+/* activation row X's four inputs at o (lo) and o + 64 (hi) into the accumulators of its lo (L0, L1: panels 0, 1)
+ * and hi (H0, H1) codes; the eight-row loop passes each row's one pair twice */
+#define LVQ_ROW4(X, L0, L1, H0, H1)                                                   \
+    {                                                                                 \
+        __m512i xl = _mm512_set1_epi32(*(const int32_t *)(X + o));                    \
+        __m512i xh = _mm512_set1_epi32(*(const int32_t *)(X + o + 64));               \
+        LVQ_DP(L0, lo0, xl) LVQ_DP(L1, lo1, xl) LVQ_DP(H0, hi0, xh) LVQ_DP(H1, hi1, xh) \
+    }
+
+/* Four activation rows (x0, K apart) against the packed tile, any group size: sw, sz [G][32] the tile rows'
+ * scales and scale x zero per group, F [4][32] the outputs. Groups of 32 take a step of 8 chunks, where the
+ * lo and hi accumulators each stay within one group; otherwise a block's 16. */
+VNNI __attribute__((always_inline)) static inline void panel_quad(const uint8_t *pk, const int8_t *x0, int64_t K,
+                                                                 int64_t nb, const float *sw, const float *sz,
+                                                                 const float *sx0, const float *xs0, int64_t G,
+                                                                 float *F, const int bits, const int gc) {
     for (int i = 0; i < 128; i += 16) _mm512_storeu_ps(F + i, _mm512_setzero_ps());
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int64_t bpg = G < nb ? nb / G : 1;
     const int8_t *x1 = x0 + K, *x2 = x0 + 2 * K, *x3 = x0 + 3 * K;
-    /* a step: the chunks whose lo / hi accumulators each stay in one group (all 16 of a block, or 8 with groups of 32) */
     const int CH = gc == 32 ? 8 : 16;
     for (int64_t st = 0; st < nb * (16 / CH); st++) {
         const int64_t b = st * CH / 16;
         const int c0 = (int)(st * CH % 16);
         __m512i L00, L01, L10, L11, L20, L21, L30, L31, H00, H01, H10, H11, H20, H21, H30, H31;
-        L00 = L01 = L10 = L11 = L20 = L21 = L30 = L31 = H00 = H01 = H10 = H11 = H20 = H21 = H30 = H31 = _mm512_setzero_si512();
+        L00 = L01 = L10 = L11 = L20 = L21 = L30 = L31 = _mm512_setzero_si512();
+        H00 = H01 = H10 = H11 = H20 = H21 = H30 = H31 = _mm512_setzero_si512();
         for (int c = c0; c < c0 + CH; c++) {
             __m512i lo0, hi0, lo1, hi1;
-            if (bits == 4) {
-                const uint8_t *q = pk + ((b * 16 + c) * 2) * 64;
-                __m512i v0 = _mm512_loadu_si512((const void *)q), v1 = _mm512_loadu_si512((const void *)(q + 64));
-                lo0 = _mm512_and_si512(v0, m4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
-                lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-            } else {
-                const uint8_t *q = pk + ((b * 16 + c) * 4) * 64;
-                lo0 = _mm512_loadu_si512((const void *)q), hi0 = _mm512_loadu_si512((const void *)(q + 64));
-                lo1 = _mm512_loadu_si512((const void *)(q + 128)), hi1 = _mm512_loadu_si512((const void *)(q + 192));
-            }
+            panel_chunk(pk, b, c, bits, &lo0, &hi0, &lo1, &hi1);
             const int64_t o = b * BLK + 4 * c;
-#define LVQ_R(X, L0, L1, H0, H1)                                                      \
-    {                                                                                 \
-        __m512i xl = _mm512_set1_epi32(*(const int32_t *)(X + o));                    \
-        __m512i xh = _mm512_set1_epi32(*(const int32_t *)(X + o + 64));               \
-        LVQ_DP(L0, lo0, xl) LVQ_DP(L1, lo1, xl) LVQ_DP(H0, hi0, xh) LVQ_DP(H1, hi1, xh)  \
-    }
-            LVQ_R(x0, L00, L01, H00, H01) LVQ_R(x1, L10, L11, H10, H11)
-            LVQ_R(x2, L20, L21, H20, H21) LVQ_R(x3, L30, L31, H30, H31)
-#undef LVQ_R
+            LVQ_ROW4(x0, L00, L01, H00, H01) LVQ_ROW4(x1, L10, L11, H10, H11)
+            LVQ_ROW4(x2, L20, L21, H20, H21) LVQ_ROW4(x3, L30, L31, H30, H31)
         }
-        /* the groups of the lo / hi accumulators, and whether they share a scale */
+        /* the groups of the lo / hi accumulators */
         const float *swl = gc == 32 ? sw + (b * 4 + c0 / 8) * 32 : gc == 64 ? sw + 2 * b * 32 : sw + (b / bpg) * 32;
         const float *swh = gc == 32 ? swl + 2 * 32 : gc == 64 ? swl + 32 : swl;
-        const int same = gc >= 128;
-#define LVQ_C(r, L0, L1, H0, H1)                                      \
-    conv_f(F + 32 * r, L0, H0, swl, swh, sx0[r * nb + b], same);       \
-    conv_f(F + 32 * r + 16, L1, H1, swl + 16, swh + 16, sx0[r * nb + b], same);
+#define LVQ_C(r, L0, L1, H0, H1)                                                      \
+    conv_f(F + 32 * r, L0, H0, swl, swh, sx0[r * nb + b], gc >= 128);                  \
+    conv_f(F + 32 * r + 16, L1, H1, swl + 16, swh + 16, sx0[r * nb + b], gc >= 128);
         LVQ_C(0, L00, L01, H00, H01) LVQ_C(1, L10, L11, H10, H11)
         LVQ_C(2, L20, L21, H20, H21) LVQ_C(3, L30, L31, H30, H31)
 #undef LVQ_C
     }
-    for (int p = 0; p < 2; p++) {
-        __m512 f0 = _mm512_loadu_ps(F + 16 * p), f1 = _mm512_loadu_ps(F + 32 + 16 * p);
-        __m512 f2 = _mm512_loadu_ps(F + 64 + 16 * p), f3 = _mm512_loadu_ps(F + 96 + 16 * p);
-        for (int64_t g = 0; g < G; g++) {
-            __m512 z = _mm512_loadu_ps(sz + g * 32 + 16 * p);
-            f0 = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs0[g]), f0);
-            f1 = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs0[G + g]), f1);
-            f2 = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs0[2 * G + g]), f2);
-            f3 = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs0[3 * G + g]), f3);
-        }
-        _mm512_storeu_ps(F + 16 * p, f0), _mm512_storeu_ps(F + 32 + 16 * p, f1);
-        _mm512_storeu_ps(F + 64 + 16 * p, f2), _mm512_storeu_ps(F + 96 + 16 * p, f3);
-    }
+    panel_zero_terms(F, 4, sz, xs0, G);
 }
-/* One compiled copy per width and group class (32, 64, or multiples of 128). */
-#define LVQ_PANEL_AS(name, bits, gc)                                                                            \
-    VNNI static void name(const uint8_t *pk, const int8_t *x, int64_t K, int64_t nb, const float *sw,            \
-                          const float *sz, const float *sx, const float *xs, int64_t G, float *out) {            \
-        panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, bits, gc);                                              \
+
+/* Eight activation rows for groups of 128 and more, where a block's lo and hi halves share a scale and so an
+ * accumulator: the sixteen accumulators serve twice the rows, halving the unpacking and the panel loads per
+ * vpdpbusd (measured 1.07-1.10x over two panel_quad calls, prompt GEMMs of ChatGLM3-6B's shapes). */
+VNNI __attribute__((always_inline)) static inline void panel_oct(const uint8_t *pk, const int8_t *x0, int64_t K,
+                                                                int64_t nb, const float *sw, const float *sz,
+                                                                const float *sx0, const float *xs0, int64_t G,
+                                                                float *F, const int bits) {
+    for (int i = 0; i < 256; i += 16) _mm512_storeu_ps(F + i, _mm512_setzero_ps());
+    const int64_t bpg = G < nb ? nb / G : 1;
+    const int8_t *x1 = x0 + K, *x2 = x0 + 2 * K, *x3 = x0 + 3 * K, *x4 = x0 + 4 * K, *x5 = x0 + 5 * K,
+                 *x6 = x0 + 6 * K, *x7 = x0 + 7 * K;
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i A00, A01, A10, A11, A20, A21, A30, A31, A40, A41, A50, A51, A60, A61, A70, A71;
+        A00 = A01 = A10 = A11 = A20 = A21 = A30 = A31 = _mm512_setzero_si512();
+        A40 = A41 = A50 = A51 = A60 = A61 = A70 = A71 = _mm512_setzero_si512();
+        for (int c = 0; c < 16; c++) {
+            __m512i lo0, hi0, lo1, hi1;
+            panel_chunk(pk, b, c, bits, &lo0, &hi0, &lo1, &hi1);
+            const int64_t o = b * BLK + 4 * c;
+            LVQ_ROW4(x0, A00, A01, A00, A01) LVQ_ROW4(x1, A10, A11, A10, A11)
+            LVQ_ROW4(x2, A20, A21, A20, A21) LVQ_ROW4(x3, A30, A31, A30, A31)
+            LVQ_ROW4(x4, A40, A41, A40, A41) LVQ_ROW4(x5, A50, A51, A50, A51)
+            LVQ_ROW4(x6, A60, A61, A60, A61) LVQ_ROW4(x7, A70, A71, A70, A71)
+        }
+        const float *s0 = sw + (b / bpg) * 32;
+#define LVQ_C(r, A0, A1)                                                                                       \
+    {                                                                                                          \
+        __m512 s = _mm512_set1_ps(sx0[r * nb + b]);                                                            \
+        _mm512_storeu_ps(F + 32 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(A0), _mm512_mul_ps(_mm512_loadu_ps(s0), s), \
+                                                     _mm512_loadu_ps(F + 32 * r)));                            \
+        _mm512_storeu_ps(F + 32 * r + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(A1),                              \
+                                                          _mm512_mul_ps(_mm512_loadu_ps(s0 + 16), s),          \
+                                                          _mm512_loadu_ps(F + 32 * r + 16)));                  \
     }
-LVQ_PANEL_AS(panel_q4_g32, 4, 32)
-LVQ_PANEL_AS(panel_q4_g64, 4, 64)
-LVQ_PANEL_AS(panel_q4_g128, 4, 128)
-LVQ_PANEL_AS(panel_q8_g32, 8, 32)
-LVQ_PANEL_AS(panel_q8_g64, 8, 64)
-LVQ_PANEL_AS(panel_q8_g128, 8, 128)
+        LVQ_C(0, A00, A01) LVQ_C(1, A10, A11) LVQ_C(2, A20, A21) LVQ_C(3, A30, A31)
+        LVQ_C(4, A40, A41) LVQ_C(5, A50, A51) LVQ_C(6, A60, A61) LVQ_C(7, A70, A71)
+#undef LVQ_C
+    }
+    panel_zero_terms(F, 8, sz, xs0, G);
+}
+#undef LVQ_ROW4
+
+/* One compiled copy per width and group class (32, 64, or multiples of 128), and row count. */
+typedef void (*panel_fn)(const uint8_t *, const int8_t *, int64_t, int64_t, const float *, const float *,
+                         const float *, const float *, int64_t, float *);
+#define LVQ_PANEL_AS(name, call)                                                                                  \
+    VNNI static void name(const uint8_t *pk, const int8_t *x, int64_t K, int64_t nb, const float *sw,              \
+                          const float *sz, const float *sx, const float *xs, int64_t G, float *out) {              \
+        call;                                                                                                      \
+    }
+LVQ_PANEL_AS(panel_q4_g32, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 4, 32))
+LVQ_PANEL_AS(panel_q4_g64, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 4, 64))
+LVQ_PANEL_AS(panel_q4_g128, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 4, 128))
+LVQ_PANEL_AS(panel_q8_g32, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 8, 32))
+LVQ_PANEL_AS(panel_q8_g64, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 8, 64))
+LVQ_PANEL_AS(panel_q8_g128, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 8, 128))
+LVQ_PANEL_AS(panel8_q4, panel_oct(pk, x, K, nb, sw, sz, sx, xs, G, out, 4))
+LVQ_PANEL_AS(panel8_q8, panel_oct(pk, x, K, nb, sw, sz, sx, xs, G, out, 8))
 
 /* Decode on AVX512-VNNI, groups >= 128: pair_q4_avx2's loop with each block's dot product taken by vpdpbusd
  * on 256-bit vectors (512-bit ones ran this memory-bound loop ~40% slower on Ice Lake, measured). */
@@ -1043,8 +1097,7 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
     const int panels = vnni && M >= LVQ_PANEL_ROWS;
     uint8_t *pk = panels ? (uint8_t *)aligned_alloc(64, (size_t)(32 * rowbytes)) : NULL;
     float *psw = panels ? (float *)malloc(sizeof(float) * 64 * G) : NULL, *psz = panels ? psw + 32 * G : NULL;
-    void (*panel)(const uint8_t *, const int8_t *, int64_t, int64_t, const float *, const float *, const float *,
-                  const float *, int64_t, float *) =
+    panel_fn panel8 = bits == 4 ? panel8_q4 : panel8_q8, panel =
         group == 32   ? (bits == 4 ? panel_q4_g32 : panel_q8_g32)
         : group == 64 ? (bits == 4 ? panel_q4_g64 : panel_q8_g64)
                       : (bits == 4 ? panel_q4_g128 : panel_q8_g128);
@@ -1058,8 +1111,13 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
                     psw[g * 32 + j] = t0 + j < t1 ? _cvtsh_ss(scales[(t0 + j) * G + g]) : 0.f;
                     psz[g * 32 + j] = t0 + j < t1 ? psw[g * 32 + j] * (float)zeros[(t0 + j) * G + g] : 0.f;
                 }
+            float r[8][32];
+            if (group >= BLK)
+                for (; m + 8 <= M; m += 8) {
+                    panel8(pk, xq + m * K, K, nb, psw, psz, sx + m * nb, xsum + m * G, G, &r[0][0]);
+                    for (int i = 0; i < 8; i++) put_row(y, (m + i) * N + t0, r[i], bias ? bias + t0 : NULL, t1 - t0);
+                }
             for (; m + LVQ_MR <= M; m += LVQ_MR) {
-                float r[LVQ_MR][32];
                 panel(pk, xq + m * K, K, nb, psw, psz, sx + m * nb, xsum + m * G, G, &r[0][0]);
                 for (int i = 0; i < LVQ_MR; i++) put_row(y, (m + i) * N + t0, r[i], bias ? bias + t0 : NULL, t1 - t0);
             }
