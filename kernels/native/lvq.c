@@ -849,30 +849,49 @@ LVQ_QUAD_AS(VNNI, quad_vnni_small_q8, quad_vnni_small, 8)
  * activations broadcast then sums each row's dot product in its own lane: no per-block shuffles to merge
  * lanes (quad_vnni's cost), one convert and FMA per 16 rows and group. Measured on Ice Lake, one core, the
  * loops alone: 4-bit g128 ~145 GMAC/s (four rows) and ~170 (eight) against quad_vnni's ~80, g32 ~94 against
- * ~59; the copy costs about three four-row steps, so it pays from LVQ_PANEL_ROWS rows. */
-#ifndef LVQ_PANEL_ROWS
-#define LVQ_PANEL_ROWS 32
-#endif
+ * ~59. The copy pays for itself from a few rows on, measured against quad_vnni/quad_vnni_small (2 threads,
+ * 4096 and 27392 x 4096): from 8 rows (groups >= 64; 0.94-1.04x at 8, 1.3x at 12-16), from 16 (groups of 32). */
+static int64_t panel_rows(int group) { return group == 32 ? 16 : 8; }
+
+/* r[j] (row j, 16 dwords) -> r[c] (dword c of each row): a 16x16 transpose of 32-bit words. */
+VNNI static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane L: rows 2i, 2i+1 interleaved, dwords 4L.. (even t), 4L+2.. (odd) */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]), t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    for (int i = 0; i < 4; i++) { /* r[4i + e], lane L: dword 4L + e of rows 4i..4i+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* dword 4L + e: lane L of r[e], r[4 + e], r[8 + e], r[12 + e] */
+        __m512i a = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), b = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xDD);
+        __m512i c = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88), d = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
+        t[e] = _mm512_shuffle_i32x4(a, c, 0x88), t[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);
+        t[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88), t[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
 
 /* Pack the tile's rows [t0, t1) (at most 32) into two 16-row panels: per block b and chunk c (0-15), panel p's
  * vector holds in lane j dword c of row t0 + 16p + j's block (4-bit: inputs 4c..4c+3 in the low nibbles and
  * 64+4c.. in the high ones); 8-bit: dword c (inputs 4c..) then dword c + 16 (inputs 64 + 4c..). Rows past t1
- * are zeros. */
+ * are zeros. A transpose per 16 rows and 64 bytes (a gather per vector instead took ~3x as long). */
 VNNI static void pack_panels(const uint8_t *w, int64_t rowbytes, int64_t t0, int64_t t1, int64_t nb, int bits,
                              uint8_t *pk) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32((int)rowbytes));
     const int vecs = bits == 4 ? 1 : 2; /* per chunk and panel */
     for (int p = 0; p < 2; p++) {
         int64_t r0 = t0 + 16 * p, nr = t1 - r0;
-        __mmask16 k = nr >= 16 ? 0xFFFF : nr <= 0 ? 0 : (__mmask16)((1u << nr) - 1);
-        const uint8_t *base = w + (nr > 0 ? r0 : t0) * rowbytes;
         for (int64_t b = 0; b < nb; b++)
-            for (int c = 0; c < 16; c++)
-                for (int h = 0; h < vecs; h++)
-                    _mm512_storeu_si512((void *)(pk + (((b * 16 + c) * 2 + p) * vecs + h) * 64),
-                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, idx,
-                                                                    base + b * (rowbytes / nb) + 64 * h + 4 * c, 1));
+            for (int h = 0; h < vecs; h++) {
+                __m512i r[16];
+                for (int j = 0; j < 16; j++)
+                    r[j] = j < nr ? _mm512_loadu_si512((const void *)(w + (r0 + j) * rowbytes + (b * vecs + h) * 64))
+                                  : _mm512_setzero_si512();
+                transpose16(r);
+                for (int c = 0; c < 16; c++)
+                    _mm512_storeu_si512((void *)(pk + (((b * 16 + c) * 2 + p) * vecs + h) * 64), r[c]);
+            }
     }
 }
 
@@ -1094,7 +1113,7 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
                        : (bits == 4 ? quad_q4_g32 : quad_q8_g32);
     int64_t ts = group >= BLK ? nb : 4 * nb; /* tsb floats per row */
     /* VNNI prompts of many rows: the tile's panels, their scales and zero terms [G][32] */
-    const int panels = vnni && M >= LVQ_PANEL_ROWS;
+    const int panels = vnni && M >= panel_rows(group);
     uint8_t *pk = panels ? (uint8_t *)aligned_alloc(64, (size_t)(32 * rowbytes)) : NULL;
     float *psw = panels ? (float *)malloc(sizeof(float) * 64 * G) : NULL, *psz = panels ? psw + 32 * G : NULL;
     panel_fn panel8 = bits == 4 ? panel8_q4 : panel8_q8, panel =
