@@ -125,6 +125,52 @@ def rtn(w: torch.Tensor, bits: int, group: int, sym: bool = True, rows: int = 20
     return tensors, (torch.cat(deqs) if keep_deq else (err2 / max(w2, 1e-30)) ** 0.5)
 
 
+def _flip_(a: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """a[::-1, ::-1] in place, a block of rows at a time (a copy would add a K x K matrix to the peak)."""
+    n = a.shape[0]
+    for i in range(0, n // 2, rows):
+        j = min(i + rows, n // 2)
+        top, bot = a[i:j], a[n - j : n - i]
+        tmp = top.flip((0, 1))
+        top.copy_(bot.flip((0, 1)))
+        bot.copy_(tmp)
+    if n % 2:
+        a[n // 2] = a[n // 2].flip(0)
+    return a
+
+
+def _invert_upper_(m: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """m^-1 in place for an upper triangular m (LAPACK's trtri, which torch does not expose): with
+    m = [[A, B], [0, D]], the corner -A^-1 B D^-1 comes from two triangular solves against the blocks as
+    they are, then A and D are inverted the same way. K^3/3 flops, in triangular solves."""
+    n = m.shape[0]
+    if n <= leaf:
+        m.copy_(torch.linalg.solve_triangular(m, torch.eye(n, dtype=m.dtype, device=m.device), upper=True))
+        return m
+    h = n // 2
+    a, b, d = m[:h, :h], m[:h, h:], m[h:, h:]
+    x = torch.linalg.solve_triangular(d, b, upper=True, left=False)
+    b.copy_(torch.linalg.solve_triangular(a, x, upper=True).neg_())
+    del x
+    _invert_upper_(a, leaf)
+    _invert_upper_(d, leaf)
+    return m
+
+
+def _inverse_cholesky_(H: torch.Tensor) -> torch.Tensor | None:
+    """The upper Cholesky factor U of H^-1 (U^T U = H^-1), in H's storage; None if H is not positive definite.
+
+    Flipped, H = L L^T (Cholesky) means H = M M^T with M = flip(L) upper triangular, so H^-1 = (M^-1)^T M^-1
+    and U = M^-1: one Cholesky and one triangular inverse, where Cholesky, cholesky_inverse and Cholesky
+    again took twice as long (27.1 -> 13.1 s at K = 13696, 2 cores, same peak memory), and no less accurate
+    (1.20e-5 against 1.22e-5 relative to a float64 factor at K = 3000)."""
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(_flip_(H), out=(H, info))
+    if int(info):
+        return None
+    return _invert_upper_(_flip_(H))
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = True, act_order: bool = False,
          damp: float = 0.01, blocksize: int = 128, mse: bool = False, consume_h: bool = False) -> tuple[dict, torch.Tensor]:
     """GPTQ of w [N, K] given the input Hessian H [K, K]: (GPTQ tensors, dequantized weight).
@@ -147,14 +193,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group: int, sym: bool = Tr
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    # Hinv = upper Cholesky factor of H^-1, computed in H's own storage (one K x K temporary, not three)
-    Hinv, info = H, torch.empty((), dtype=torch.int32, device=H.device)
-    for step in (lambda: torch.linalg.cholesky_ex(Hinv, out=(Hinv, info)),
-                 lambda: torch.cholesky_inverse(Hinv, out=Hinv),
-                 lambda: torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info))):
-        step()
-        if int(info):
-            raise ValueError(f"the input Hessian is not positive definite (dampening {damp} too small for it)")
+    Hinv = _inverse_cholesky_(H)
+    if Hinv is None:
+        raise ValueError(f"the input Hessian is not positive definite (dampening {damp} too small for it)")
 
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(k // g, n, device=W.device)

@@ -341,6 +341,26 @@ def test_gptq_matrix_level(act_order, group):
         gptq(w, -torch.eye(128), 4, group)
 
 
+@pytest.mark.parametrize("k", [600, 601])
+def test_gptq_inverse_cholesky_factor(k):
+    """GPTQ's upper Cholesky factor of H^-1, from one Cholesky of the flipped H and a blocked triangular
+    inverse, in H's own storage: equal to the float64 factor computed the textbook way (Cholesky,
+    inverse, Cholesky) to fp32 accuracy, at an even and an odd size that both recurse past the leaf size."""
+    from lowvram.converters.gptq import _inverse_cholesky_
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(k, k // 2 + 40, generator=g, dtype=torch.float64)
+    h = x @ x.t() / x.shape[1]
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h32 = h.float()
+    u = _inverse_cholesky_(h32)
+    assert u.data_ptr() == h32.data_ptr()
+    assert torch.count_nonzero(u.tril(-1)) == 0
+    assert ((u.double() - ref).norm() / ref.norm()).item() < 1e-4
+    assert _inverse_cholesky_(-torch.eye(k)) is None
+
+
 def test_gptq_of_a_p_tuning_checkpoint_fails_first(tiny, tmp_path):
     src = tiny("chatglm3-6b", pre_seq_len=4)
     with pytest.raises(ValueError, match="P-tuning v2 checkpoints is not supported; use --method rtn"):
