@@ -873,42 +873,42 @@ VNNI static inline void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* Pack the tile's rows [t0, t1) (at most 32) into two 16-row panels: per block b and chunk c (0-15), panel p's
- * vector holds in lane j dword c of row t0 + 16p + j's block (4-bit: inputs 4c..4c+3 in the low nibbles and
- * 64+4c.. in the high ones); 8-bit: dword c (inputs 4c..) then dword c + 16 (inputs 64 + 4c..). Rows past t1
- * are zeros. A transpose per 16 rows and 64 bytes (a gather per vector instead took ~3x as long). */
+/* Pack the tile's rows [t0, t1) (at most 32) into two 16-row panels of codes, one byte each: per block b and
+ * chunk c (0-15), panel p has two vectors, lane j of the first holding inputs 4c..4c+3 of row t0 + 16p + j
+ * (lo), of the second inputs 64 + 4c.. (hi). Rows past t1 are zeros. A transpose of 32-bit words per 16 rows
+ * and 64 bytes (a gather per vector took ~3x as long); 4-bit codes are unpacked here, once per tile, rather
+ * than in the loops (measured 1.xx on the prompt GEMMs). */
 VNNI static void pack_panels(const uint8_t *w, int64_t rowbytes, int64_t t0, int64_t t1, int64_t nb, int bits,
                              uint8_t *pk) {
-    const int vecs = bits == 4 ? 1 : 2; /* per chunk and panel */
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 2; p++) {
         int64_t r0 = t0 + 16 * p, nr = t1 - r0;
         for (int64_t b = 0; b < nb; b++)
-            for (int h = 0; h < vecs; h++) {
+            for (int h = 0; h < (bits == 4 ? 1 : 2); h++) { /* 4-bit: lo and hi in one 64 bytes; 8-bit: lo, then hi */
                 __m512i r[16];
                 for (int j = 0; j < 16; j++)
-                    r[j] = j < nr ? _mm512_loadu_si512((const void *)(w + (r0 + j) * rowbytes + (b * vecs + h) * 64))
+                    r[j] = j < nr ? _mm512_loadu_si512((const void *)(w + (r0 + j) * rowbytes + (b * (bits / 4) + h) * 64))
                                   : _mm512_setzero_si512();
                 transpose16(r);
-                for (int c = 0; c < 16; c++)
-                    _mm512_storeu_si512((void *)(pk + (((b * 16 + c) * 2 + p) * vecs + h) * 64), r[c]);
+                for (int c = 0; c < 16; c++) {
+                    uint8_t *o = pk + ((b * 16 + c) * 2 + p) * 128;
+                    if (bits == 4) {
+                        _mm512_storeu_si512((void *)o, _mm512_and_si512(r[c], m4));
+                        _mm512_storeu_si512((void *)(o + 64), _mm512_and_si512(_mm512_srli_epi16(r[c], 4), m4));
+                    } else {
+                        _mm512_storeu_si512((void *)(o + 64 * h), r[c]);
+                    }
+                }
             }
     }
 }
 
 /* Chunk c of block b, both panels: the codes of inputs 4c.. (lo) and 64 + 4c.. (hi). */
-VNNI static inline void panel_chunk(const uint8_t *pk, int64_t b, int c, const int bits, __m512i *lo0, __m512i *hi0,
-                                    __m512i *lo1, __m512i *hi1) {
-    if (bits == 4) {
-        const uint8_t *q = pk + (b * 16 + c) * 128;
-        const __m512i m4 = _mm512_set1_epi8(0x0F);
-        __m512i v0 = _mm512_loadu_si512((const void *)q), v1 = _mm512_loadu_si512((const void *)(q + 64));
-        *lo0 = _mm512_and_si512(v0, m4), *hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
-        *lo1 = _mm512_and_si512(v1, m4), *hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-    } else {
-        const uint8_t *q = pk + (b * 16 + c) * 256;
-        *lo0 = _mm512_loadu_si512((const void *)q), *hi0 = _mm512_loadu_si512((const void *)(q + 64));
-        *lo1 = _mm512_loadu_si512((const void *)(q + 128)), *hi1 = _mm512_loadu_si512((const void *)(q + 192));
-    }
+VNNI static inline void panel_chunk(const uint8_t *pk, int64_t b, int c, __m512i *lo0, __m512i *hi0, __m512i *lo1,
+                                    __m512i *hi1) {
+    const uint8_t *q = pk + (b * 16 + c) * 256;
+    *lo0 = _mm512_loadu_si512((const void *)q), *hi0 = _mm512_loadu_si512((const void *)(q + 64));
+    *lo1 = _mm512_loadu_si512((const void *)(q + 128)), *hi1 = _mm512_loadu_si512((const void *)(q + 192));
 }
 
 /* F [rows][32] -= the zero-point term sum_g sz[g][n] * xs[r][g]. */
@@ -949,7 +949,7 @@ VNNI static inline void conv_f(float *F, __m512i l, __m512i h, const float *swl,
 VNNI __attribute__((always_inline)) static inline void panel_quad(const uint8_t *pk, const int8_t *x0, int64_t K,
                                                                  int64_t nb, const float *sw, const float *sz,
                                                                  const float *sx0, const float *xs0, int64_t G,
-                                                                 float *F, const int bits, const int gc) {
+                                                                 float *F, const int gc) {
     for (int i = 0; i < 128; i += 16) _mm512_storeu_ps(F + i, _mm512_setzero_ps());
     const int64_t bpg = G < nb ? nb / G : 1;
     const int8_t *x1 = x0 + K, *x2 = x0 + 2 * K, *x3 = x0 + 3 * K;
@@ -962,7 +962,7 @@ VNNI __attribute__((always_inline)) static inline void panel_quad(const uint8_t 
         H00 = H01 = H10 = H11 = H20 = H21 = H30 = H31 = _mm512_setzero_si512();
         for (int c = c0; c < c0 + CH; c++) {
             __m512i lo0, hi0, lo1, hi1;
-            panel_chunk(pk, b, c, bits, &lo0, &hi0, &lo1, &hi1);
+            panel_chunk(pk, b, c, &lo0, &hi0, &lo1, &hi1);
             const int64_t o = b * BLK + 4 * c;
             LVQ_ROW4(x0, L00, L01, H00, H01) LVQ_ROW4(x1, L10, L11, H10, H11)
             LVQ_ROW4(x2, L20, L21, H20, H21) LVQ_ROW4(x3, L30, L31, H30, H31)
@@ -986,7 +986,7 @@ VNNI __attribute__((always_inline)) static inline void panel_quad(const uint8_t 
 VNNI __attribute__((always_inline)) static inline void panel_oct(const uint8_t *pk, const int8_t *x0, int64_t K,
                                                                 int64_t nb, const float *sw, const float *sz,
                                                                 const float *sx0, const float *xs0, int64_t G,
-                                                                float *F, const int bits) {
+                                                                float *F) {
     for (int i = 0; i < 256; i += 16) _mm512_storeu_ps(F + i, _mm512_setzero_ps());
     const int64_t bpg = G < nb ? nb / G : 1;
     const int8_t *x1 = x0 + K, *x2 = x0 + 2 * K, *x3 = x0 + 3 * K, *x4 = x0 + 4 * K, *x5 = x0 + 5 * K,
@@ -997,7 +997,7 @@ VNNI __attribute__((always_inline)) static inline void panel_oct(const uint8_t *
         A40 = A41 = A50 = A51 = A60 = A61 = A70 = A71 = _mm512_setzero_si512();
         for (int c = 0; c < 16; c++) {
             __m512i lo0, hi0, lo1, hi1;
-            panel_chunk(pk, b, c, bits, &lo0, &hi0, &lo1, &hi1);
+            panel_chunk(pk, b, c, &lo0, &hi0, &lo1, &hi1);
             const int64_t o = b * BLK + 4 * c;
             LVQ_ROW4(x0, A00, A01, A00, A01) LVQ_ROW4(x1, A10, A11, A10, A11)
             LVQ_ROW4(x2, A20, A21, A20, A21) LVQ_ROW4(x3, A30, A31, A30, A31)
@@ -1022,7 +1022,7 @@ VNNI __attribute__((always_inline)) static inline void panel_oct(const uint8_t *
 }
 #undef LVQ_ROW4
 
-/* One compiled copy per width and group class (32, 64, or multiples of 128), and row count. */
+/* One compiled copy per group class (32, 64, or multiples of 128), and the eight-row loop. */
 typedef void (*panel_fn)(const uint8_t *, const int8_t *, int64_t, int64_t, const float *, const float *,
                          const float *, const float *, int64_t, float *);
 #define LVQ_PANEL_AS(name, call)                                                                                  \
@@ -1030,14 +1030,10 @@ typedef void (*panel_fn)(const uint8_t *, const int8_t *, int64_t, int64_t, cons
                           const float *sz, const float *sx, const float *xs, int64_t G, float *out) {              \
         call;                                                                                                      \
     }
-LVQ_PANEL_AS(panel_q4_g32, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 4, 32))
-LVQ_PANEL_AS(panel_q4_g64, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 4, 64))
-LVQ_PANEL_AS(panel_q4_g128, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 4, 128))
-LVQ_PANEL_AS(panel_q8_g32, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 8, 32))
-LVQ_PANEL_AS(panel_q8_g64, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 8, 64))
-LVQ_PANEL_AS(panel_q8_g128, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 8, 128))
-LVQ_PANEL_AS(panel8_q4, panel_oct(pk, x, K, nb, sw, sz, sx, xs, G, out, 4))
-LVQ_PANEL_AS(panel8_q8, panel_oct(pk, x, K, nb, sw, sz, sx, xs, G, out, 8))
+LVQ_PANEL_AS(panel_g32, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 32))
+LVQ_PANEL_AS(panel_g64, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 64))
+LVQ_PANEL_AS(panel_g128, panel_quad(pk, x, K, nb, sw, sz, sx, xs, G, out, 128))
+LVQ_PANEL_AS(panel8, panel_oct(pk, x, K, nb, sw, sz, sx, xs, G, out))
 
 /* Decode on AVX512-VNNI, groups >= 128: pair_q4_avx2's loop with each block's dot product taken by vpdpbusd
  * on 256-bit vectors (512-bit ones ran this memory-bound loop ~40% slower on Ice Lake, measured). */
@@ -1114,12 +1110,9 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
     int64_t ts = group >= BLK ? nb : 4 * nb; /* tsb floats per row */
     /* VNNI prompts of many rows: the tile's panels, their scales and zero terms [G][32] */
     const int panels = vnni && M >= panel_rows(group);
-    uint8_t *pk = panels ? (uint8_t *)aligned_alloc(64, (size_t)(32 * rowbytes)) : NULL;
+    uint8_t *pk = panels ? (uint8_t *)aligned_alloc(64, (size_t)(32 * K)) : NULL; /* a byte per code */
     float *psw = panels ? (float *)malloc(sizeof(float) * 64 * G) : NULL, *psz = panels ? psw + 32 * G : NULL;
-    panel_fn panel8 = bits == 4 ? panel8_q4 : panel8_q8, panel =
-        group == 32   ? (bits == 4 ? panel_q4_g32 : panel_q8_g32)
-        : group == 64 ? (bits == 4 ? panel_q4_g64 : panel_q8_g64)
-                      : (bits == 4 ? panel_q4_g128 : panel_q8_g128);
+    panel_fn panel = group == 32 ? panel_g32 : group == 64 ? panel_g64 : panel_g128;
     for (int64_t t0 = n0; t0 < n1; t0 += 32) {
         int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
         int64_t m = 0;
