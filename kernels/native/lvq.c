@@ -982,8 +982,8 @@ VNNI __attribute__((always_inline)) static inline void panel_quad(const uint8_t 
 }
 
 /* Eight activation rows for groups of 128 and more, where a block's lo and hi halves share a scale and so an
- * accumulator: the sixteen accumulators serve twice the rows, halving the unpacking and the panel loads per
- * vpdpbusd (measured 1.07-1.10x over two panel_quad calls, prompt GEMMs of ChatGLM3-6B's shapes). */
+ * accumulator: the sixteen accumulators serve twice the rows, halving the panel loads per vpdpbusd (measured
+ * 1.07-1.10x over two panel_quad calls, prompt GEMMs of ChatGLM3-6B's shapes, codes then unpacked in the loop). */
 VNNI __attribute__((always_inline)) static inline void panel_oct(const uint8_t *pk, const int8_t *x0, int64_t K,
                                                                 int64_t nb, const float *sw, const float *sz,
                                                                 const float *sx0, const float *xs0, int64_t G,
