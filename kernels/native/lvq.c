@@ -1299,6 +1299,9 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
      * delays one chunk, not half of every matrix (a static split ran 6x slower on a busy core). */
     int64_t chunk = N / ((int64_t)nthreads * 16);
     chunk = chunk < 16 ? 16 : (chunk + 1) & ~(int64_t)1;
+    /* prompts work on 32-row tiles (the VNNI panels compute all 32 rows of a tile, filled or not): whole tiles
+     * per chunk, or with many threads every 16-row chunk would cost a 32-row one */
+    if (M > 1) chunk = (chunk + 31) & ~(int64_t)31;
     int64_t nchunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t c = 0; c < nchunks; c++) {
