@@ -1275,26 +1275,28 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * G));
     int isa = lvq_isa();
-    float *row = xt == 1 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL; /* one bf16 row as float */
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = (const float *)x + m * K;
-        if (xt == 1) {
-            for (int64_t k = 0; k < K; k++) row[k] = bf2f(((const uint16_t *)x)[m * K + k]);
-            xr = row;
-        }
-#ifdef LVQ_X86
-        if (isa == ISA_VNNI) {
-            quant_x_avx512(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
-            continue;
-        }
-        if (isa == ISA_AVX2) {
-            quant_x_avx2(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
-            continue;
-        }
-#endif
-        quant_x(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
-    }
     if (nthreads < 1) nthreads = 1;
+    /* a prompt's rows quantized in parallel too (512-row GEMMs 1.01-1.05x on 2 threads; a serial step's share
+     * grows with the thread count) */
+#pragma omp parallel if (M > 1) num_threads(nthreads)
+    {
+        float *row = xt == 1 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL; /* one bf16 row as float */
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = (const float *)x + m * K;
+            if (xt == 1) {
+                for (int64_t k = 0; k < K; k++) row[k] = bf2f(((const uint16_t *)x)[m * K + k]);
+                xr = row;
+            }
+#ifdef LVQ_X86
+            if (isa == ISA_VNNI) quant_x_avx512(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+            else if (isa == ISA_AVX2) quant_x_avx2(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+            else
+#endif
+                quant_x(xr, K, group, xq + m * K, sx + m * nb, xsum + m * G);
+        }
+        free(row);
+    }
     /* Rows in chunks handed out dynamically: a thread that loses its core to another process
      * delays one chunk, not half of every matrix (a static split ran 6x slower on a busy core). */
     int64_t chunk = N / ((int64_t)nthreads * 16);
@@ -1313,7 +1315,6 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
 #endif
             rows_generic(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y);
     }
-    free(row);
     free(xsum);
     free(sx);
     free(xq);
