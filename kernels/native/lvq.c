@@ -1117,12 +1117,23 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
     for (int64_t t0 = n0; t0 < n1; t0 += 32) {
         int64_t t1 = t0 + 32 < n1 ? t0 + 32 : n1;
         int64_t m = 0;
+        if (M >= LVQ_MR)
+            for (int64_t n = t0; n < t1; n++) {
+                float *rf = tsf + (n - t0) * G, *rb = tsb + (n - t0) * ts;
+                row_scales_avx2(scales + n * G, zeros + n * G, G, vnni ? 0.f : zs, rf, tsz + (n - t0) * G);
+                if (panels) continue; /* the panels take the scales transposed, below */
+                if (bpg > 1)
+                    for (int64_t b = 0; b < nb; b++) rb[b] = rf[b / bpg];
+                else if (group == 64)
+                    for (int64_t b = 0; b < nb; b++)
+                        rb[4 * b] = rb[4 * b + 1] = rf[2 * b], rb[4 * b + 2] = rb[4 * b + 3] = rf[2 * b + 1];
+            }
         if (panels) {
             pack_panels(w, rowbytes, t0, t1, nb, bits, pk);
             for (int64_t g = 0; g < G; g++)
                 for (int64_t j = 0; j < 32; j++) {
-                    psw[g * 32 + j] = t0 + j < t1 ? _cvtsh_ss(scales[(t0 + j) * G + g]) : 0.f;
-                    psz[g * 32 + j] = t0 + j < t1 ? psw[g * 32 + j] * (float)zeros[(t0 + j) * G + g] : 0.f;
+                    psw[g * 32 + j] = j < t1 - t0 ? tsf[j * G + g] : 0.f;
+                    psz[g * 32 + j] = j < t1 - t0 ? tsz[j * G + g] : 0.f;
                 }
             float r[8][32];
             if (group >= BLK)
@@ -1135,16 +1146,6 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
                 for (int i = 0; i < LVQ_MR; i++) put_row(y, (m + i) * N + t0, r[i], bias ? bias + t0 : NULL, t1 - t0);
             }
         }
-        if (M >= LVQ_MR && !panels)
-            for (int64_t n = t0; n < t1; n++) {
-                float *rf = tsf + (n - t0) * G, *rb = tsb + (n - t0) * ts;
-                row_scales_avx2(scales + n * G, zeros + n * G, G, vnni ? 0.f : zs, rf, tsz + (n - t0) * G);
-                if (bpg > 1)
-                    for (int64_t b = 0; b < nb; b++) rb[b] = rf[b / bpg];
-                else if (group == 64)
-                    for (int64_t b = 0; b < nb; b++)
-                        rb[4 * b] = rb[4 * b + 1] = rf[2 * b], rb[4 * b + 2] = rb[4 * b + 3] = rf[2 * b + 1];
-            }
         for (; m + LVQ_MR <= M; m += LVQ_MR) {
             float r[LVQ_MR][32]; /* the tile's outputs, written a row at a time (one by one cost 5% of a prompt) */
             for (int64_t n = t0; n < t1; n++) {
