@@ -923,12 +923,17 @@ VNNI static inline void panel_zero_terms(float *F, int rows, const float *sz, co
         }
 }
 
-/* F += (cvt(l) * swl + cvt(h) * swh) * s: one accumulator pair's groups, times the activation row's block scale. */
+/* F += (cvt(l) * swl + cvt(h) * swh) * s: one accumulator pair's groups, times the activation row's block scale.
+ * same: l and h share the scale swl (groups >= 128), one accumulator's worth (h may be zero). */
 VNNI static inline void conv_f(float *F, __m512i l, __m512i h, const float *swl, const float *swh, float s,
                                const int same) {
-    __m512 v = same ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(l, h)), _mm512_loadu_ps(swl))
-                    : _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_loadu_ps(swh),
-                                      _mm512_mul_ps(_mm512_cvtepi32_ps(l), _mm512_loadu_ps(swl)));
+    if (same) {
+        _mm512_storeu_ps(F, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(l, h)),
+                                            _mm512_mul_ps(_mm512_loadu_ps(swl), _mm512_set1_ps(s)), _mm512_loadu_ps(F)));
+        return;
+    }
+    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_loadu_ps(swh),
+                               _mm512_mul_ps(_mm512_cvtepi32_ps(l), _mm512_loadu_ps(swl)));
     _mm512_storeu_ps(F, _mm512_fmadd_ps(v, _mm512_set1_ps(s), _mm512_loadu_ps(F)));
 }
 
@@ -1006,15 +1011,10 @@ VNNI __attribute__((always_inline)) static inline void panel_oct(const uint8_t *
             LVQ_ROW4(x6, A60, A61, A60, A61) LVQ_ROW4(x7, A70, A71, A70, A71)
         }
         const float *s0 = sw + (b / bpg) * 32;
+        const __m512i z = _mm512_setzero_si512();
 #define LVQ_C(r, A0, A1)                                                                                       \
-    {                                                                                                          \
-        __m512 s = _mm512_set1_ps(sx0[r * nb + b]);                                                            \
-        _mm512_storeu_ps(F + 32 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(A0), _mm512_mul_ps(_mm512_loadu_ps(s0), s), \
-                                                     _mm512_loadu_ps(F + 32 * r)));                            \
-        _mm512_storeu_ps(F + 32 * r + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(A1),                              \
-                                                          _mm512_mul_ps(_mm512_loadu_ps(s0 + 16), s),          \
-                                                          _mm512_loadu_ps(F + 32 * r + 16)));                  \
-    }
+    conv_f(F + 32 * r, A0, z, s0, s0, sx0[r * nb + b], 1);                                                      \
+    conv_f(F + 32 * r + 16, A1, z, s0 + 16, s0 + 16, sx0[r * nb + b], 1);
         LVQ_C(0, A00, A01) LVQ_C(1, A10, A11) LVQ_C(2, A20, A21) LVQ_C(3, A30, A31)
         LVQ_C(4, A40, A41) LVQ_C(5, A50, A51) LVQ_C(6, A60, A61) LVQ_C(7, A70, A71)
 #undef LVQ_C
