@@ -73,6 +73,16 @@ def _xhat(x, perm):
     return xh
 
 
+def _native_error(mod, w, x):
+    """(relative error, tolerance) of the native module on x: exact against W @ x_hat, or, for prompts that
+    CPUs with AVX512-BF16 dequantize and multiply in bf16, against the bf16 product."""
+    if x.shape[0] > mod.gemm_rows and native.prompt_dequantizes():
+        ref, tol = x.bfloat16().double() @ dequantize(w).bfloat16().double().t() + w.bias.double(), 1e-2
+    else:
+        ref, tol = _xhat(x, mod.perm).double() @ dequantize(w).double().t() + w.bias.double(), 1e-5
+    return ((mod(x).double() - ref).norm() / ref.norm()).item(), tol
+
+
 @pytest.mark.skipif(native.available() is not None, reason="native kernel not built (no C compiler at install)")
 @pytest.mark.parametrize("path", native.ISAS)
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (4, 512), (8, 32), (8, 64), (8, 128), (8, -1)])
@@ -89,15 +99,9 @@ def test_native_is_exact_for_its_quantized_activations(path, bits, group, act_or
     mod = native.NativeLinear(w, torch.float32)
     native.set_isa(path)
     try:
-        for rows in (1, 3, 7, 2 * mod.gemm_rows, 37):  # 37: the VNNI prompt panels (from 32 rows) and a row left over
-            x = torch.randn(rows, k)
-            if rows > mod.gemm_rows and native.prompt_dequantizes():
-                ref = x.bfloat16().double() @ dequantize(w).bfloat16().double().t() + w.bias.double()
-                tol = 1e-2
-            else:
-                ref = _xhat(x, mod.perm).double() @ dequantize(w).double().t() + w.bias.double()
-                tol = 1e-5
-            err = ((mod(x).double() - ref).norm() / ref.norm()).item()
+        # 32 and 37: the VNNI prompt panels (from 8 rows, 16 with groups of 32), 37 with rows left over
+        for rows in (1, 3, 7, 2 * mod.gemm_rows, 37):
+            err, tol = _native_error(mod, w, torch.randn(rows, k))
             assert err < tol, (rows, err)
     finally:
         native.set_isa(None)
@@ -119,12 +123,7 @@ def test_native_prompt_tiles_full_and_partial(path, bits, group):
     native.set_isa(path)
     try:
         for rows in (8, 12, 37):
-            x = torch.randn(rows, 640)
-            if rows > mod.gemm_rows and native.prompt_dequantizes():  # AVX512-BF16 CPUs: bf16 matmul instead
-                ref, tol = x.bfloat16().double() @ dequantize(w).bfloat16().double().t() + w.bias.double(), 1e-2
-            else:
-                ref, tol = _xhat(x, mod.perm).double() @ dequantize(w).double().t() + w.bias.double(), 1e-5
-            err = ((mod(x).double() - ref).norm() / ref.norm()).item()
+            err, tol = _native_error(mod, w, torch.randn(rows, 640))
             assert err < tol, (rows, err)
     finally:
         native.set_isa(None)
