@@ -912,15 +912,20 @@ VNNI static inline void panel_chunk(const uint8_t *pk, int64_t b, int c, __m512i
     *lo1 = _mm512_loadu_si512((const void *)(q + 128)), *hi1 = _mm512_loadu_si512((const void *)(q + 192));
 }
 
-/* F [rows][32] -= the zero-point term sum_g sz[g][n] * xs[r][g]. */
-VNNI static inline void panel_zero_terms(float *F, int rows, const float *sz, const float *xs, int64_t G) {
-    for (int r = 0; r < rows; r++)
-        for (int p = 0; p < 2; p++) {
-            __m512 f = _mm512_loadu_ps(F + 32 * r + 16 * p);
-            for (int64_t g = 0; g < G; g++)
-                f = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + g * 32 + 16 * p), _mm512_set1_ps(xs[r * G + g]), f);
-            _mm512_storeu_ps(F + 32 * r + 16 * p, f);
+/* F [rows][32] -= the zero-point term sum_g sz[g][n] * xs[r][g]. The rows' sums run side by side (one chain
+ * per row and panel): a chain per row, group after group, waited on FMA latency for ~20% of panel8's time. */
+VNNI __attribute__((always_inline)) static inline void panel_zero_terms(float *F, const int rows, const float *sz,
+                                                                       const float *xs, int64_t G) {
+    __m512 f[16];
+    for (int i = 0; i < 2 * rows; i++) f[i] = _mm512_loadu_ps(F + 16 * i);
+    for (int64_t g = 0; g < G; g++) {
+        const __m512 z0 = _mm512_loadu_ps(sz + g * 32), z1 = _mm512_loadu_ps(sz + g * 32 + 16);
+        for (int r = 0; r < rows; r++) {
+            const __m512 x = _mm512_set1_ps(xs[r * G + g]);
+            f[2 * r] = _mm512_fnmadd_ps(z0, x, f[2 * r]), f[2 * r + 1] = _mm512_fnmadd_ps(z1, x, f[2 * r + 1]);
         }
+    }
+    for (int i = 0; i < 2 * rows; i++) _mm512_storeu_ps(F + 16 * i, f[i]);
 }
 
 /* F += (cvt(l) * swl + cvt(h) * swh) * s: one accumulator pair's groups, times the activation row's block scale.
