@@ -160,7 +160,8 @@ def main():
             res = paired(libs, prefill, a.prompt_rounds)
             if a.prompt_rounds:
                 print(f"prefill of {a.prompt_len} tokens: {a.prompt_len / statistics.median(res[a.rev]):.1f} -> "
-                      f"{a.prompt_len / statistics.median(res['installed']):.1f} tok/s")
+                      f"{a.prompt_len / statistics.median(res['installed']):.1f} tok/s, median paired ratio "
+                      f"{statistics.median(x / y for x, y in zip(res[a.rev], res['installed'])):.3f}x")
     return 0
 
 
