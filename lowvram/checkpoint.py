@@ -1,9 +1,9 @@
 """Read a Hugging Face checkpoint directory tensor by tensor, and map its names to ours.
 
 Files: `model.safetensors`, `pytorch_model.bin`, or shards listed in
-`model.safetensors.index.json` / `pytorch_model.bin.index.json`. Safetensors are read with
-`safe_open`, `.bin` with `torch.load(mmap=True, weights_only=True)`, so no second copy of
-the model is ever held in RAM.
+`model.safetensors.index.json` / `pytorch_model.bin.index.json`. Safetensors are read tensor by
+tensor, each on a private map of its own bytes (`read_safetensors`), `.bin` with
+`torch.load(mmap=True, weights_only=True)`, so no second copy of the model is ever held in RAM.
 """
 
 from __future__ import annotations
