@@ -71,7 +71,7 @@ class Checkpoint:
                 with safe_open(str(f), framework="pt") as sf:
                     for k in sf.keys():
                         sl = sf.get_slice(k)
-                        yield k, tuple(sl.get_shape()), _st_dtype(sl.get_dtype())
+                        yield k, tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), f"{f}: tensor {k}")
             else:
                 for k, t in self._load_bin(f).items():
                     yield k, tuple(t.shape), t.dtype
@@ -148,7 +148,7 @@ class Checkpoint:
         start, end = info["data_offsets"]
         if end == start or len(info["shape"]) != 2:
             return None
-        return FileRows(f, base + start, tuple(info["shape"]), _st_dtype(info["dtype"]))
+        return FileRows(f, base + start, tuple(info["shape"]), _st_dtype(info["dtype"], f"{f}: tensor {name}"))
 
 
 class FileRows:
@@ -226,7 +226,7 @@ def read_safetensors(path: Path, skip=()):
             start, end = info["data_offsets"]
             if base + end > size:
                 raise CheckpointError(f"{path}: tensor {name} is cut short; the file may be truncated")
-            dtype = _st_dtype(info["dtype"])
+            dtype = _st_dtype(info["dtype"], f"{path}: tensor {name}")
             lead = (base + start) % mmap.ALLOCATIONGRANULARITY
             if end > start and lead % dtype.itemsize == 0:
                 m = mmap.mmap(fh.fileno(), lead + end - start, offset=base + start - lead, access=mmap.ACCESS_COPY)
@@ -240,12 +240,19 @@ def read_safetensors(path: Path, skip=()):
             yield name, buf.view(dtype).reshape(info["shape"])
 
 
-def _st_dtype(s: str) -> torch.dtype:
-    return {
-        "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }.get(s, torch.float32)
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _st_dtype(s: str, where: str) -> torch.dtype:
+    """A safetensors dtype name as torch's; an unknown one (FP8, unsigned 16-bit...) is an error naming `where`,
+    not a float32 guess that surfaces later as a size mismatch."""
+    if s not in _ST_DTYPES:
+        raise CheckpointError(f"{where} has dtype {s}; lowvram reads {', '.join(_ST_DTYPES)}")
+    return _ST_DTYPES[s]
 
 
 # ---- names --------------------------------------------------------------------------------

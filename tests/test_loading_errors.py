@@ -68,3 +68,24 @@ def test_tokenizerless_directory_loads(tiny):
     m = lowvram.load(tiny("glm-4-9b-chat"), dtype="float32")
     assert m.tokenizer is None and m.config.layout == "chatglm"
     assert len(m.generate([1, 2, 3], max_new_tokens=2, stop_token_ids=[])) == 2
+
+
+def test_unsupported_dtype(tiny):
+    """A dtype lowvram does not read (here unsigned 32-bit, the size of the fp32 it replaces) is named with
+    its file and tensor at the scan, before any work."""
+    import struct
+
+    d = tiny("chatglm3-6b")
+    f = next(d.glob("*.safetensors"))
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    name = "transformer.encoder.final_layernorm.weight"
+    assert header[name]["dtype"] == "F32"
+    header[name]["dtype"] = "U32"
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new))  # same header length: the data offsets stay valid
+    assert len(new) == n
+    f.write_bytes(raw[:8] + new + raw[8 + n :])
+    with pytest.raises(lowvram.CheckpointError, match=f"{f.name}: tensor {name} has dtype U32; lowvram reads F32, F16"):
+        lowvram.load(d)
