@@ -69,7 +69,11 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [R, C] packed along dim 1 (low bits first) -> int32 [R, C*32/bits]."""
-    return unpack_rows(packed.t().contiguous(), bits).t().contiguous()
+    if 32 % bits:  # 3-bit values straddle words: through the row unpacking
+        return unpack_rows(packed.t().contiguous(), bits).t().contiguous()
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1)
 
 
 def pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
@@ -83,7 +87,17 @@ def pack_rows(vals: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_cols(vals: torch.Tensor, bits: int) -> torch.Tensor:
-    return pack_rows(vals.t().contiguous(), bits).t().contiguous()
+    """Inverse of unpack_cols. Word by word along the last dimension, in int32 (a value shifted into the
+    sign bit wraps, as the format stores it): no transposes or int64 copies (zeros of groups of 32 spent
+    most of a load's repacking in them)."""
+    if 32 % bits:
+        return pack_rows(vals.t().contiguous(), bits).t().contiguous()
+    per = 32 // bits
+    v = vals.to(torch.int32).reshape(vals.shape[0], -1, per)
+    packed = v[..., 0].clone()
+    for j in range(1, per):
+        packed |= v[..., j] << (bits * j)
+    return packed
 
 
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

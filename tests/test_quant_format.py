@@ -90,3 +90,19 @@ def unpack_zeros(tensors, bits):
     from lowvram.kernels import unpack_cols
 
     return unpack_cols(tensors["qzeros"], bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_column_packing_is_the_row_packing_transposed(bits):
+    """pack_cols/unpack_cols work word by word along the columns in int32; they must equal the row packing of
+    the transpose, including top values shifted into the sign bit."""
+    from lowvram.kernels import pack_cols, pack_rows, unpack_cols
+
+    g = torch.Generator().manual_seed(bits)
+    for r, c in ((1, 32), (7, 96), (128, 2048)):
+        z = torch.randint(0, 2**bits, (r, c), generator=g, dtype=torch.int32)
+        z[0, -1] = 2**bits - 1  # the last value of a word: its top bits are the sign bit
+        p = pack_cols(z, bits)
+        assert p.dtype == torch.int32 and p.shape == (r, c * bits // 32)
+        assert torch.equal(p, pack_rows(z.t().contiguous(), bits).t())
+        assert torch.equal(unpack_cols(p, bits), z)
