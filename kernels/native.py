@@ -5,8 +5,9 @@ bandwidth, and ONNX Runtime's MatMulNBits reached only 18-20 GB/s of this machin
 DRAM. The C kernel keeps the weights in one flat packed buffer per linear (exactly the int4/int8
 bytes plus fp16 scales and uint8 zeros, nothing resident twice) and computes with AVX512-VNNI or
 AVX2 on int8-quantized activations. Prompts (many rows at once) dequantize the weight to bf16 in
-row chunks for torch's matrix multiply where the CPU has AVX512-BF16/AMX; elsewhere bf16 GEMMs are
-emulated (5-6x slower than fp32 on a Zen 3), so prompts run the int8 kernel, four rows at a time.
+row chunks for torch's matrix multiply where the CPU has AMX; elsewhere the int8 kernel is faster
+(bf16 GEMMs are emulated on AVX2, 5-6x slower than fp32 on a Zen 3; on a Zen 5's AVX512-BF16 they
+took twice as long as the int8 kernel), so prompts run it eight rows at a time.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def set_isa(name: str | None) -> None:
 
 
 def prompt_dequantizes() -> bool:
-    """Whether prompts dequantize to bf16 for torch's matmul (fast where the CPU has AVX512-BF16/AMX)
-    instead of running the int8 kernel row by row (AVX2 CPUs, where bf16 GEMMs are emulated)."""
+    """Whether prompts dequantize to bf16 for torch's matmul (fast where the CPU has AMX) instead of
+    running the int8 kernel (faster everywhere else, AVX512-BF16 without AMX included)."""
     lib = _load()
     return bool(lib and lib.lvq_fast_bf16())
 

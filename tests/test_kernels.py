@@ -75,7 +75,7 @@ def _xhat(x, perm):
 
 def _native_error(mod, w, x):
     """(relative error, tolerance) of the native module on x: exact against W @ x_hat, or, for prompts that
-    CPUs with AVX512-BF16 dequantize and multiply in bf16, against the bf16 product."""
+    CPUs with AMX dequantize and multiply in bf16, against the bf16 product."""
     if x.shape[0] > mod.gemm_rows and native.prompt_dequantizes():
         ref, tol = x.bfloat16().double() @ dequantize(w).bfloat16().double().t() + w.bias.double(), 1e-2
     else:
@@ -90,7 +90,7 @@ def _native_error(mod, w, x):
 def test_native_is_exact_for_its_quantized_activations(path, bits, group, act_order):
     """Beyond the tolerance above: every path of the C kernel (AVX512-VNNI, AVX2, portable) computes
     W @ x_hat exactly (x_hat = the int8 activations), for one activation row (decode: two weight
-    rows per step), three rows and prompt-sized inputs (bf16 dequantize + torch where the CPU has AVX512-BF16)."""
+    rows per step), three rows and prompt-sized inputs (bf16 dequantize + torch where the CPU has AMX)."""
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
     k = 512 if group == 512 else 640  # 5 blocks: the loops that take blocks four at a time leave one over
@@ -125,6 +125,34 @@ def test_native_prompt_tiles_full_and_partial(path, bits, group):
         for rows in (8, 12, 37):
             err, tol = _native_error(mod, w, torch.randn(rows, 640))
             assert err < tol, (rows, err)
+    finally:
+        native.set_isa(None)
+
+
+@pytest.mark.skipif(native.available() is not None, reason="native kernel not built (no C compiler at install)")
+@pytest.mark.parametrize("path", native.ISAS)
+@pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (4, 128, True), (8, 64, False), (8, -1, True)])
+def test_native_bf16_prompt_path(monkeypatch, path, bits, group, act_order):
+    """The AMX route for prompts (dequantize rows to bf16, torch's matmul) on any CPU: its dequantizer
+    (AVX512-BF16 or portable) rounds each weight to the nearest bf16, and the prompt it serves matches the
+    bf16 product. Only AMX CPUs take this route by default, so without the override it would go untested."""
+    if native.ISAS.index(path) > native.ISAS.index(native.isa()):
+        pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
+    k = 640
+    w = random_packed(200, k, bits, group if group > 0 else k, act_order, bias=True, seed=3 * bits + group)
+    w.group_size = group if group > 0 else k
+    mod = native.NativeLinear(w, torch.float32)
+    mod.chunk_elems = 64 * k  # several chunks of rows, the last one short
+    monkeypatch.setattr(native, "prompt_dequantizes", lambda: True)
+    native.set_isa(path)
+    try:
+        ref = dequantize(w) if mod.perm is None else dequantize(w)[:, mod.perm]
+        got = mod.dequantize()
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.float(), ref.bfloat16().float())
+        assert torch.equal(mod.dequantize(50, 90).float(), got[50:90].float())
+        err, tol = _native_error(mod, w, torch.randn(2 * mod.gemm_rows + 5, k))
+        assert err < tol, err
     finally:
         native.set_isa(None)
 

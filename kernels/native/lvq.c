@@ -37,6 +37,7 @@
 #include <sys/mman.h>
 #endif
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define LVQ_X86 1
 #endif
@@ -1356,14 +1357,25 @@ static int has_bf16_cpu(void) {
     __builtin_cpu_init();
     return has_vnni_cpu() && __builtin_cpu_supports("avx512bf16");
 }
+
+/* AMX tiles with bf16 (CPUID 7.0 EDX bits 22, 24), enabled by the OS (XCR0 bits 17, 18). */
+static int has_amx_bf16_cpu(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE, so xgetbv works */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & (3u << 17)) == (3u << 17);
+}
 #endif
 
-/* 1 where bf16 matrix multiplies are fast (AVX512-BF16, usually with AMX), so prompts are better
- * dequantized to bf16 and multiplied by torch; elsewhere bf16 GEMMs are emulated (5-6x slower than
- * fp32 on AVX2 here) and prompts run through lvq_gemm on int8 activations instead. */
+/* 1 where bf16 matrix multiplies are fast (AMX), so prompts are better dequantized to bf16 and
+ * multiplied by torch. AVX512-BF16 alone is not enough: on a Zen 5 (2 threads) dequantize + torch's
+ * bf16 GEMM took 1.7-4x as long as lvq_gemm on int8 activations at 32-512 rows, and AVX2 CPUs emulate
+ * bf16 GEMMs (5-6x slower than fp32). */
 int lvq_fast_bf16(void) {
 #ifdef LVQ_X86
-    return isa_cap >= ISA_VNNI && has_bf16_cpu();
+    return isa_cap >= ISA_VNNI && has_bf16_cpu() && has_amx_bf16_cpu();
 #else
     return 0;
 #endif
