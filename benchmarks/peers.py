@@ -45,6 +45,13 @@ ROOFLINE_PAIRS = 12  # lowvram's extra decode steps, each right after a bandwidt
 
 
 def peak_rss() -> int:
+    """VmHWM, as lowvram.bench reads it (not imported: it would bring torch into the peers' processes).
+    getrusage's ru_maxrss carries the parent's peak across the fork+exec of a child: this harness held 3.9 GB
+    after writing chatglm.cpp's file, and both 4-bit peers reported exactly that."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
