@@ -133,8 +133,7 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                return sf.get_tensor(name)
+            return next(read_safetensors(f, only={name}))[1]
         return self._load_bin(f)[name]
 
 
@@ -207,8 +206,8 @@ def _st_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_safetensors(path: Path, skip=()):
-    """(name, tensor) in file order, each tensor on a private map of its own bytes of the file.
+def read_safetensors(path: Path, skip=(), only=None):
+    """(name, tensor) in file order (only the names in `only`, when given), each on a private map of its bytes.
 
     Why a map per tensor: plain reads into fresh tensors made the kernel fault in and zero fresh memory for
     every byte and then copy the file into it (about a fifth of loading a 6B checkpoint, measured), while a
@@ -221,23 +220,26 @@ def read_safetensors(path: Path, skip=()):
     size = path.stat().st_size
     with open(path, "rb") as fh:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if name in skip:
-                continue
-            start, end = info["data_offsets"]
-            if base + end > size:
-                raise CheckpointError(f"{path}: tensor {name} is cut short; the file may be truncated")
-            dtype = _st_dtype(info["dtype"], f"{path}: tensor {name}")
-            lead = (base + start) % mmap.ALLOCATIONGRANULARITY
-            if end > start and lead % dtype.itemsize == 0:
-                m = mmap.mmap(fh.fileno(), lead + end - start, offset=base + start - lead, access=mmap.ACCESS_COPY)
-                buf = torch.frombuffer(m, dtype=torch.uint8, offset=lead, count=end - start)
-                del m  # the tensor keeps the map alive, and unmaps it when it goes
-            else:
-                buf = torch.empty(end - start, dtype=torch.uint8)
-                fh.seek(base + start)
-                if fh.readinto(memoryview(buf.numpy())) != end - start:
-                    raise CheckpointError(f"{path}: tensor {name} is cut short; the file may be truncated")
-            yield name, buf.view(dtype).reshape(info["shape"])
+            if name not in skip and (only is None or name in only):
+                yield name, _st_tensor(fh, path, size, base, name, info)
+
+
+def _st_tensor(fh, path: Path, size: int, base: int, name: str, info: dict) -> torch.Tensor:
+    start, end = info["data_offsets"]
+    if base + end > size:
+        raise CheckpointError(f"{path}: tensor {name} is cut short; the file may be truncated")
+    dtype = _st_dtype(info["dtype"], f"{path}: tensor {name}")
+    lead = (base + start) % mmap.ALLOCATIONGRANULARITY
+    if end > start and lead % dtype.itemsize == 0:
+        m = mmap.mmap(fh.fileno(), lead + end - start, offset=base + start - lead, access=mmap.ACCESS_COPY)
+        buf = torch.frombuffer(m, dtype=torch.uint8, offset=lead, count=end - start)
+        del m  # the tensor keeps the map alive, and unmaps it when it goes
+    else:
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        fh.seek(base + start)
+        if fh.readinto(memoryview(buf.numpy())) != end - start:
+            raise CheckpointError(f"{path}: tensor {name} is cut short; the file may be truncated")
+    return buf.view(dtype).reshape(info["shape"])
 
 
 _ST_DTYPES = {
