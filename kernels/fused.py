@@ -82,6 +82,31 @@ def attend_one(cfg, qkv: torch.Tensor, rope, cache, start, threads: int = 0) -> 
     return o
 
 
+def attend_rows(cfg, qkv: torch.Tensor, rope, cache, start, threads: int = 0) -> torch.Tensor | None:
+    """A prompt chunk of a batch of one: RoPE on its q and k (in place in qkv), k and v into cache slots
+    start.., each row attending causally over slots 0..start+row (lvq_attend_rows). Returns
+    [1, T, heads * head_dim], or None where it does not apply (the caller runs SDPA)."""
+    H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if (cfg.rope != "interleaved" or cfg.layout == "chatglm-v1" or not isinstance(start, int)
+            or not isinstance(cache, tuple) or qkv.dim() != 3 or qkv.shape[0] != 1 or qkv.device.type != "cpu"
+            or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or native.available() is not None
+            or not native.fast() or D % 8 or H % G):
+        return None
+    if not _cache_ok(cache, rope, qkv.dtype) or rope[0].numel() != qkv.shape[1] * (cfg.rotary_dim // 2):
+        return None
+    kc, vc = cache
+    T = qkv.shape[1]
+    if kc.shape[2] < start + T:
+        return None
+    cos, sin = rope
+    o = torch.empty(1, T, H * D, dtype=qkv.dtype)
+    rc = native._lib.lvq_attend_rows(_p(qkv), _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
+                                     kc.shape[2], start, T, _p(o), _THREADS or threads)
+    if rc:
+        raise MemoryError(f"lvq_attend_rows: no scratch for {start + T} slots")
+    return o
+
+
 class _Lin(ctypes.Structure):
     """lvq_lin in lvq.c: one NativeLinear's arguments."""
     _fields_ = [("K", ctypes.c_int64), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),

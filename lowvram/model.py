@@ -60,13 +60,12 @@ class Model:
         return ctx_len, mask_pos
 
     def _mask(self, ids: list[int], start: int, n: int) -> torch.Tensor | None:
-        """Bool [n, slots] over the cache (prefix slots first), or None for plain causal from slot 0."""
+        """Bool [n, slots] over the cache (prefix slots first), or None for causal over the cache slots (row i
+        sees every slot up to its own: the prefix and earlier chunks whole), which the layers run without a mask."""
         pre = self.config.pre_seq_len
         bidir = (self._glm1_prompt(ids)[0] or 0) if self.config.rope == "2d" else 0
-        if n == 1:
-            return None  # one new token sees everything before it
-        if pre == 0 and start == 0 and bidir == 0:
-            return None
+        if n == 1 or bidir <= start:
+            return None  # one new token, or no bidirectional context ahead of these rows: plain causal
         q = torch.arange(start, start + n)[:, None]
         k = torch.arange(start + n)[None, :]
         m = (k <= q) | (k < bidir)

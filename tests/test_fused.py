@@ -80,6 +80,77 @@ def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv
     assert fused.attend_one(v1, qkv, rope, tuple(cache), slot) is None  # ChatGLM-6B's 2D RoPE: torch code
 
 
+@pytest.mark.parametrize("path", native.ISAS)
+@pytest.mark.parametrize("start,rows", [(0, 2), (0, 45), (37, 5), (300, 64)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (32, 2, 128)])
+def test_attend_rows_matches_rope_cache_write_and_causal_attention(path, start, rows, heads, kv_heads, head_dim):
+    """A prompt chunk's attention in C: RoPE, cache writes at slots start.., and each row over slots up to its
+    own (earlier slots: a prefix or an earlier chunk), against the torch code with an explicit mask."""
+    if native.ISAS.index(path) > native.ISAS.index(native.isa()):
+        pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
+    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
+                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
+                    max_length=1024, rotary_dim=16)
+    H, G, D, T = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows
+    torch.manual_seed(start + rows)
+    qkv = (torch.randn(1, T, (H + 2 * G) * D) * 2).bfloat16()
+    cache = [torch.randn(1, G, 400, D).bfloat16() for _ in range(2)]
+    rope = glm.rope_tables(cfg, torch.arange(start, start + T)[None])
+    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+    q, k, v = q.view(1, T, H, D), k.view(1, T, G, D), v.view(1, T, G, D)
+    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    kc, vc = (c.clone() for c in cache)
+    kc[:, :, start : start + T] = k.transpose(1, 2)
+    vc[:, :, start : start + T] = v.transpose(1, 2)
+    mask = torch.arange(start + T) <= torch.arange(start, start + T)[:, None]
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), kc[:, :, : start + T].float(),
+                                         vc[:, :, : start + T].float(), attn_mask=mask, enable_gqa=True)
+    native.set_isa(path)
+    try:
+        o = fused.attend_rows(cfg, qkv.clone(), rope, tuple(cache), start)
+    finally:
+        native.set_isa(None)
+    if path == "generic":
+        assert o is None  # its loops need AVX2: SDPA runs
+        return
+    assert o.shape == (1, T, H * D)
+    assert _rel(o, ref.transpose(1, 2).reshape(1, T, H * D)) < 4e-3  # bf16 rounding of the output
+    assert torch.equal(cache[0][:, :, start : start + T], kc[:, :, start : start + T])
+    assert torch.equal(cache[1][:, :, start : start + T], vc[:, :, start : start + T])
+    assert torch.equal(cache[0][:, :, start + T :], kc[:, :, start + T :])  # nothing else written
+    assert torch.equal(cache[0][:, :, :start], kc[:, :, :start])
+
+
+@pytest.mark.parametrize("generation,kw", [("chatglm3-6b", {}), ("glm-4-9b-chat", {}), ("glm-4-0414", {}),
+                                           ("chatglm3-6b", {"pre_seq_len": 4})])
+def test_prompt_attention_in_c_equals_sdpa(generation, kw, tiny, monkeypatch):
+    """Prompts through lvq_attend_rows against SDPA, whole and in chunks (later chunks attend over the earlier
+    ones in the cache; the torch code then needs an explicit mask, built in the layer), and with a P-tuning
+    prefix ahead of the prompt: the logits of every position agree to bf16 rounding."""
+    import lowvram
+
+    if not native.fast():
+        pytest.skip("lvq_attend_rows needs AVX2; this CPU runs the portable path")
+    src = tiny(generation, **kw, **({} if generation.startswith("glm-4-0") else dict(hidden_size=128, ffn_hidden_size=256)))
+    model = lowvram.load(src, dtype="bfloat16")
+    ids = list(range(3, 70))
+    ran = []
+    real = fused.attend_rows
+    monkeypatch.setattr(fused, "attend_rows", lambda *a, **k: (o := real(*a, **k), ran.append(o is not None))[0])
+
+    def logits(chunk):
+        model.prefill_chunk = chunk
+        with torch.inference_mode():
+            caches = model.new_cache(model.config.pre_seq_len + len(ids))
+            return model.net.head(model.forward(ids, 0, len(ids), caches)).float()
+
+    fast, fast_chunked = logits(512), logits(16)
+    assert ran and all(ran)  # every layer of every chunk in C
+    monkeypatch.setattr(fused, "attend_rows", lambda *a, **k: None)
+    ref, ref_chunked = logits(512), logits(16)
+    assert _rel(fast, ref) < 2e-2 and _rel(fast_chunked, ref) < 2e-2 and _rel(ref_chunked, ref) < 2e-2
+
+
 @pytest.mark.parametrize("generation", ["chatglm3-6b", "glm-4-9b-chat", "glm-4-0414", "chatglm-6b"])
 def test_decode_with_fused_ops_equals_torch_ops(generation, tiny, monkeypatch):
     """A whole bf16 model, token by token over the same sequence: each step's logits with the C ops as with

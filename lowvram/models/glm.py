@@ -133,6 +133,8 @@ class Attention(nn.Module):
         threads = getattr(self.qkv, "threads", 0)  # the native kernel's: attention runs on as many
         if T == 1 and mask is None and (o := fused.attend_one(cfg, qkv, rope, cache, start, threads)) is not None:
             return self.out(o)
+        if T > 1 and mask is None and (o := fused.attend_rows(cfg, qkv, rope, cache, start, threads)) is not None:
+            return self.out(o)
         if cfg.layout == "chatglm-v1":
             q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)
         else:
@@ -156,6 +158,8 @@ class Attention(nn.Module):
         if T == 1 and mask is None:
             o = decode_attention(q, k, v)
         else:
+            if mask is None and k.shape[2] > T:  # causal over the cache slots: row i sees slots 0..start+i
+                mask = torch.arange(k.shape[2], device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
             causal = mask is None and T > 1
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=G != H)
         return self.out(o.transpose(1, 2).reshape(B, T, H * D))
@@ -276,7 +280,8 @@ class GLM(nn.Module):
         """Final-norm hidden states for embeddings or ids `x` at positions `pos`.
 
         caches: one (k, v) pair per layer, written at slots [start, start+T); None = no cache.
-        mask: bool [T, start+T] (True = may attend), or None for plain causal.
+        mask: bool [T, start+T] (True = may attend), or None for causal over the cache slots (row i sees
+        slots 0..start+i: a prefix or an earlier chunk whole).
         """
         if not torch.is_floating_point(x):
             x = self.embed(x.to(self.embed.weight.device))
