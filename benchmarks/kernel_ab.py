@@ -31,8 +31,8 @@ import lowvram
 from lowvram.kernels import PackedWeight, fused, native, pack_cols, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_decode_blocks", "lvq_dequant_bf16",
-         "lvq_repack", "lvq_hugepages")
+FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_attend_rows", "lvq_decode_blocks",
+         "lvq_dequant_bf16", "lvq_repack", "lvq_hugepages")
 
 
 def build(rev: str, out: Path) -> ctypes.CDLL:
@@ -50,6 +50,8 @@ def build(rev: str, out: Path) -> ctypes.CDLL:
             print(f"{rev} has no {f}")
             if f == "lvq_decode_blocks":
                 fused.decode_blocks = fused.decode_block = lambda *a, **k: None
+            if f == "lvq_attend_rows":  # prompts then attend through SDPA on both sides
+                fused.attend_rows = lambda *a, **k: None
             continue
         getattr(lib, f).argtypes, getattr(lib, f).restype = getattr(cur, f).argtypes, getattr(cur, f).restype
     return lib

@@ -82,7 +82,7 @@ def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv
 
 @pytest.mark.parametrize("path", native.ISAS)
 @pytest.mark.parametrize("start,rows", [(0, 2), (0, 45), (37, 5), (300, 64)])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (32, 2, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (12, 2, 64), (32, 2, 128)])
 def test_attend_rows_matches_rope_cache_write_and_causal_attention(path, start, rows, heads, kv_heads, head_dim):
     """A prompt chunk's attention in C: RoPE, cache writes at slots start.., and each row over slots up to its
     own (earlier slots: a prefix or an earlier chunk), against the torch code with an explicit mask."""

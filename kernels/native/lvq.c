@@ -1617,6 +1617,28 @@ AVX2 static inline __m256 hsum8x(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* s[0..S) -> softmax(s), in place. */
+AVX2 static void softmax_avx2(float *s, int64_t S) {
+    float mx = -INFINITY;
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= S; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    float m4[8];
+    _mm256_storeu_ps(m4, m8);
+    for (int i = 0; i < 8; i++) mx = m4[i] > mx ? m4[i] : mx; /* not fmaxf: a libm call here (16% of the time) */
+    for (; j < S; j++) mx = s[j] > mx ? s[j] : mx;
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= S; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(s + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum256(sum8);
+    for (; j < S; j++) sum += (s[j] = expf(s[j] - mx));
+    float inv = 1.f / sum;
+    for (j = 0; j < S; j++) s[j] *= inv;
+}
+
 /* Attention of four query heads that share a kv head (GQA: 16 of them in ChatGLM2/3 and GLM-4) over its S
  * cached bf16 rows; q[i], s[i] (S scores) and acc[i] (D outputs) per head, D a multiple of 8. Each key and
  * value row is converted once for the four heads and the dot products run as independent chains (two keys x
@@ -1646,25 +1668,7 @@ AVX2 static void attend4_avx2(float *const *q, const uint16_t *k, const uint16_t
             for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + d), ld8bf(k + j * D + d), a);
             s[h][j] = hsum256(a) * scale;
         }
-    for (int h = 0; h < 4; h++) { /* softmax, the probabilities normalised in place */
-        float mx = -INFINITY;
-        __m256 m8 = _mm256_set1_ps(-INFINITY);
-        for (j = 0; j + 8 <= S; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s[h] + j));
-        float m4[8];
-        _mm256_storeu_ps(m4, m8);
-        for (int i = 0; i < 8; i++) mx = m4[i] > mx ? m4[i] : mx; /* not fmaxf: a libm call here (16% of the time) */
-        for (; j < S; j++) mx = s[h][j] > mx ? s[h][j] : mx;
-        __m256 sum8 = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= S; j += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s[h] + j), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(s[h] + j, e);
-            sum8 = _mm256_add_ps(sum8, e);
-        }
-        float sum = hsum256(sum8);
-        for (; j < S; j++) sum += (s[h][j] = expf(s[h][j] - mx));
-        float inv = 1.f / sum;
-        for (j = 0; j < S; j++) s[h][j] *= inv;
-    }
+    for (int h = 0; h < 4; h++) softmax_avx2(s[h], S);
     for (int64_t d = 0; d < D; d += 16) { /* 16 columns of four heads: eight accumulators */
         int two = d + 16 <= D;
         __m256 a[8];
@@ -1808,6 +1812,63 @@ int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t
     return 0;
 }
 
+/* A prompt chunk's keys and values of one kv head as float, once per layer for every row and head: K in blocks
+ * of 32 keys, kt[b][d][32] (zeros past S), so a block's scores are broadcast-q FMAs over contiguous rows with no
+ * horizontal sums; V as vf[S][D]. */
+static void kv_float(const uint16_t *k, const uint16_t *v, int64_t S, int64_t D, float *kt, float *vf) {
+    for (int64_t b = 0; b < (S + 31) / 32; b++)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t u = 0; u < 32; u++) {
+                int64_t j = 32 * b + u;
+                kt[(b * D + d) * 32 + u] = j < S ? bf2f(k[j * D + d]) : 0.f;
+            }
+    for (int64_t j = 0; j < S * D; j++) vf[j] = bf2f(v[j]);
+}
+
+/* Four heads of one row over the first S keys of kv_float's tables (D a multiple of 64): scores, softmax,
+ * then acc[h] = p[h] V. s[h] holds S rounded up to 32. Two key vectors x four heads and four output vectors
+ * x four heads keep eight and sixteen accumulators in flight (attend4_avx2 did a horizontal sum per key). */
+VNNI static void attend4_avx512(float *const *q, const float *kt, const float *vf, int64_t S, int64_t D, float scale,
+                                float *const *s, float *const *acc) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t b = 0; b < (S + 31) / 32; b++) {
+        __m512 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+        const float *c = kt + b * D * 32;
+        for (int64_t d = 0; d < D; d++, c += 32) {
+            const __m512 k0 = _mm512_loadu_ps(c), k1 = _mm512_loadu_ps(c + 16);
+            for (int h = 0; h < 4; h++) {
+                const __m512 qh = _mm512_set1_ps(q[h][d]);
+                a[2 * h] = _mm512_fmadd_ps(qh, k0, a[2 * h]);
+                a[2 * h + 1] = _mm512_fmadd_ps(qh, k1, a[2 * h + 1]);
+            }
+        }
+        for (int h = 0; h < 4; h++) {
+            _mm512_storeu_ps(s[h] + 32 * b, _mm512_mul_ps(a[2 * h], sc));
+            _mm512_storeu_ps(s[h] + 32 * b + 16, _mm512_mul_ps(a[2 * h + 1], sc));
+        }
+    }
+    for (int h = 0; h < 4; h++) softmax_avx2(s[h], S);
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        __m512 a[16];
+        for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < S; j++) {
+            const float *vr = vf + j * D + d0;
+            const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+                         v3 = _mm512_loadu_ps(vr + 48);
+            for (int h = 0; h < 4; h++) {
+                const __m512 p = _mm512_set1_ps(s[h][j]);
+                a[4 * h] = _mm512_fmadd_ps(p, v0, a[4 * h]);
+                a[4 * h + 1] = _mm512_fmadd_ps(p, v1, a[4 * h + 1]);
+                a[4 * h + 2] = _mm512_fmadd_ps(p, v2, a[4 * h + 2]);
+                a[4 * h + 3] = _mm512_fmadd_ps(p, v3, a[4 * h + 3]);
+            }
+        }
+        for (int h = 0; h < 4; h++)
+            for (int z = 0; z < 4; z++) _mm512_storeu_ps(acc[h] + d0 + 16 * z, a[4 * h + z]);
+    }
+}
+
 /* A prompt's T bf16 rows through attention, in place on their qkv rows [T][(H + 2G) D]: RoPE on q and k
  * (cos/sin [T][rot/2], one row per position), k and v into slots start..start+T-1 of the caches [G][slots][D],
  * then row i's heads attend over slots 0..start+i (causal in cache slots: a P-tuning prefix or an earlier
@@ -1842,9 +1903,17 @@ int lvq_attend_rows(uint16_t *qkv, const float *cos, const float *sin, int64_t r
     }
     int fail = 0;
     const float scale = 1.0f / sqrtf((float)D);
+    const int64_t SP = (S1 + 31) / 32 * 32, KV = D * SP + S1 * D; /* floats per kv head in kv_float's tables */
+    /* AVX-512: keys and values converted once per chunk (bounded: 32 MiB at 16K slots and D 128 per kv head) */
+    float *kvf = lvq_isa() >= ISA_VNNI && D % 64 == 0 && quads && SP <= 16384 ? (float *)malloc(sizeof(float) * G * KV)
+                                                                              : NULL;
+    if (kvf) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t g = 0; g < G; g++) kv_float(kc + g * slots * D, vc + g * slots * D, S1, D, kvf + g * KV, kvf + g * KV + D * SP);
+    }
 #pragma omp parallel num_threads(nthreads)
     {
-        float *buf = (float *)malloc(sizeof(float) * 4 * (2 * D + S1)); /* per head: q, acc, scores */
+        float *buf = (float *)malloc(sizeof(float) * 4 * (2 * D + SP)); /* per head: q, acc, scores */
         if (!buf) {
 #pragma omp atomic write
             fail = 1;
@@ -1857,11 +1926,13 @@ int lvq_attend_rows(uint16_t *qkv, const float *cos, const float *sin, int64_t r
             const int64_t h0 = g * per + (j < quads ? 4 * j : 4 * quads + (j - quads)), nh = j < quads ? 4 : 1;
             float *q[4], *acc[4], *sc[4];
             for (int64_t u = 0; u < nh; u++) {
-                q[u] = buf + u * (2 * D + S1), acc[u] = q[u] + D, sc[u] = acc[u] + D;
+                q[u] = buf + u * (2 * D + SP), acc[u] = q[u] + D, sc[u] = acc[u] + D;
                 for (int64_t d = 0; d < D; d++) q[u][d] = bf2f(qkv[i * W + (h0 + u) * D + d]);
             }
             const uint16_t *kg = kc + g * slots * D, *vg = vc + g * slots * D;
-            if (nh == 4)
+            if (nh == 4 && kvf)
+                attend4_avx512(q, kvf + g * KV, kvf + g * KV + D * SP, start + i + 1, D, scale, sc, acc);
+            else if (nh == 4)
                 attend4_avx2(q, kg, vg, start + i + 1, D, scale, sc, acc);
             else
                 attend_head_avx2(q[0], kg, vg, start + i + 1, D, scale, sc[0], acc[0]);
@@ -1870,6 +1941,7 @@ int lvq_attend_rows(uint16_t *qkv, const float *cos, const float *sin, int64_t r
         }
         free(buf);
     }
+    free(kvf);
     return fail ? -11 : 0;
 #else
     return -1;
