@@ -71,7 +71,6 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [R, C] packed along dim 1 (low bits first) -> int32 [R, C*32/bits]."""
     if 32 % bits:  # 3-bit values straddle words: through the row unpacking
         return unpack_rows(packed.t().contiguous(), bits).t().contiguous()
-    per = 32 // bits
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
     return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1)
 

@@ -23,8 +23,8 @@ _THREADS = int(os.environ.get("LOWVRAM_THREADS", 0))  # 0: attention on as many 
 _BLOCK = os.environ.get("LOWVRAM_FUSED_BLOCK", "1") != "0"  # 0: separate calls per block (for comparisons)
 
 
-def _ok(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= _MAX_ELEMS
+def _ok(x: torch.Tensor, max_elems: int | None = _MAX_ELEMS) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and (max_elems is None or x.numel() <= max_elems)
             and native.available() is None and x.is_contiguous())
 
 
@@ -88,8 +88,7 @@ def attend_rows(cfg, qkv: torch.Tensor, rope, cache, start, threads: int = 0) ->
     [1, T, heads * head_dim], or None where it does not apply (the caller runs SDPA)."""
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if (cfg.rope != "interleaved" or cfg.layout == "chatglm-v1" or not isinstance(start, int)
-            or not isinstance(cache, tuple) or qkv.dim() != 3 or qkv.shape[0] != 1 or qkv.device.type != "cpu"
-            or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or native.available() is not None
+            or not isinstance(cache, tuple) or qkv.dim() != 3 or qkv.shape[0] != 1 or not _ok(qkv, None)
             or not native.fast() or D % 8 or H % G):
         return None
     if not _cache_ok(cache, rope, qkv.dtype) or rope[0].numel() != qkv.shape[1] * (cfg.rotary_dim // 2):

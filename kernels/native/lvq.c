@@ -1721,16 +1721,13 @@ int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y) {
     return 0;
 }
 
-/* One new token through attention, in place on its qkv row (H query heads, G kv heads, head size D):
- * rotate the first `rot` dims of every q and k head by GPT-J pairs with cos/sin [rot/2], write k and v
- * into slot `slot` of the caches [G][slots][D], then o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]
- * over slots 0..slot, g = h / (H/G). Returns -11 when its scratch cannot be allocated. */
-int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
-                   int64_t D, void *kc, void *vc, int64_t slots, int64_t slot, void *o, int nthreads) {
-    int64_t half = rot / 2;
+/* One token's qkv row (type t) before attention: rotate the first `rot` dims of every q and k head by GPT-J
+ * pairs with cos/sin [rot/2], in place, then write its k and v into slot `slot` of the caches [G][slots][D]. */
+static void rope_cache_row(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
+                           int64_t D, void *kc, void *vc, int64_t slots, int64_t slot) {
     for (int64_t h = 0; h < H + G; h++) { /* q heads, then k heads */
         int64_t base = h * D;
-        for (int64_t j = 0; j < half; j++) {
+        for (int64_t j = 0; j < rot / 2; j++) {
             float x0 = ldf(qkv, t, base + 2 * j), x1 = ldf(qkv, t, base + 2 * j + 1);
             stf(qkv, t, base + 2 * j, x0 * cos[j] - x1 * sin[j]);
             stf(qkv, t, base + 2 * j + 1, x1 * cos[j] + x0 * sin[j]);
@@ -1741,6 +1738,15 @@ int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t
         memcpy((char *)kc + ((g * slots + slot) * D) * es, (char *)qkv + ((H + g) * D) * es, D * es);
         memcpy((char *)vc + ((g * slots + slot) * D) * es, (char *)qkv + ((H + G + g) * D) * es, D * es);
     }
+}
+
+/* One new token through attention, in place on its qkv row (H query heads, G kv heads, head size D):
+ * rotate the first `rot` dims of every q and k head by GPT-J pairs with cos/sin [rot/2], write k and v
+ * into slot `slot` of the caches [G][slots][D], then o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]
+ * over slots 0..slot, g = h / (H/G). Returns -11 when its scratch cannot be allocated. */
+int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
+                   int64_t D, void *kc, void *vc, int64_t slots, int64_t slot, void *o, int nthreads) {
+    rope_cache_row(qkv, t, cos, sin, rot, H, G, D, kc, vc, slots, slot);
     int64_t S = slot + 1, per = H / G;
     float scale = 1.0f / sqrtf((float)D);
 #ifdef _OPENMP
@@ -1873,9 +1879,10 @@ VNNI static void attend4_avx512(float *const *q, const float *kt, const float *v
  * (cos/sin [T][rot/2], one row per position), k and v into slots start..start+T-1 of the caches [G][slots][D],
  * then row i's heads attend over slots 0..start+i (causal in cache slots: a P-tuning prefix or an earlier
  * chunk before `start` is seen whole), o [T][H D]. Why not torch's SDPA: its CPU flash kernel without AMX
- * ran a 512-row ChatGLM3-6B layer in 27 ms on a Zen 5 (2 threads), 13% of the prompt; these are the decode
- * step's loops, one task per (row, four heads of a kv head) or (row, head) for a group's heads left over. AVX2
- * or better, D a multiple of 8 (the caller checks); returns -11 when its scratch cannot be allocated. */
+ * ran a 512-row ChatGLM3-6B layer in 27 ms on a Zen 5 (2 threads), 13% of the prompt; here 7 ms. One task per
+ * (row, four heads of a kv head), through attend4_avx512 where the CPU has AVX-512 (else the decode step's
+ * attend4_avx2), or per (row, head) for a group's heads left over. AVX2 or better, D a multiple of 8 (the
+ * caller checks); returns -11 when its scratch cannot be allocated. */
 int lvq_attend_rows(uint16_t *qkv, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
                     int64_t D, uint16_t *kc, uint16_t *vc, int64_t slots, int64_t start, int64_t T, uint16_t *o,
                     int nthreads) {
@@ -1887,24 +1894,12 @@ int lvq_attend_rows(uint16_t *qkv, const float *cos, const float *sin, int64_t r
 #endif
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < T; i++) {
-        uint16_t *r = qkv + i * W;
-        const float *c = cos + i * half, *sn = sin + i * half;
-        for (int64_t h = 0; h < H + G; h++) /* q heads, then k heads */
-            for (int64_t j = 0; j < half; j++) {
-                float x0 = bf2f(r[h * D + 2 * j]), x1 = bf2f(r[h * D + 2 * j + 1]);
-                r[h * D + 2 * j] = f2bf(x0 * c[j] - x1 * sn[j]);
-                r[h * D + 2 * j + 1] = f2bf(x1 * c[j] + x0 * sn[j]);
-            }
-        for (int64_t g = 0; g < G; g++) {
-            memcpy(kc + (g * slots + start + i) * D, r + (H + g) * D, D * 2);
-            memcpy(vc + (g * slots + start + i) * D, r + (H + G + g) * D, D * 2);
-        }
-    }
+    for (int64_t i = 0; i < T; i++)
+        rope_cache_row(qkv + i * W, 1, cos + i * half, sin + i * half, rot, H, G, D, kc, vc, slots, start + i);
     int fail = 0;
     const float scale = 1.0f / sqrtf((float)D);
     const int64_t SP = (S1 + 31) / 32 * 32, KV = D * SP + S1 * D; /* floats per kv head in kv_float's tables */
-    /* AVX-512: keys and values converted once per chunk (bounded: 32 MiB at 16K slots and D 128 per kv head) */
+    /* AVX-512: keys and values converted once per chunk (bounded: 16 MiB per kv head at 16K slots and D 128) */
     float *kvf = lvq_isa() >= ISA_VNNI && D % 64 == 0 && quads && SP <= 16384 ? (float *)malloc(sizeof(float) * G * KV)
                                                                               : NULL;
     if (kvf) {
