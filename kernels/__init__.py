@@ -117,6 +117,7 @@ BACKENDS = {
     "cpu": "lowvram.kernels.cpu",
     "cuda": "lowvram.kernels.cuda",
     "mps": "lowvram.kernels.mps",
+    "bnb": "lowvram.kernels.bnb",  # optional (bitsandbytes): NF4 / LLM.int8, a re-quantization of the checkpoint
 }
 
 
@@ -151,6 +152,6 @@ def make_linear(w: PackedWeight, backend: str = "torch", dtype: torch.dtype = to
     why = mod.available()
     if why:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
-    if device is not None and backend == "cuda":
+    if device is not None and backend in ("cuda", "bnb"):
         return mod.make(w, dtype, device)
     return mod.make(w, dtype)

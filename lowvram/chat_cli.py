@@ -14,7 +14,7 @@ def _model_arguments(p):
     p.add_argument("model", help="checkpoint directory (original or quantized)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default=None, help="float32 (exact reference), bfloat16, float16; default per device")
-    p.add_argument("--backend", default=None, help="quantized kernel backend: ort, cpu, torch, cuda, mps")
+    p.add_argument("--backend", default=None, help="quantized kernel backend: native, ort, cpu, torch, cuda, mps, bnb")
     p.add_argument("--placement", default=None, help='blocks per device, e.g. "cuda:0=0-19,cpu=20-27"')
     placement_arguments(p)
     p.add_argument("--ctx", type=int, default=None, help="context window to allocate (default: the model's)")

@@ -216,6 +216,57 @@ def test_model_through_fast_backends(backend, tiny, tmp_path):
     assert err < 0.05, err
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 128), (8, -1)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_bnb_linear_computes_with_its_requantization_of_the_weights(bits, group, act_order):
+    """bitsandbytes re-quantizes (NF4 / LLM.int8): its output is x @ W_bnb.T + b, W_bnb within NF4's or int8's
+    error of the checkpoint's W, stored packed."""
+    _need("bnb")
+    k = 256
+    w = random_packed(96, k, bits, group if group > 0 else k, act_order, bias=True, seed=bits + k)
+    m = make_linear(w, "bnb", torch.bfloat16, "cpu")
+    ref = dequantize(w)
+    wb = m.weight_float()
+    w_err = ((wb - ref).norm() / ref.norm()).item()
+    # uniform codes are NF4's worst case (~9% measured); int8 per row rounds to 1/127 of the row's max
+    assert 1e-4 < w_err < (0.12 if bits == 4 else 0.01), w_err
+    assert m.nbytes() < w.out_features * k * (0.6 if bits == 4 else 1.1)
+    for rows in (1, 9):
+        x = torch.randn(rows, k)
+        y = m(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        own = x @ wb.t() + w.bias
+        err = ((y.float() - own).norm() / own.norm()).item()
+        assert err < 1e-2, (rows, err)  # bf16 (NF4) or int8 (LLM.int8) activations
+
+
+def test_bnb_unavailable_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as where it is not installed
+    w = random_packed(16, 128, 4, 32, False, False)
+    with pytest.raises(RuntimeError, match=r"backend 'bnb' is unavailable: bitsandbytes is not installed.*pip install"):
+        make_linear(w, "bnb", torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits,tol", [(4, 0.25), (8, 0.03)])
+def test_model_through_bnb(bits, tol, tiny, tmp_path):
+    """A whole model on bitsandbytes' CPU kernels: every block linear is bitsandbytes', logits near the exact
+    path's (4-bit: within NF4's re-quantization error, which the random tiny weights make large)."""
+    _need("bnb")
+    src = tiny("chatglm3-6b", hidden_size=128, kv_channels=32, ffn_hidden_size=256)
+    out = tmp_path / "q"
+    quantize(src, out, bits=bits, group_size=32 if bits == 4 else -1, progress=False)
+    ids = list(range(3, 20))
+    ref = lowvram.load(out, dtype="float32").logits(ids)
+    m = lowvram.load(out, backend="bnb")
+    assert all(type(getattr(layer, name)).__name__ == "BnbLinear" for blk in m.net.layers
+               for layer, name in ((blk.attn, "qkv"), (blk.attn, "out"), (blk.mlp, "up"), (blk.mlp, "down")))
+    err = ((m.logits(ids) - ref).norm() / ref.norm()).item()
+    assert err < tol, err
+    assert len(m.generate(ids, max_new_tokens=4)) == 4
+
+
 NO_CUDA = "no CUDA device (CUDA kernels run only where a GPU is present)"
 
 
