@@ -18,7 +18,7 @@ import torch
 from . import native
 
 _BF16 = 1
-_MAX_ELEMS = 1 << 16  # a decode step's rows; prompts keep torch's multithreaded ops
+_MAX_ELEMS = 1 << 16  # a decode step's rows; prompts keep torch's multithreaded ops (but SwiGLU and attention)
 _THREADS = int(os.environ.get("LOWVRAM_THREADS", 0))  # 0: attention on as many threads as the linears
 _BLOCK = os.environ.get("LOWVRAM_FUSED_BLOCK", "1") != "0"  # 0: separate calls per block (for comparisons)
 
@@ -43,8 +43,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up for h = gate | up along the last dimension."""
-    if not _ok(h):
+    """silu(gate) * up for h = gate | up along the last dimension; prompts too (one pass, no temporary)."""
+    if not _ok(h, max_elems=None):
         return None
     n = h.shape[-1] // 2
     y = torch.empty(*h.shape[:-1], n, dtype=h.dtype)

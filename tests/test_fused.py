@@ -32,15 +32,19 @@ def test_rms_norm_and_swiglu_match_torch(path):
     ref = (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5))).bfloat16()
     h = (torch.randn(1, 1, 2 * 3000) * 4).bfloat16()  # includes large |gate| where exp over/underflows
     a, b = h.chunk(2, dim=-1)
+    hp = (torch.randn(600, 2 * 3000) * 4).bfloat16()  # a prompt's rows: split across OpenMP's threads
+    ap, bp = hp.chunk(2, dim=-1)
     native.set_isa(path)
     try:
         assert _rel(fused.rms_norm(x, w, 1e-5), ref) < 4e-3  # one bf16 rounding apart
         assert _rel(fused.swiglu(h), F.silu(a) * b) < 4e-3
+        assert _rel(fused.swiglu(hp), F.silu(ap) * bp) < 4e-3
     finally:
         native.set_isa(None)
     # where they do not apply, the caller's torch code runs
     assert fused.rms_norm(x.float(), w, 1e-5) is None  # float32 is the exact reference path
-    assert fused.swiglu(torch.randn(600, 2 * 3000).bfloat16()) is None  # prompt-sized: torch's threads
+    assert fused.rms_norm(torch.randn(600, 4096).bfloat16(), w, 1e-5) is None  # prompt-sized: torch's threads
+    assert fused.swiglu(hp.float()) is None
 
 
 @pytest.mark.parametrize("path", native.ISAS)
