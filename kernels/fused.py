@@ -48,7 +48,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
         return None
     n = h.shape[-1] // 2
     y = torch.empty(*h.shape[:-1], n, dtype=h.dtype)
-    native._lib.lvq_swiglu(_p(h), _BF16, h.numel() // (2 * n), n, _p(y))
+    native._lib.lvq_swiglu(_p(h), _BF16, h.numel() // (2 * n), n, _p(y), native.threads())
     return y
 
 

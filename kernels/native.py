@@ -45,7 +45,7 @@ def _load():
     lib.lvq_set_isa.argtypes = [i32]
     f32 = ctypes.c_float
     lib.lvq_rmsnorm.argtypes = [p, i32, p, i32, i64, i64, f32, p]
-    lib.lvq_swiglu.argtypes = [p, i32, i64, i64, p]
+    lib.lvq_swiglu.argtypes = [p, i32, i64, i64, p, i32]
     lib.lvq_attend_one.argtypes = [p, i32, p, p, i64, i64, i64, i64, p, p, i64, i64, p, i32]
     lib.lvq_attend_rows.argtypes = [p, p, p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i32]
     lib.lvq_decode_blocks.argtypes = [p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]

@@ -1169,7 +1169,7 @@ AVX2 static void prompt_tiles(const int8_t *xq, const float *sx, const float *xs
                 }
             float r[8][32];
             /* the next tile's weights into L2, a slice per step: pack_panels reads 16 rows side by side, which the
-             * hardware prefetchers did not follow (9.5% of a prompt in pack_panels, a third of that after) */
+             * hardware prefetchers did not follow (9.5% of a prompt in pack_panels, a quarter of that after) */
             const uint8_t *nx = w + t1 * rowbytes;
             const int64_t nbytes = ((t1 + 32 < n1 ? t1 + 32 : n1) - t1) * rowbytes;
             const int64_t steps = M / (group >= BLK ? 8 : LVQ_MR), slice = (nbytes / (steps ? steps : 1) + 63) & ~(int64_t)63;
@@ -1716,18 +1716,19 @@ int lvq_rmsnorm(const void *x, int xt, const void *w, int wt, int64_t rows, int6
     return 0;
 }
 
-/* SwiGLU of `rows` rows of 2n (gate | up): y = silu(gate) * up. A prompt's rows on OpenMP's threads (torch's silu
+/* SwiGLU of `rows` rows of 2n (gate | up): y = silu(gate) * up. A prompt's rows on `nthreads` threads (torch's silu
  * and multiply took two passes and a temporary: ~2% of a 512-token prompt). */
-int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y) {
+int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
 #ifdef LVQ_X86
     if (t == 1 && lvq_isa() >= ISA_AVX2) {
-#pragma omp parallel for if (rows >= 16) schedule(static)
+#pragma omp parallel for if (rows >= 16 && nthreads > 1) num_threads(nthreads) schedule(static)
         for (int64_t r = 0; r < rows; r++)
             swiglu_bf16_avx2((const uint16_t *)h + r * 2 * n, n, (uint16_t *)y + r * n);
         return 0;
     }
 #endif
-#pragma omp parallel for if (rows >= 16) schedule(static)
+#pragma omp parallel for if (rows >= 16 && nthreads > 1) num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < n; i++) {
             float a = ldf(h, t, r * 2 * n + i), b = ldf(h, t, r * 2 * n + n + i);
@@ -2002,7 +2003,7 @@ static int lvq_decode_block(const void *x, void *y, const void *n1, const void *
     add_bf16(x, a, y, hid);
     lvq_rmsnorm(y, 1, n2, nt, 1, hid, eps, h);
     if ((rc = lin_bf16(up, h, u, nthreads))) goto done;
-    lvq_swiglu(u, 1, 1, ffn, sw);
+    lvq_swiglu(u, 1, 1, ffn, sw, 1);
     if ((rc = lin_bf16(down, sw, a, nthreads))) goto done;
     if (pn2) lvq_rmsnorm(a, 1, pn2, nt, 1, hid, eps, a);
     add_bf16(y, a, y, hid);
