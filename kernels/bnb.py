@@ -29,17 +29,17 @@ def available() -> str | None:
     return None
 
 
-def _float_weight(w: PackedWeight, dtype: torch.dtype, device) -> torch.Tensor:
-    """W [N, K] in `dtype` on `device`, dequantized a slice of output rows at a time (qzeros hold 32/bits
-    rows per word, so slices start at multiples of 32)."""
-    n, per = w.out_features, 32 // w.bits
-    out = torch.empty(n, w.in_features, dtype=dtype, device=device)
+def _float_weight(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` on the CPU, where bitsandbytes wants a float weight before the move that quantizes it
+    (Int8Params quantizes only when moved from the CPU); dequantized a slice of output rows at a time (qzeros
+    hold 32/bits rows per word, so slices start at multiples of 32)."""
+    n, per, cpu = w.out_features, 32 // w.bits, "cpu"
+    out = torch.empty(n, w.in_features, dtype=dtype)
     for n0 in range(0, n, _COLS):
         n1 = min(n0 + _COLS, n)
         z0, z1 = n0 // per, -(-n1 // per)
-        part = PackedWeight(w.qweight[:, n0:n1].to(device), w.qzeros[:, z0:z1].to(device),
-                            w.scales[:, n0:n1].to(device), None if w.g_idx is None else w.g_idx.to(device),
-                            w.bits, w.group_size)
+        part = PackedWeight(w.qweight[:, n0:n1].to(cpu), w.qzeros[:, z0:z1].to(cpu), w.scales[:, n0:n1].to(cpu),
+                            None if w.g_idx is None else w.g_idx.to(cpu), w.bits, w.group_size)
         out[n0:n1] = dequantize(part, torch.float32)[: n1 - n0].to(dtype)
     return out
 
@@ -58,18 +58,18 @@ class BnbLinear(nn.Module):
             self.compute = dtype
             inner = bnb.nn.Linear4bit(w.in_features, w.out_features, bias=bias, compute_dtype=dtype,
                                       quant_type="nf4", device="meta")
-            wf = _float_weight(w, torch.bfloat16 if dtype == torch.bfloat16 else torch.float16, device)
+            wf = _float_weight(w, torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
             inner.weight = bnb.nn.Params4bit(wf, requires_grad=False, quant_type="nf4", blocksize=64)
         elif w.bits == 8:
             self.compute = torch.float16  # LLM.int8 multiplies fp16 activations
             inner = bnb.nn.Linear8bitLt(w.in_features, w.out_features, bias=bias, has_fp16_weights=False,
                                         threshold=THRESHOLD, device="meta")
-            inner.weight = bnb.nn.Int8Params(_float_weight(w, torch.float16, device), requires_grad=False,
+            inner.weight = bnb.nn.Int8Params(_float_weight(w, torch.float16), requires_grad=False,
                                              has_fp16_weights=False)
         else:
             raise ValueError(f"bitsandbytes runs 4-bit (NF4) and 8-bit weights, not {w.bits}-bit")
         if bias:
-            inner.bias = nn.Parameter(w.bias.to(device, self.compute), requires_grad=False)
+            inner.bias = nn.Parameter(w.bias.to(torch.device("cpu"), self.compute), requires_grad=False)
         self.inner = inner.to(device)  # bitsandbytes quantizes the float weight when it is moved
 
     def nbytes(self) -> int:
