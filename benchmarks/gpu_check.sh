@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a GPU, in phases that each fit one device call (~10 min):
-#   bash benchmarks/gpu_check.sh tests     # every test that needs CUDA (kernels, graphs, GPTQ on cuda, GPU+CPU split)
+#   bash benchmarks/gpu_check.sh tests     # every test that needs CUDA (kernels, graphs, GPTQ on cuda, GPU+CPU split,
+#                                          # bitsandbytes on cuda: put its wheel in benchmarks/wheels/ and carry that)
 #   bash benchmarks/gpu_check.sh decode    # issue 5: 4-bit decode of chatglm3-6b / glm-4-9b-chat shapes, +/- CUDA graphs
 #   bash benchmarks/gpu_check.sh offload   # issue 6: 6 GiB cap split/streaming, memory model at 8K under 8 GiB
 #   bash benchmarks/gpu_check.sh accelerate  # issue 6: the same with transformers+accelerate's bf16 offload beside it
@@ -15,6 +16,10 @@ mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt" 2>&1 || true
 case "${1:-tests}" in
   tests)
+    # bitsandbytes (the optional bnb backend) from a wheel carried in benchmarks/wheels/, the GPU machine being offline
+    if ! python -c "import bitsandbytes" 2>/dev/null && ls benchmarks/wheels/bitsandbytes-*.whl >/dev/null 2>&1; then
+      python -m pip install -q --no-deps benchmarks/wheels/bitsandbytes-*.whl || true
+    fi
     python -m pytest -q -rs tests/test_kernels.py tests/test_quantize.py tests/test_placement.py -k "cuda or gpu" \
       2>&1 | tee "$R/tests.txt" ;;
   decode)

@@ -240,6 +240,23 @@ def test_bnb_linear_computes_with_its_requantization_of_the_weights(bits, group,
         assert err < 1e-2, (rows, err)  # bf16 (NF4) or int8 (LLM.int8) activations
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (bitsandbytes' CUDA kernels need one)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bnb_linear_on_cuda(bits):
+    """The same on the GPU, fp16 activations: the weights quantized there, the output x @ W_bnb.T + b."""
+    _need("bnb")
+    w = random_packed(256, 512, bits, 128, False, bias=True, seed=bits)
+    m = make_linear(w, "bnb", torch.float16, "cuda")
+    assert m.inner.weight.device.type == "cuda"
+    wb = m.weight_float().cpu()
+    ref = dequantize(w)
+    assert ((wb - ref).norm() / ref.norm()).item() < (0.12 if bits == 4 else 0.01)
+    x = torch.randn(5, 512)
+    y = m(x.half().cuda()).float().cpu()
+    own = x @ wb.t() + w.bias
+    assert ((y - own).norm() / own.norm()).item() < 1e-2
+
+
 def test_bnb_unavailable_says_what_to_install(monkeypatch):
     import sys
 
