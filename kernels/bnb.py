@@ -55,6 +55,9 @@ class BnbLinear(nn.Module):
         self.in_features, self.out_features, self.bits, self.dtype = w.in_features, w.out_features, w.bits, dtype
         bias = w.bias is not None
         if w.bits == 4:
+            if device.type == "cpu" and w.in_features % 64:  # its CPU kernel repacks NF4 blocks per row
+                raise ValueError(f"bitsandbytes' CPU 4-bit kernel needs in_features a multiple of 64, not "
+                                 f"{w.in_features}")
             self.compute = dtype
             inner = bnb.nn.Linear4bit(w.in_features, w.out_features, bias=bias, compute_dtype=dtype,
                                       quant_type="nf4", device="meta")

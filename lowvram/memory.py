@@ -78,7 +78,7 @@ CPU_RUNTIME_BYTES = 255 << 20
 # What is resident when the first tensor is read (torch and lowvram imported, nothing built or run yet):
 # the baseline of the output layer's load, which comes first (`python -c "import lowvram"`: 220 MiB).
 CPU_IMPORT_BYTES = 220 << 20
-QUANT_KERNEL_RUNTIME_BYTES = {"ort": 36 << 20}
+QUANT_KERNEL_RUNTIME_BYTES = {"ort": 36 << 20, "bnb": 120 << 20}  # bnb: `import bitsandbytes`, measured the same way
 
 
 @dataclass
@@ -164,6 +164,10 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     backend = backend or (default_backend(torch.device("cpu"), dt) if quant_mods else None)
     uses_ort = backend == "ort" or (backend == "native" and needs_ort)
     runtime = CPU_RUNTIME_BYTES + (QUANT_KERNEL_RUNTIME_BYTES["ort"] if quant_mods and uses_ort else 0)
+    if quant_mods and backend == "bnb":  # bitsandbytes re-quantizes from a 16-bit copy of each whole weight
+        runtime += QUANT_KERNEL_RUNTIME_BYTES["bnb"]
+        bits = int((cfg.quantization or {}).get("bits") or 4)
+        transient = max(transient, max(v * 16 // bits for v in quant_mods.values()))
     slots = cfg.pre_seq_len + prompt_len + new_tokens
     kv = cfg.num_layers * 2 * cfg.num_kv_heads * slots * (cfg.head_dim + 4 if kv_int8 else cfg.head_dim * db)
     T = min(prompt_len, prefill_chunk)

@@ -257,6 +257,12 @@ def test_bnb_linear_on_cuda(bits):
     assert ((y - own).norm() / own.norm()).item() < 1e-2
 
 
+def test_bnb_cpu_4bit_rejects_widths_its_kernel_cannot_take():
+    _need("bnb")
+    with pytest.raises(ValueError, match="multiple of 64, not 96"):
+        make_linear(random_packed(64, 96, 4, 32, False, False), "bnb", torch.bfloat16, "cpu")
+
+
 def test_bnb_unavailable_says_what_to_install(monkeypatch):
     import sys
 

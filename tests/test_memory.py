@@ -166,6 +166,27 @@ def test_memory_model_predicts_peak_rss_within_10_percent(checkpoints, which):
         assert p.mapped == 151552 * 256 * 2 and p.weights < p.mapped + (8 << 20)
 
 
+def test_memory_model_predicts_bitsandbytes_peak_rss_within_10_percent(tmp_path):
+    """The bnb backend: bitsandbytes' libraries and the 16-bit copy each weight is re-quantized from."""
+    from lowvram.kernels import BACKENDS
+    from lowvram.memory import predict_rss
+    import importlib
+
+    why = importlib.import_module(BACKENDS["bnb"]).available()
+    if why:
+        pytest.skip(f"backend 'bnb' unavailable: {why}")
+    from lowvram.converters.quantize import quantize
+
+    path, prompt, new = tmp_path / "q", 48, 8  # widths bitsandbytes' CPU 4-bit kernel takes (multiples of 64)
+    quantize(write_random(tmp_path / "src", "chatglm3-6b", hidden_size=128, kv_channels=32, ffn_hidden_size=256),
+             path, bits=4, group_size=32, progress=False)
+    env = {k: v for k, v in os.environ.items() if k != "LOWVRAM_MMAP_EMBEDDINGS"}
+    r = subprocess.run([sys.executable, "-c", GEN_PROBE, str(path), str(prompt), str(new)], capture_output=True,
+                       text=True, timeout=300, env=dict(env, LOWVRAM_BACKEND="bnb"))
+    assert r.returncode == 0, r.stderr
+    measured = json.loads(r.stdout.strip().splitlines()[-1])["VmHWM"]
+    p = predict_rss(path, prompt_len=prompt, new_tokens=new, backend="bnb")
+    assert abs(p.peak / measured - 1) < 0.10, (p.as_dict(), measured)
 
 
 HEAP_PROBE = r"""
