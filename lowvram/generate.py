@@ -54,9 +54,25 @@ def select(logits: torch.Tensor, p: Sampling, seen: torch.Tensor, gen: torch.Gen
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        logits = top_p_mask(logits, p.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the nucleus: the most likely tokens up to and including the one whose cumulative probability
+    crosses top_p. The nucleus nearly always lies among the most likely few hundred of a 65K-151K vocabulary, so
+    those come from topk, growing only while they fall short; sorting every logit took 6.8 ms (65K) and 17.6 ms
+    (151K) per sampled token on one thread, 8-20% of a CPU decode step."""
+    probs = torch.softmax(logits, dim=-1)
+    n, k = probs.numel(), min(probs.numel(), 256)
+    while True:
+        vals, order = torch.topk(probs, k)  # descending
+        cum = vals.cumsum(-1)
+        if k == n or cum[-1] > top_p:  # past the k-th token every cumulative sum exceeds top_p: all dropped
+            break
+        k = min(n, k * 8)
+    keep = order[(cum - vals) <= top_p]  # keep the token that crosses top_p
+    drop = torch.ones_like(logits, dtype=torch.bool)
+    drop[keep] = False
+    return logits.masked_fill(drop, float("-inf"))

@@ -158,3 +158,33 @@ def test_prompt_last_position_reaches_the_head_without_copying_its_weight(tiny):
     assert biggest < w.numel() * w.element_size() // 4, biggest
     ref = h.reshape(1, -1).float() @ w.float().t()
     assert y.shape == (1, 1, w.shape[0]) and torch.allclose(y.float().view(1, -1), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_top_p_nucleus_equals_the_full_sort():
+    """top_p_mask takes the nucleus from topk (growing it while short of top_p) instead of sorting the vocabulary:
+    the same tokens as the definition, computed here in float64 over a full sort, wherever the crossing token is not
+    within float32 rounding of top_p; and nuclei beyond the first 256 candidates (flat distributions)."""
+    from lowvram.generate import top_p_mask
+
+    def reference(logits, top_p):
+        probs = torch.softmax(logits.double(), -1)
+        sp, order = torch.sort(probs, descending=True)
+        before = sp.cumsum(-1) - sp  # probability above each token: it is kept while that is <= top_p
+        n = int((before <= top_p).sum())
+        margin = min(top_p - before[n - 1].item(), before[n].item() - top_p if n < len(before) else 1.0)
+        return set(order[:n].tolist()), margin  # margin: how far the kept and the first dropped token are from it
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for vocab, scale in ((160, 1.0), (65024, 3.0), (65024, 0.3), (151552, 3.0), (151552, 10.0)):
+        for top_p in (0.3, 0.8, 0.95):
+            logits = torch.randn(vocab, generator=g) * scale
+            want, margin = reference(logits, top_p)
+            if margin < 1e-6:  # float32 sums over thousands of tokens cannot place that boundary token either way
+                continue
+            got = set(torch.nonzero(~torch.isinf(top_p_mask(logits, top_p))).flatten().tolist())
+            assert got == want, (vocab, scale, top_p, len(got), len(want))
+            checked += 1
+    assert checked >= 10  # most cases have a clear boundary; some nuclei are thousands of tokens (the growth path)
+    peaked = torch.tensor([4.0, 3.0, 2.0, 1.0] + [-20.0] * 1000)
+    assert set(torch.nonzero(~torch.isinf(top_p_mask(peaked, 0.7))).flatten().tolist()) == {0, 1}
