@@ -308,4 +308,4 @@ class GLM(nn.Module):
             y = F.linear(rows.to(self.embed.weight.device), self.embed.weight)
         else:
             y = self.output(rows)
-        return y.view(*h.shape[:-1], y.shape[-1])
+        return y.reshape(*h.shape[:-1], y.shape[-1])
