@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, GLMConfig, load_config
-from .model import ContextError, Model, load
+from .model import ContextError, Model, PromptCache, load
 
 __version__ = "0.1.0"
 
@@ -14,5 +14,5 @@ def load_tokenizer(path, chat_format=None):
     return _load(path, chat_format=chat_format)
 
 
-__all__ = ["load", "load_tokenizer", "load_config", "Model", "GLMConfig", "ConfigError", "CheckpointError",
-           "ContextError", "__version__"]
+__all__ = ["load", "load_tokenizer", "load_config", "Model", "PromptCache", "GLMConfig", "ConfigError",
+           "CheckpointError", "ContextError", "__version__"]

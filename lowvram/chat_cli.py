@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+from .model import PromptCache
 from .placement import budgets_from_arguments, placement_arguments
 
 
@@ -102,6 +103,7 @@ def chat_main(args) -> int:
     if start:  # a generation without a system role: say so now, not at every turn
         model.tokenizer.apply_chat_template(start + [{"role": "user", "content": "hi"}])
     history = list(start)
+    cache = PromptCache()  # each turn prefills only what follows the conversation's cached keys and values
     out = sys.stdout
     out.write(f"{HELP}\n")
     while True:
@@ -118,6 +120,7 @@ def chat_main(args) -> int:
                 return 0
             if query == "clear":
                 history = list(start)
+                cache.clear()
                 out.write("(history cleared)\n")
                 continue
             if not query:
@@ -125,7 +128,7 @@ def chat_main(args) -> int:
             out.write(f"{name}: ")
             out.flush()
             try:
-                stream = model.stream_chat(history + [{"role": "user", "content": query}], **gen)
+                stream = model.stream_chat(history + [{"role": "user", "content": query}], prompt_cache=cache, **gen)
             except ValueError as e:  # e.g. the conversation no longer fits the context
                 out.write(f"\nerror: {e}\n")
                 continue

@@ -16,6 +16,32 @@ class ContextError(ValueError):
     """The input does not fit the model's context window."""
 
 
+class PromptCache:
+    """One conversation's KV cache, kept between calls: a prompt that extends the last one (a chat's next turn is
+    the history, the answer and a new message) prefills only its new tokens, not the whole conversation again.
+    Owned by the caller, one per conversation and not shared between threads; pass it as `prompt_cache=` to
+    stream_generate / generate / chat. Reuse needs one sequence, a float cache and positions that depend only on
+    the index (every generation but ChatGLM-6B, whose positions hinge on where [gMASK] is); otherwise it is ignored.
+    The kept keys and values came partly from decode steps, so a reply can differ from a fresh run's by float
+    rounding, as in llama.cpp's prompt cache."""
+
+    def __init__(self):
+        self.ids: list[int] = []  # the tokens whose keys and values `caches` holds, in order
+        self.caches = None
+        self.reused = 0  # tokens of the last prompt taken from the cache
+
+    def clear(self):
+        self.ids, self.caches, self.reused = [], None, 0
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class Model:
     def __init__(self, net: GLM, config: GLMConfig, path: str | Path | None = None, tokenizer=None,
                  report: dict | None = None, ctx: int | None = None):
@@ -151,13 +177,14 @@ class Model:
     def stream_generate(self, input_ids, max_new_tokens: int = 256, do_sample: bool = False,
                         temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                         repetition_penalty: float = 1.0, seed: int | None = None,
-                        stop_token_ids=None) -> Iterator[int]:
-        """New token ids one at a time; stops at a stop id (not yielded), max_new_tokens, or the context end."""
+                        stop_token_ids=None, prompt_cache: PromptCache | None = None) -> Iterator[int]:
+        """New token ids one at a time; stops at a stop id (not yielded), max_new_tokens, or the context end.
+        prompt_cache: reuse the keys and values of the prompt's prefix that the last call with it computed."""
         params = Sampling(do_sample, temperature, top_p, top_k, repetition_penalty, seed)
         ids = self._as_list(input_ids)
         self._check_len(len(ids))
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        return (step[0] for step in self._stream_batch([ids], max_new_tokens, [params], stops))
+        return (step[0] for step in self._stream_batch([ids], max_new_tokens, [params], stops, prompt_cache))
 
     def generate(self, input_ids, max_new_tokens: int = 256, **kw) -> list[int]:
         """New token ids (stop id excluded); the KV cache makes each step one token's work."""
@@ -185,13 +212,38 @@ class Model:
 
     @torch.inference_mode()
     def _stream_batch(self, rows: list[list[int]], max_new_tokens: int, params: list[Sampling],
-                      stops: set[int]) -> Iterator[list[int | None]]:
+                      stops: set[int], prompt_cache: PromptCache | None = None) -> Iterator[list[int | None]]:
         """The decode loop of stream_generate (one row) and stream_batch: rows grow in place, one id each a step."""
         gens = [p.generator() for p in params]
         total = min(self.ctx, len(rows[0]) + max_new_tokens)
-        caches = self.new_cache(self.config.pre_seq_len + total, batch=len(rows))
+        caches, start = self._prompt_caches(rows, self.config.pre_seq_len + total, prompt_cache)
+        written = [start]  # tokens of rows[0] whose keys and values are in the cache (_decode updates it)
+        try:
+            yield from self._decode(rows, total, caches, start, params, gens, stops, written)
+        finally:  # also when the caller stops early or an interrupt lands mid-prompt
+            if prompt_cache is not None and caches is prompt_cache.caches:
+                prompt_cache.ids = rows[0][: written[0]]
+
+    def _prompt_caches(self, rows, slots: int, pc: PromptCache | None):
+        """(caches, tokens already in them): the prompt cache's, grown when short, or new ones."""
+        P = self.config.pre_seq_len
+        usable = (pc is not None and len(rows) == 1 and self.config.rope != "2d" and not self.kv_int8)
+        start = _common_prefix(rows[0], pc.ids, len(rows[0]) - 1) if usable and pc.caches is not None else 0
+        if start and pc.caches[0][0].shape[2] >= slots:
+            caches = pc.caches
+        else:
+            caches = self.new_cache(slots, batch=len(rows))
+            for old, new in zip(pc.caches or [], caches) if start else ():
+                for o, n in zip(old, new):
+                    n[:, :, : P + start] = o[:, :, : P + start]
+        if usable:
+            pc.caches, pc.ids, pc.reused = caches, [], start  # ids set when this call ends (see _stream_batch)
+        return caches, start
+
+    def _decode(self, rows, total, caches, start, params, gens, stops, written):
         live = [True] * len(rows)
-        h = self.forward_rows(rows, 0, len(rows[0]), caches)[:, -1:]
+        h = self.forward_rows(rows, start, len(rows[0]) - start, caches)[:, -1:]
+        written[0] = len(rows[0])
         while len(rows[0]) < total:
             logits = self.net.head(h)[:, 0].float().cpu()
             step: list[int | None] = []
@@ -209,6 +261,7 @@ class Model:
             if len(rows[0]) >= total:
                 return
             h = self.forward_rows(rows, len(rows[0]) - 1, 1, caches)
+            written[0] = len(rows[0])
 
     def generate_batch(self, prompts, max_new_tokens: int = 256, **kw) -> list[list[int]]:
         """New ids per row (stop ids excluded), from stream_batch."""

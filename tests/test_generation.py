@@ -188,3 +188,54 @@ def test_top_p_nucleus_equals_the_full_sort():
     assert checked >= 10  # most cases have a clear boundary; some nuclei are thousands of tokens (the growth path)
     peaked = torch.tensor([4.0, 3.0, 2.0, 1.0] + [-20.0] * 1000)
     assert set(torch.nonzero(~torch.isinf(top_p_mask(peaked, 0.7))).flatten().tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("name,over", [("chatglm3-6b", {}), ("glm-4-9b-chat", {}),
+                                       ("chatglm2-6b", {"pre_seq_len": 4, "prefix_projection": False})])
+def test_prompt_cache_prefills_only_what_is_new(tiny, name, over):
+    """A prompt that extends the last one (a chat's next turn) takes the cached keys and values of the shared
+    prefix and gives the same tokens as a fresh run (float32: the exact path); the cache grows when the new
+    call needs more slots, and a prompt that diverges early reuses only up to there."""
+    m = lowvram.load(tiny(name, **over), dtype="float32", tokenizer=False)
+    pc = lowvram.PromptCache()
+    p1 = [5, 9, 13, 17, 21, 25, 29]
+    a = m.generate(p1, max_new_tokens=6, stop_token_ids=[], prompt_cache=pc)
+    assert pc.reused == 0 and pc.ids == p1 + a[:-1]  # the last answer token was never fed back
+    p2 = p1 + a + [40, 41, 42]
+    b = m.generate(p2, max_new_tokens=5, stop_token_ids=[], prompt_cache=pc)
+    assert pc.reused == len(p1) + len(a) - 1
+    assert b == m.generate(p2, max_new_tokens=5, stop_token_ids=[])
+    p3 = p1[:3] + [60, 61]  # diverges after three tokens; fits the cache it has
+    kept = pc.caches
+    c = m.generate(p3, max_new_tokens=4, stop_token_ids=[], prompt_cache=pc)
+    assert pc.reused == 3 and pc.caches is kept
+    assert c == m.generate(p3, max_new_tokens=4, stop_token_ids=[])
+    pc.clear()
+    assert m.generate(p3, max_new_tokens=4, stop_token_ids=[], prompt_cache=pc) == c and pc.reused == 0
+
+
+def test_prompt_cache_is_ignored_where_positions_hinge_on_the_prompt(tiny):
+    """ChatGLM-6B's positions depend on where [gMASK] sits, so its keys cannot be reused for a longer prompt."""
+    m = lowvram.load(tiny("chatglm-6b"), dtype="float32", tokenizer=False)
+    pc = lowvram.PromptCache()
+    cfg = m.config
+    p1 = [5, 9, 13, cfg.gmask_token_id, cfg.sop_token_id]
+    a = m.generate(p1, max_new_tokens=3, stop_token_ids=[], prompt_cache=pc)
+    p2 = p1 + a + [7, cfg.gmask_token_id, cfg.sop_token_id]
+    assert m.generate(p2, max_new_tokens=3, stop_token_ids=[], prompt_cache=pc) == \
+        m.generate(p2, max_new_tokens=3, stop_token_ids=[])
+    assert pc.reused == 0 and pc.caches is None
+
+
+def test_prompt_cache_after_an_early_stop(tiny):
+    """A caller that stops reading (a cancelled chat answer) leaves the cache holding exactly what was computed."""
+    m = lowvram.load(tiny("chatglm3-6b"), dtype="float32", tokenizer=False)
+    pc = lowvram.PromptCache()
+    p = [5, 9, 13, 17]
+    it = m.stream_generate(p, max_new_tokens=10, stop_token_ids=[], prompt_cache=pc)
+    t1, t2 = next(it), next(it)
+    it.close()
+    assert pc.ids == p + [t1]  # t2 was handed out but never run through the model
+    p2 = p + [t1, t2, 33]
+    assert m.generate(p2, max_new_tokens=3, stop_token_ids=[], prompt_cache=pc) == \
+        m.generate(p2, max_new_tokens=3, stop_token_ids=[]) and pc.reused == len(p) + 1
