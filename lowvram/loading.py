@@ -232,6 +232,9 @@ def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dty
 
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
          backend: str | None, streamed: set[int] = frozenset()) -> dict:
+    from .kernels import make_linear
+    from .quantized import int8_head, int8_rows
+
     expected = dict(net.named_parameters())
     first = devs[0]
     done: set[str] = set()
@@ -346,6 +349,12 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             continue
         if name not in expected:
             unexpected.append(cname)
+            continue
+        if (name == "output.weight" and int8_head(cfg, first, dtype, backend, t.shape[-1])
+                and t.shape == expected[name].shape):
+            net.output = make_linear(int8_rows(t), "native", dtype)
+            done.add(name)
+            quantized.append("output")
             continue
         if slot is not None:
             fused[name][slot] = t

@@ -116,6 +116,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     from .kernels import default_backend
     from .kernels.native import supports_shape
     from .loading import QUANT_SUFFIXES, embeddings_mappable, resolve_dtype
+    from .quantized import int8_head
 
     cfg = cfg or load_config(path)
     ckpt = Checkpoint(path)
@@ -147,6 +148,12 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
         if name == mapped_name:
             mapped += numel * db
             weights += min(prompt_len + new_tokens, cfg.vocab_size) * cfg.hidden_size * ckpt.dtype(name).itemsize
+            continue
+        if ours == "output.weight" and int8_head(cfg, "cpu", dt, backend, ckpt.shape(name)[-1]):
+            n_out, k = ckpt.shape(name)
+            weights += numel + 2 * n_out  # int8 codes and a scale per row
+            # loaded first: the file's copy, the packed codes, the kernel's copy, a slice of rows in float32
+            head_first += fbytes + 2 * numel + 4096 * k * 4
             continue
         weights += numel * db
         if ours.startswith("output."):  # loaded first (loading.fill): its conversion overlaps nothing else

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import PackedWeight, default_backend, make_linear, pack_cols, unpack_cols
+from .kernels import PackedWeight, default_backend, make_linear, pack_cols, pack_rows, unpack_cols
 
 _KEYS = ("qweight", "qzeros", "scales")
 
@@ -139,3 +139,34 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
         w = PackedWeight(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
                            (w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.group_size, w.bias)))
     return make_linear(w, backend, dtype, device)
+
+
+def int8_head(cfg, device, dtype: torch.dtype, backend: str | None, in_features: int) -> bool:
+    """Whether the float output layer of a quantized checkpoint runs as int8 per channel: on the CPU's native kernel
+    (not the float32 reference path; LOWVRAM_QUANTIZE_HEAD=0 keeps it float). A bf16 head is the largest matrix a decode step reads (ChatGLM3-6B
+    0.53 GB, GLM-4-9B 1.24 GB) and torch's bf16 GEMV read it at ~20 GB/s: ~20 ms of a ~95 ms 4-bit ChatGLM3-6B
+    step, and it is what `lowvram quantize` writes unless --quantize-head."""
+    import os
+
+    from .kernels import native
+
+    return (bool(cfg.quantization) and os.environ.get("LOWVRAM_QUANTIZE_HEAD", "1") != "0"
+            and torch.device(device).type == "cpu"
+            and dtype != torch.float32 and (backend or default_backend(device, dtype)) == "native"
+            and native.supports_shape(8, in_features, in_features) is None)
+
+
+def int8_rows(w: torch.Tensor, rows: int = 4096) -> PackedWeight:
+    """W [N, K] as symmetric int8 with one fp16 scale per row (GPTQ form: zero point 128), a slice of rows at a
+    time so no float32 copy of a whole vocabulary-sized matrix is made."""
+    n, k = w.shape
+    scales = torch.empty(n, dtype=torch.float16)
+    parts = []
+    for n0 in range(0, n, rows):
+        wf = w[n0 : n0 + rows].float()
+        s = (wf.abs().amax(1) / 127).clamp(min=1e-8).half()  # rounded first: the codes are computed against it
+        scales[n0 : n0 + rows] = s
+        q = torch.clamp(torch.round(wf / s.float()[:, None]), -127, 127).to(torch.int32) + 128
+        parts.append(pack_rows(q.t().contiguous(), 8))
+    zeros = pack_cols(torch.full((1, n), 128, dtype=torch.int32), 8)
+    return PackedWeight(torch.cat(parts, dim=1), zeros, scales[None], None, 8, k)

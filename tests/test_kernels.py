@@ -415,3 +415,39 @@ def test_int8_kv_cache(name, over, tiny):
     last = m.net.head(m.forward(ids, len(ids) - 1, 1, caches)).float()
     assert ((last[0] - ref[-1]).norm() / ref[-1].norm()) < 0.02
     assert h.shape[0] == len(ids) - 1
+
+
+def test_int8_rows_is_symmetric_per_row_rtn():
+    from lowvram.quantized import int8_rows
+
+    w = torch.randn(300, 256) * torch.rand(300, 1)  # rows of different ranges; 300: slices of 128 rows below
+    p = int8_rows(w.bfloat16(), rows=128)
+    assert p.bits == 8 and p.group_size == 256 and p.scales.shape == (1, 300)
+    d = dequantize(p)
+    step = p.scales.float().view(-1, 1)
+    assert ((d - w.bfloat16().float()).abs() <= step / 2 + 1e-6).all()  # round to nearest on each row's grid
+    assert torch.allclose(d.abs().amax(1), w.bfloat16().float().abs().amax(1), rtol=1e-3)  # max maps to 127
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_float_head_of_a_quantized_checkpoint_runs_int8_on_the_native_kernel(tiny, tmp_path, monkeypatch, env):
+    """`lowvram quantize` leaves the output layer float unless asked: on the CPU's fast path it becomes int8 per row
+    at load (the largest matrix a decode step reads), LOWVRAM_QUANTIZE_HEAD=0 keeps it; float32 stays exact."""
+    _need("native")
+    src = tiny("chatglm3-6b", hidden_size=128, kv_channels=32, ffn_hidden_size=256, padded_vocab_size=512)
+    out = tmp_path / "q"
+    quantize(src, out, bits=4, group_size=32, progress=False)
+    if env is not None:
+        monkeypatch.setenv("LOWVRAM_QUANTIZE_HEAD", env)
+    ids = list(range(3, 20))
+    exact = lowvram.load(out, dtype="float32")
+    assert type(exact.net.output) is torch.nn.Linear
+    fast = lowvram.load(out)
+    head = fast.net.output
+    if env == "0":
+        assert type(head) is torch.nn.Linear
+    else:
+        assert isinstance(head, native.NativeLinear) and head.bits == 8
+    ref = exact.logits(ids)
+    err = ((fast.logits(ids) - ref).norm() / ref.norm()).item()
+    assert err < 0.05, err
