@@ -153,7 +153,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
             n_out, k = ckpt.shape(name)
             weights += numel + 2 * n_out  # int8 codes and a scale per row
             # loaded first: the file's copy, the packed codes, the kernel's copy, a slice of rows in float32
-            head_first += fbytes + 2 * numel + 4096 * k * 4
+            head_first += fbytes + 2 * numel + 256 * k * 4
             continue
         weights += numel * db
         if ours.startswith("output."):  # loaded first (loading.fill): its conversion overlaps nothing else

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import PackedWeight, default_backend, make_linear, pack_cols, pack_rows, unpack_cols
+from .kernels import PackedWeight, default_backend, make_linear, pack_cols, unpack_cols
 
 _KEYS = ("qweight", "qzeros", "scales")
 
@@ -156,9 +156,10 @@ def int8_head(cfg, device, dtype: torch.dtype, backend: str | None, in_features:
             and native.supports_shape(8, in_features, in_features) is None)
 
 
-def int8_rows(w: torch.Tensor, rows: int = 4096) -> PackedWeight:
+def int8_rows(w: torch.Tensor, rows: int = 256) -> PackedWeight:
     """W [N, K] as symmetric int8 with one fp16 scale per row (GPTQ form: zero point 128), a slice of rows at a
-    time so no float32 copy of a whole vocabulary-sized matrix is made."""
+    time: no float32 copy of a vocabulary-sized matrix, and each slice's passes stay in cache (65024 x 4096:
+    2.35 s in slices of 4096 rows, 0.54 s in 512)."""
     n, k = w.shape
     scales = torch.empty(n, dtype=torch.float16)
     parts = []
@@ -166,7 +167,10 @@ def int8_rows(w: torch.Tensor, rows: int = 4096) -> PackedWeight:
         wf = w[n0 : n0 + rows].float()
         s = (wf.abs().amax(1) / 127).clamp(min=1e-8).half()  # rounded first: the codes are computed against it
         scales[n0 : n0 + rows] = s
-        q = torch.clamp(torch.round(wf / s.float()[:, None]), -127, 127).to(torch.int32) + 128
-        parts.append(pack_rows(q.t().contiguous(), 8))
+        q = (torch.clamp(torch.round(wf / s.float()[:, None]), -127, 127) + 128).to(torch.uint8)  # [rows, K]
+        # GPTQ's int32 words hold four consecutive inputs of one output, low byte first: a byte transpose
+        # (pack_rows' int64 shifts took seconds on a vocabulary-sized head)
+        words = q.t().reshape(k // 4, 4, -1).permute(0, 2, 1).contiguous().view(torch.int32)
+        parts.append(words.view(k // 4, -1))
     zeros = pack_cols(torch.full((1, n), 128, dtype=torch.int32), 8)
     return PackedWeight(torch.cat(parts, dim=1), zeros, scales[None], None, 8, k)
