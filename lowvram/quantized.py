@@ -142,10 +142,10 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
 
 
 def int8_head(cfg, device, dtype: torch.dtype, backend: str | None, in_features: int) -> bool:
-    """Whether the float output layer of a quantized checkpoint runs as int8 per channel: on the CPU's native kernel
-    (not the float32 reference path; LOWVRAM_QUANTIZE_HEAD=0 keeps it float). A bf16 head is the largest matrix a decode step reads (ChatGLM3-6B
-    0.53 GB, GLM-4-9B 1.24 GB) and torch's bf16 GEMV read it at ~20 GB/s: ~20 ms of a ~95 ms 4-bit ChatGLM3-6B
-    step, and it is what `lowvram quantize` writes unless --quantize-head."""
+    """Whether the float output layer of a quantized checkpoint runs as int8 per channel: on the CPU's native
+    kernel (not the float32 reference path; LOWVRAM_QUANTIZE_HEAD=0 keeps it float). A bf16 head is the largest
+    matrix a decode step reads (ChatGLM3-6B 0.53 GB, GLM-4-9B 1.24 GB) and torch's bf16 GEMV read it at ~20 GB/s:
+    ~20 ms of a ~95 ms 4-bit ChatGLM3-6B step, and it is what `lowvram quantize` writes unless --quantize-head."""
     import os
 
     from .kernels import native
@@ -165,7 +165,8 @@ def int8_rows(w: torch.Tensor, rows: int = 256) -> PackedWeight:
     parts = []
     for n0 in range(0, n, rows):
         wf = w[n0 : n0 + rows].float()
-        s = (wf.abs().amax(1) / 127).clamp(min=1e-8).half()  # rounded first: the codes are computed against it
+        s = (wf.abs().amax(1) / 127).half()  # rounded first: the codes are computed against it
+        s[s == 0] = 1.0  # an all-zero row (or one below fp16's range): codes 128, which dequantize to zero
         scales[n0 : n0 + rows] = s
         q = (torch.clamp(torch.round(wf / s.float()[:, None]), -127, 127) + 128).to(torch.uint8)  # [rows, K]
         # GPTQ's int32 words hold four consecutive inputs of one output, low byte first: a byte transpose
