@@ -29,9 +29,10 @@ class PromptCache:
         self.ids: list[int] = []  # the tokens whose keys and values `caches` holds, in order
         self.caches = None
         self.reused = 0  # tokens of the last prompt taken from the cache
+        self.model_id = None  # which model filled it: another model's keys are not reused
 
     def clear(self):
-        self.ids, self.caches, self.reused = [], None, 0
+        self.ids, self.caches, self.reused, self.model_id = [], None, 0, None
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -228,6 +229,9 @@ class Model:
         """(caches, tokens already in them): the prompt cache's, grown when short, or new ones."""
         P = self.config.pre_seq_len
         usable = (pc is not None and len(rows) == 1 and self.config.rope != "2d" and not self.kv_int8)
+        if usable and pc.model_id != id(self):
+            pc.clear()
+            pc.model_id = id(self)
         start = _common_prefix(rows[0], pc.ids, len(rows[0]) - 1) if usable and pc.caches is not None else 0
         if start and pc.caches[0][0].shape[2] >= slots:
             caches = pc.caches

@@ -212,6 +212,9 @@ def test_prompt_cache_prefills_only_what_is_new(tiny, name, over):
     assert c == m.generate(p3, max_new_tokens=4, stop_token_ids=[])
     pc.clear()
     assert m.generate(p3, max_new_tokens=4, stop_token_ids=[], prompt_cache=pc) == c and pc.reused == 0
+    other = lowvram.load(tiny(name, seed=1, **over), dtype="float32", tokenizer=False)  # another model's keys
+    assert other.generate(p3, max_new_tokens=4, stop_token_ids=[], prompt_cache=pc) == \
+        other.generate(p3, max_new_tokens=4, stop_token_ids=[]) and pc.reused == 0
 
 
 def test_prompt_cache_is_ignored_where_positions_hinge_on_the_prompt(tiny):
