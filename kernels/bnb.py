@@ -40,7 +40,7 @@ def _float_weight(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
         z0, z1 = n0 // per, -(-n1 // per)
         part = PackedWeight(w.qweight[:, n0:n1].to(cpu), w.qzeros[:, z0:z1].to(cpu), w.scales[:, n0:n1].to(cpu),
                             None if w.g_idx is None else w.g_idx.to(cpu), w.bits, w.group_size)
-        out[n0:n1] = dequantize(part, torch.float32)[: n1 - n0].to(dtype)
+        out[n0:n1] = dequantize(part, torch.float32).to(dtype)
     return out
 
 
