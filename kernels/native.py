@@ -167,9 +167,35 @@ class NativeLinear(nn.Module):
             raise ValueError("native kernel keeps zero points in a byte; this checkpoint has one outside 0..255")
         self.zeros = zeros.to(torch.uint8)
         self.bias = None if w.bias is None else w.bias.float().contiguous()
+        self._ready()
+
+    def _ready(self):
         self.threads = threads()
-        self._args = (k, _ptr(self.weight), _ptr(self.scales), _ptr(self.zeros), n, w.bits, self.group,
-                      _ptr(self.bias))
+        self._args = (self.in_features, _ptr(self.weight), _ptr(self.scales), _ptr(self.zeros), self.out_features,
+                      self.bits, self.group, _ptr(self.bias))
+
+    def packed(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tensors and sizes this module is made of, for a cache of repacked weights (`from_packed`)."""
+        ts = {"weight": self.weight, "scales": self.scales, "zeros": self.zeros}
+        ts.update({k: t for k, t in (("bias", self.bias), ("perm", self.perm)) if t is not None})
+        return ts, {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group": self.group}
+
+    @classmethod
+    def from_packed(cls, ts: dict[str, torch.Tensor], meta: dict, dtype: torch.dtype) -> NativeLinear:
+        """A module over tensors already in the kernel's layout (e.g. mapped from the repack cache)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bits, self.group = meta["in"], meta["out"], meta["bits"], meta["group"]
+        self.dtype = dtype
+        want = {"weight": (self.out_features, self.in_features * self.bits // 8), "scales": (self.out_features, self.in_features // self.group),
+                "zeros": (self.out_features, self.in_features // self.group)}
+        for k, shape in want.items():
+            if tuple(ts[k].shape) != shape:
+                raise ValueError(f"{k} {tuple(ts[k].shape)}, expected {shape}")
+        self.weight, self.scales, self.zeros = ts["weight"], ts["scales"], ts["zeros"]
+        self.bias, self.perm = ts.get("bias"), ts.get("perm")
+        self._ready()
+        return self
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scales, self.zeros, self.bias)

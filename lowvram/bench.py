@@ -165,7 +165,8 @@ def bench(path, prompt_len: int = 512, decode_steps: int = 32, warmup: int = 3, 
     return {
         "model": str(path), "generation": generation_of(path, cfg), "dtype": str(model.dtype).removeprefix("torch."),
         "kernels": kernels,
-        "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "kv_int8": kv_int8, "load_s": round(load_s, 3), "prompt_len": prompt_len,
+        "threads": torch.get_num_threads(), "cuda_graph": cuda_graph, "kv_int8": kv_int8, "load_s": round(load_s, 3),
+        "repack_cache": model.report.get("repack_cache"), "prompt_len": prompt_len,
         "prefill_tok_s": round(prompt_len / prefill_s, 2), "ttft_s": round(ttft, 4), "ttft_cold_s": round(ttft_cold, 4),
         "decode_ms_median": round(1e3 * statistics.median(decode), 2), "decode_ms_min": round(1e3 * min(decode), 2),
         "decode_steps": len(decode), "peak_rss_after_load_bytes": rss_loaded, **dev,
@@ -207,7 +208,8 @@ def bench_main(args) -> int:
     if r["kernels"]:
         path = f" (its {r['native_path']} path)" if r.get("native_path") else ""
         print("  kernels         " + ", ".join(f"{k} x{n}" for k, n in r["kernels"].items()) + path)
-    print(f"  load            {r['load_s']:.2f} s")
+    cache = f" (repack cache: {r['repack_cache']})" if r.get("repack_cache") else ""
+    print(f"  load            {r['load_s']:.2f} s{cache}")
     print(f"  prefill         {r['prefill_tok_s']:.1f} tok/s ({r['prompt_len']} tokens), first token {r['ttft_s']:.2f} s "
           f"({r['ttft_cold_s']:.2f} s for the first prompt after load)")
     print(f"  decode          {r['decode_ms_median']:.1f} ms/token median (min {r['decode_ms_min']:.1f}, {r['decode_steps']} steps)")

@@ -90,11 +90,19 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     with torch.device("meta"):
         net = GLM(cfg)
     streamed = streamed_layers(placement)
+    cache_file = cache = None
+    if not streamed and all(d.type == "cpu" for d in devs):
+        from . import repack_cache
+
+        cache_file = repack_cache.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend))
+        cache = repack_cache.open_cache(cache_file)
     _mmap_threshold(1 << 20)
     try:
-        report = fill(net, ckpt, cfg, dtype, devs, backend, streamed)
+        report = fill(net, ckpt, cfg, dtype, devs, backend, streamed, cache)
     finally:
         _mmap_threshold(32 << 20)
+    if cache_file is not None:
+        report["repack_cache"] = "mapped from " + str(cache_file) if cache is not None else _write_cache(net, cache_file)
     if streamed:
         from .streaming import stream_blocks
 
@@ -102,6 +110,25 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         report["streamed_layers"] = sorted(streamed)
     net.eval()
     return net, cfg, report
+
+
+def _cache_options(cfg: GLMConfig, dtype: torch.dtype, backend: str | None) -> dict:
+    """What decides which modules are built, and how, besides the files and the kernel build."""
+    import os
+
+    env = {k: os.environ.get(k) for k in ("LOWVRAM_BACKEND", "LOWVRAM_QUANTIZE_HEAD", "LOWVRAM_MMAP_EMBEDDINGS")}
+    return {"config": repr(cfg), "dtype": str(dtype), "backend": backend, **env}
+
+
+def _write_cache(net: GLM, path) -> str:
+    """Keep the native modules' repacked tensors for the next load (see repack_cache)."""
+    from .kernels.native import NativeLinear
+    from .repack_cache import write_cache
+
+    mods = {name: m.packed() for name, m in net.named_modules() if isinstance(m, NativeLinear)}
+    if not mods:
+        return "nothing to cache (no native-kernel linears)"
+    return write_cache(path, {k: ts for k, (ts, _) in mods.items()}, {k: meta for k, (_, meta) in mods.items()})
 
 
 def _layer_of(name: str) -> int | None:
@@ -231,9 +258,19 @@ def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dty
 
 
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
-         backend: str | None, streamed: set[int] = frozenset()) -> dict:
+         backend: str | None, streamed: set[int] = frozenset(), cache: dict | None = None) -> dict:
+    """cache: native modules' tensors already repacked ({module name: tensors}, repack_cache), used instead of
+    the file's tensors for those modules."""
     from .kernels import make_linear
     from .quantized import int8_head, int8_rows
+
+    def cached(mod_name: str):
+        if cache is None or mod_name not in cache:
+            return None
+        from .kernels.native import NativeLinear
+
+        ts = dict(cache[mod_name])
+        return NativeLinear.from_packed(ts, ts.pop("meta"), dtype)
 
     expected = dict(net.named_parameters())
     first = devs[0]
@@ -287,7 +324,9 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         lin = net.get_submodule(mod_name)
         dev = _target_device(mod_name + ".weight", devs, first, cfg.tie_word_embeddings)
         try:
-            new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
+            new = cached(mod_name)
+            if new is None:
+                new = build_linear(cfg, mod_name, parts, lin, dev, dtype, backend)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt.dir}: quantized tensor {mod_name}: {e}") from None
         if _layer_of(mod_name) in streamed:  # built for its GPU (the backend's layout), then kept on the CPU
@@ -352,7 +391,8 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
             continue
         if (name == "output.weight" and int8_head(cfg, first, dtype, backend, t.shape[-1])
                 and t.shape == expected[name].shape):
-            net.output = make_linear(int8_rows(t), "native", dtype)
+            head = cached("output")
+            net.output = head if head is not None else make_linear(int8_rows(t), "native", dtype)
             done.add(name)
             quantized.append("output")
             continue

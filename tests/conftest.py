@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Loads in tests build every linear from the checkpoint; the repack cache (lowvram/repack_cache.py) has its own
+# tests, which turn it on with a cache directory of their own. LOWVRAM_CACHE=1 in the environment runs the suite with it.
+os.environ.setdefault("LOWVRAM_CACHE", "0")
 torch.manual_seed(0)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -1,0 +1,124 @@
+"""The repack cache: a second CPU load maps the native kernel's tensors from the file the first one wrote."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowvram
+from lowvram.converters.quantize import quantize
+from lowvram.kernels import native
+
+pytestmark = pytest.mark.skipif(native.available() is not None or not native.fast(),
+                                reason="the repack cache holds the native kernel's layout, not built or not fast here")
+
+SHAPES = dict(hidden_size=128, kv_channels=32, ffn_hidden_size=256, padded_vocab_size=512)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("LOWVRAM_CACHE", "1")
+    monkeypatch.setenv("LOWVRAM_CACHE_DIR", str(d))
+    return d
+
+
+def mapped_files(t: torch.Tensor) -> set[str]:
+    """The files whose mappings hold this tensor's first byte (from /proc/self/maps)."""
+    p = t.data_ptr()
+    out = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= p < hi and len(parts) > 5:
+            out.add(parts[5])
+    return out
+
+
+def natives(m):
+    return {n: mod for n, mod in m.net.named_modules() if isinstance(mod, native.NativeLinear)}
+
+
+@pytest.mark.parametrize("bits,method", [(4, "rtn"), (8, "rtn"), (4, "gptq")])
+def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, bits, method):
+    src = tiny("chatglm3-6b", **SHAPES)
+    out = tmp_path / "q"
+    kw = dict(act_order=True, calib_samples=2, calib_seq_len=16) if method == "gptq" else {}
+    quantize(src, out, bits=bits, method=method, group_size=32, progress=False, **kw)
+    ids = list(range(3, 30))
+    first = lowvram.load(out)
+    assert first.report["repack_cache"].startswith("written to ")
+    files = list(cache.glob("*.lvq"))
+    assert len(files) == 1
+    second = lowvram.load(out)
+    assert second.report["repack_cache"] == f"mapped from {files[0]}"
+    a, b = natives(first), natives(second)
+    assert a.keys() == b.keys() and "output" in b  # the float head's int8 rows are cached too
+    if method == "gptq":
+        assert a["layers.0.mlp.up"].perm is not None
+    for name, mod in b.items():
+        assert mapped_files(mod.weight) == {str(files[0])}, name
+        assert not mapped_files(a[name].weight) & {str(files[0])}
+        for t in ("weight", "scales", "zeros", "bias", "perm"):
+            x, y = getattr(a[name], t), getattr(mod, t)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), (name, t)
+    assert torch.equal(first.logits(ids), second.logits(ids))
+    assert first.generate(ids, max_new_tokens=6) == second.generate(ids, max_new_tokens=6)
+
+
+def test_a_changed_checkpoint_is_repacked_again(tiny, tmp_path, cache):
+    """Same shapes, same sizes, rewritten at once: the sampled bytes tell the files apart, and the stale cache goes."""
+    out = tmp_path / "q"
+    ids = list(range(3, 30))
+    quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
+    lowvram.load(out)
+    old = set(cache.glob("*.lvq"))
+    quantize(tiny("chatglm3-6b", seed=7, **SHAPES), out, bits=4, group_size=32, progress=False, force=True)
+    m = lowvram.load(out)
+    assert m.report["repack_cache"].startswith("written to ")
+    new = set(cache.glob("*.lvq"))
+    assert len(new) == 1 and not new & old
+    os.environ["LOWVRAM_CACHE"] = "0"
+    try:
+        ref = lowvram.load(out)
+    finally:
+        os.environ["LOWVRAM_CACHE"] = "1"
+    assert "repack_cache" not in ref.report
+    assert torch.equal(m.logits(ids), ref.logits(ids))
+    assert lowvram.load(out).report["repack_cache"].startswith("mapped from ")
+
+
+def test_a_cache_file_cut_short_is_ignored_and_rewritten(tiny, tmp_path, cache):
+    out = tmp_path / "q"
+    quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
+    ids = list(range(3, 30))
+    ref = lowvram.load(out).logits(ids)
+    f = next(cache.glob("*.lvq"))
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 4096)
+    m = lowvram.load(out)
+    assert m.report["repack_cache"].startswith("written to ")
+    assert torch.equal(m.logits(ids), ref)
+    f.write_bytes(b"not a cache")
+    assert lowvram.load(out).report["repack_cache"].startswith("written to ")
+
+
+def test_what_the_cache_is_keyed_on_and_when_it_is_off(tiny, tmp_path, cache, monkeypatch):
+    out = tmp_path / "q"
+    quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
+    exact = lowvram.load(out, dtype="float32")  # the reference path builds no native linear
+    assert exact.report["repack_cache"].startswith("nothing to cache")
+    assert not list(cache.glob("*.lvq"))
+    lowvram.load(out)
+    monkeypatch.setenv("LOWVRAM_QUANTIZE_HEAD", "0")  # changes what is built: another key
+    m = lowvram.load(out)
+    assert m.report["repack_cache"].startswith("written to ") and type(m.net.output) is torch.nn.Linear
+    assert len(list(cache.glob("*.lvq"))) == 1  # the directory's previous cache was replaced
+    monkeypatch.setenv("LOWVRAM_CACHE", "0")
+    assert "repack_cache" not in lowvram.load(out).report
+    monkeypatch.setenv("LOWVRAM_CACHE", "1")
+    monkeypatch.setenv("LOWVRAM_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("x")  # a cache directory that cannot be made: the load still works
+    m = lowvram.load(out)
+    assert m.report["repack_cache"].startswith("not written: ")
