@@ -12,6 +12,7 @@ took twice as long as the int8 kernel), so prompts run it eight rows at a time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -130,6 +131,27 @@ def _workspace(numel: int) -> torch.Tensor:
     return ws
 
 
+def _new_weight(rows: int, row_bytes: int) -> torch.Tensor:
+    """The buffer a linear's packed rows are repacked into: from the allocator set by `weights_in` (the repack
+    cache's file), else fresh memory on 2 MiB pages."""
+    alloc = getattr(_local, "alloc", None)
+    if alloc is not None:
+        return alloc((rows, row_bytes), torch.uint8)
+    w = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    _load().lvq_hugepages(_ptr(w), w.numel())
+    return w
+
+
+@contextlib.contextmanager
+def weights_in(alloc):
+    """Linears built in this thread inside the block repack their weights into buffers from alloc(shape, dtype)."""
+    _local.alloc = alloc
+    try:
+        yield
+    finally:
+        _local.alloc = None
+
+
 class NativeLinear(nn.Module):
     # Above this many rows a prompt chunk dequantizes to bf16 and multiplies on AMX: measured on a 4096 x 27392
     # int4 matrix, 2 threads, the row-by-row kernel takes 15 ms at 16 rows and 22 ms at 24, the AMX path 20-22 ms.
@@ -153,8 +175,7 @@ class NativeLinear(nn.Module):
             if not torch.equal(g, torch.arange(k) // self.group):
                 raise ValueError("native kernel needs equal groups after sorting by g_idx")
         qweight = w.qweight.contiguous()
-        self.weight = torch.empty(n, k * w.bits // 8, dtype=torch.uint8)
-        lib.lvq_hugepages(_ptr(self.weight), self.weight.numel())
+        self.weight = _new_weight(n, k * w.bits // 8)
         perm32 = None if self.perm is None else self.perm.to(torch.int32).contiguous()
         rc = lib.lvq_repack(_ptr(qweight), k, n, w.bits, _ptr(perm32), _ptr(self.weight), threads())
         assert rc == 0, rc

@@ -90,19 +90,30 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     with torch.device("meta"):
         net = GLM(cfg)
     streamed = streamed_layers(placement)
-    cache_file = cache = None
+    cache = arena = None
     if not streamed and all(d.type == "cpu" for d in devs):
         from . import repack_cache
 
         cache_file = repack_cache.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend))
         cache = repack_cache.open_cache(cache_file)
+        if cache_file is not None and cache is None:  # this load repacks into a new cache file
+            arena = repack_cache.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files))
     _mmap_threshold(1 << 20)
     try:
-        report = fill(net, ckpt, cfg, dtype, devs, backend, streamed, cache)
+        with _repack_into(arena):
+            report = fill(net, ckpt, cfg, dtype, devs, backend, streamed, cache)
+    except BaseException:
+        if arena is not None:
+            arena.abandon()
+        raise
     finally:
         _mmap_threshold(32 << 20)
-    if cache_file is not None:
-        report["repack_cache"] = "mapped from " + str(cache_file) if cache is not None else _write_cache(net, cache_file)
+    if cache is not None:
+        report["repack_cache"] = f"mapped from {cache_file}"
+    elif arena is not None:
+        from .kernels.native import NativeLinear
+
+        report["repack_cache"] = arena.finish({n: m for n, m in net.named_modules() if isinstance(m, NativeLinear)})
     if streamed:
         from .streaming import stream_blocks
 
@@ -120,15 +131,15 @@ def _cache_options(cfg: GLMConfig, dtype: torch.dtype, backend: str | None) -> d
     return {"config": repr(cfg), "dtype": str(dtype), "backend": backend, **env}
 
 
-def _write_cache(net: GLM, path) -> str:
-    """Keep the native modules' repacked tensors for the next load (see repack_cache)."""
-    from .kernels.native import NativeLinear
-    from .repack_cache import write_cache
+def _repack_into(arena):
+    """Native linears built inside repack into the cache file being written (repack_cache.Arena)."""
+    import contextlib
 
-    mods = {name: m.packed() for name, m in net.named_modules() if isinstance(m, NativeLinear)}
-    if not mods:
-        return "nothing to cache (no native-kernel linears)"
-    return write_cache(path, {k: ts for k, (ts, _) in mods.items()}, {k: meta for k, (_, meta) in mods.items()})
+    if arena is None:
+        return contextlib.nullcontext()
+    from .kernels.native import weights_in
+
+    return weights_in(arena.alloc)
 
 
 def _layer_of(name: str) -> int | None:

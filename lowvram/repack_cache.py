@@ -2,16 +2,19 @@
 
 A GPTQ checkpoint stays in the standard layout (vLLM and transformers read it), so every load used to
 repack it into the kernel's rows, quantize a float output layer to int8, and write the result into ~3 GB
-of fresh memory (ChatGLM3-6B 4-bit), which the kernel must zero first: 6-14 s on a 2-vCPU VM. The first
-load now writes what it built to one cache file; later loads map that file. The bytes stay in the page
-cache (shared between processes, dropped and re-read under memory pressure instead of swapped, like
-llama.cpp's mmap), and on kernels with large folios they are mapped with 2 MiB pages, as the anonymous
-buffers were.
+of fresh memory (ChatGLM3-6B 4-bit): 3-14 s on a 2-vCPU VM, most of it the kernel providing 2 MiB pages.
+Now the first load repacks straight into a cache file (a shared mapping of it: the page cache's large
+folios were 3-5x quicker to get than anonymous 2 MiB pages here), and later loads map that file
+privately. The bytes stay in the page cache (shared between processes, dropped and re-read under memory
+pressure instead of swapped, like llama.cpp's mmap), mapped with 2 MiB pages on kernels with large folios.
 
 One file per checkpoint directory, keyed by the files' identity (name, size, mtime, inode, and samples of
 their bytes), the kernel build and the load options that change what is built; a new key replaces the
 directory's old file. `LOWVRAM_CACHE=0` turns it off, `LOWVRAM_CACHE_DIR` moves it (default
 `$XDG_CACHE_HOME/lowvram` or `~/.cache/lowvram`); deleting the directory is always safe.
+
+File: each linear's tensors at 2 MiB-aligned offsets (the gaps are holes), then a JSON index, its length
+(8 bytes) and MAGIC. Written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from pathlib import Path
 import torch
 
 MAGIC = b"LVQCACHE"
-FORMAT = 1
-ALIGN = 64
+FORMAT = 2
+HUGE = 2 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14+: map the file's pages now, read-only (no copy-on-write)
 
 
 def enabled() -> bool:
-    return (sys.platform.startswith("linux") and hasattr(mmap, "MAP_PRIVATE")
+    return (sys.platform.startswith("linux") and hasattr(mmap, "MAP_PRIVATE") and hasattr(os, "posix_fallocate")
             and os.environ.get("LOWVRAM_CACHE", "1").lower() not in ("0", "false", "no", "off"))
 
 
@@ -74,85 +77,165 @@ def cache_path(ckpt_dir: Path, files, options: dict) -> Path | None:
     return cache_dir() / f"repacked-{where}-{h.hexdigest()[:16]}.lvq"
 
 
-def _header(path: Path) -> tuple[dict, int] | None:
+def _index(path: Path) -> dict | None:
+    """The index of a complete cache file, or None (absent, cut short, not ours, another format)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(16)
-            if len(head) != 16 or head[:8] != MAGIC:
+            fh.seek(size - 16)
+            tail = fh.read(16)
+            if len(tail) != 16 or tail[8:] != MAGIC:
                 return None
-            n = int.from_bytes(head[8:], "little")
+            n = int.from_bytes(tail[:8], "little")
+            fh.seek(size - 16 - n)
             index = json.loads(fh.read(n))
-        if index.get("format") != FORMAT or path.stat().st_size != index["size"]:
-            return None  # a file cut short would raise SIGBUS where a kernel reads past its end
-        return index, 16 + n
+        if index.get("format") != FORMAT or index["data_end"] + n + 16 != size:
+            return None
+        return index
     except (OSError, ValueError, KeyError):
         return None
 
 
+def _view(buf: torch.Tensor, off: int, dtype: str, shape) -> torch.Tensor:
+    dt = getattr(torch, dtype)
+    n = dt.itemsize * int(torch.Size(shape).numel())
+    return buf[off : off + n].view(dt).view(shape)
+
+
 def open_cache(path: Path | None) -> dict[str, dict] | None:
-    """{module name: {tensor name: tensor}} mapped from a valid cache file, or None."""
-    if path is None or not path.exists() or (found := _header(path)) is None:
+    """{module name: {tensor name: tensor, "meta": sizes}} mapped from a complete cache file, or None."""
+    if path is None or not path.exists() or (index := _index(path)) is None:
         return None
-    index, _ = found
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), MADV_POPULATE_READ):
-        if advice is not None:  # 2 MiB page-cache folios when read from disk; then every page mapped at once
-            try:
-                mm.madvise(advice)
-            except OSError:  # older kernels: pages are mapped on first use instead
-                pass
+    with contextlib.suppress(OSError, AttributeError):  # 2 MiB page-cache folios when read from disk
+        mm.madvise(mmap.MADV_HUGEPAGE)
     buf = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive as long as any tensor views it
     out = {}
     for mod, tensors in index["modules"].items():
-        out[mod] = {}
-        for name, (off, dtype, shape) in tensors.items():
-            dt = getattr(torch, dtype)
-            n = dt.itemsize * int(torch.Size(shape).numel())
-            out[mod][name] = buf[off : off + n].view(dt).view(shape)
+        out[mod] = {name: _view(buf, *spec) for name, spec in tensors.items()}
         out[mod]["meta"] = index["meta"][mod]
+        for off, dtype, shape in tensors.values():  # map every page of the tensors now (not the holes between)
+            start = off // mmap.PAGESIZE * mmap.PAGESIZE
+            n = getattr(torch, dtype).itemsize * int(torch.Size(shape).numel())
+            with contextlib.suppress(OSError, ValueError):  # older kernels: pages are mapped on first use instead
+                mm.madvise(MADV_POPULATE_READ, start, off + n - start)
     return out
 
 
-def write_cache(path: Path, modules: dict[str, dict[str, torch.Tensor]], meta: dict[str, dict]) -> str:
-    """Write the tensors of every module to `path` (a temporary file renamed at the end); a short status."""
-    tensors, off = {}, 0
-    for mod, ts in modules.items():
-        tensors[mod] = {}
-        for name, t in ts.items():
-            off += -off % ALIGN
-            tensors[mod][name] = (off, str(t.dtype).removeprefix("torch."), list(t.shape))
-            off += t.numel() * t.element_size()
-    index = {"format": FORMAT, "modules": tensors, "meta": meta, "size": 0}
-    # the data start is aligned to 2 MiB in the file, so 2 MiB pages of the mapping hold whole pieces of it
-    blob = json.dumps(index).encode()
-    start = (16 + len(blob) + 64 + (2 << 20) - 1) // (2 << 20) * (2 << 20)
-    for mod in tensors:
-        for name, (o, dt, shape) in tensors[mod].items():
-            tensors[mod][name] = (o + start, dt, shape)
-    index["size"] = start + off
-    blob = json.dumps(index).encode()
-    assert 16 + len(blob) <= start
-    d = path.parent
-    tmp = d / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(d).free < index["size"] + (1 << 30):
-            return f"not written: {d} has less than {index['size'] / 2**30 + 1:.1f} GiB free"
-        with open(tmp, "wb") as fh:
-            fh.write(MAGIC + len(blob).to_bytes(8, "little") + blob)
-            for mod, ts in modules.items():
-                for name, t in ts.items():
-                    fh.seek(tensors[mod][name][0])
-                    fh.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            fh.truncate(index["size"])
-        # No fsync (it tripled the first load, 5 -> 17 s): after a crash, ext4 and xfs show a file whose data was
-        # not yet written as shorter than its header says, and such a file is ignored (_header) and rewritten.
-        for old in d.glob(path.name.rsplit("-", 1)[0] + "-*.lvq"):  # this checkpoint's stale caches
+class Arena:
+    """Buffers inside a new cache file (shared mappings), so that a first load repacks straight into it.
+
+    alloc() falls back to ordinary memory once anything fails (no space, no mapping): the load goes on, and
+    finish() then writes nothing."""
+
+    def __init__(self, path: Path, need: int):
+        """need: about the bytes the file will take (the checkpoint's size); refused unless 1 GiB more is free."""
+        self.path = path
+        self.tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        self.regions: list[tuple[int, int, int]] = []  # (address, file offset, bytes)
+        self.end = 0
+        self.fd = None
+        self.failed: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(path.parent)
+            if shutil.disk_usage(path.parent).free < need + (1 << 30):
+                self.failed = f"{path.parent} has less than {need / 2**30 + 1:.1f} GiB free"
+                return
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            self.failed = str(e)
+
+    def _map(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        off = -(-self.end // HUGE) * HUGE
+        size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        os.posix_fallocate(self.fd, off, size)  # blocks reserved now: a full disk fails here, not as SIGBUS later
+        mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, offset=off)
+        with contextlib.suppress(OSError, AttributeError):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
+        self.regions.append((buf.data_ptr(), off, nbytes))
+        self.end = off + nbytes
+        return buf, off
+
+    def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        if self.failed is None and nbytes:
+            try:
+                return self._map(nbytes)[0].view(dtype).view(shape)
+            except (OSError, ValueError) as e:
+                self.failed = str(e)
+        return torch.empty(shape, dtype=dtype)
+
+    def offset(self, t: torch.Tensor) -> int | None:
+        p = t.data_ptr()
+        for addr, off, n in self.regions:
+            if addr <= p and p + t.numel() * t.element_size() <= addr + n:
+                return off + p - addr
+        return None
+
+    def finish(self, modules: dict) -> str:
+        """Index the modules' tensors (those made outside the arena are copied into one region first, and the
+        modules switched to those copies), then complete and rename the file. modules: {name: NativeLinear}."""
+        if not modules:
+            self.abandon()
+            return "nothing to cache (no native-kernel linears)"
+        if self.failed is None:
+            try:
+                return self._finish(modules)
+            except (OSError, ValueError) as e:
+                self.failed = str(e)
+        self.abandon()
+        return f"not written: {self.failed}"
+
+    def _finish(self, modules: dict) -> str:
+        packed = {name: m.packed() for name, m in modules.items()}
+        outside = [(name, k, t) for name, (ts, _) in packed.items() for k, t in ts.items() if self.offset(t) is None]
+        if outside:  # scales, zeros, biases, permutations: small, made by torch ops
+            sizes = [-(-t.numel() * t.element_size() // 64) * 64 for _, _, t in outside]
+            free = shutil.disk_usage(self.tmp.parent).free
+            if free < sum(sizes) + (1 << 30):
+                raise ValueError(f"{self.tmp.parent} has less than 1 GiB free")
+            buf, _ = self._map(sum(sizes))
+            at = 0
+            for (name, k, t), n in zip(outside, sizes):
+                nb = t.numel() * t.element_size()
+                copy = buf[at : at + nb].view(t.dtype).view(t.shape)
+                copy.copy_(t)
+                packed[name][0][k] = copy
+                setattr(modules[name], k, copy)
+                at += n
+            for m in modules.values():
+                m._ready()  # the kernel's pointers, to the copies
+        spec = {name: {k: (self.offset(t), str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in ts.items()}
+                for name, (ts, _) in packed.items()}
+        index = json.dumps({"format": FORMAT, "modules": spec, "meta": {n: meta for n, (_, meta) in packed.items()},
+                            "data_end": self.end}).encode()
+        os.pwrite(self.fd, index + len(index).to_bytes(8, "little") + MAGIC, self.end)
+        os.ftruncate(self.fd, self.end + len(index) + 16)
+        used = os.fstat(self.fd).st_blocks * 512  # the gaps between 2 MiB-aligned tensors are holes
+        os.close(self.fd)
+        self.fd = None
+        for old in self.path.parent.glob(self.path.name.rsplit("-", 1)[0] + "-*.lvq"):  # this checkpoint's stale caches
             old.unlink(missing_ok=True)
-        os.replace(tmp, path)
-    except OSError as e:
+        os.replace(self.tmp, self.path)
+        return f"written to {self.path} ({used / 2**30:.2f} GiB)"
+
+    def abandon(self):
+        """Remove the unfinished file; buffers already handed out stay valid (the mappings outlive the name)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        return f"not written: {e}"
-    return f"written to {path} ({index['size'] / 2**30:.2f} GiB)"
+            self.tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(d: Path):
+    """Temporary files of loads that died before finishing (their process is gone)."""
+    for f in d.glob(".repacked-*.tmp"):
+        pid = f.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                f.unlink()

@@ -24,15 +24,15 @@ def cache(tmp_path, monkeypatch):
     return d
 
 
-def mapped_files(t: torch.Tensor) -> set[str]:
-    """The files whose mappings hold this tensor's first byte (from /proc/self/maps)."""
+def mapped_files(t: torch.Tensor) -> set[tuple[str, str]]:
+    """(file, permissions) of the mappings that hold this tensor's first byte (from /proc/self/maps)."""
     p = t.data_ptr()
     out = set()
     for line in Path("/proc/self/maps").read_text().splitlines():
         parts = line.split()
         lo, hi = (int(x, 16) for x in parts[0].split("-"))
         if lo <= p < hi and len(parts) > 5:
-            out.add(parts[5])
+            out.add((parts[5], parts[1]))
     return out
 
 
@@ -58,8 +58,10 @@ def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, bits, m
     if method == "gptq":
         assert a["layers.0.mlp.up"].perm is not None
     for name, mod in b.items():
-        assert mapped_files(mod.weight) == {str(files[0])}, name
-        assert not mapped_files(a[name].weight) & {str(files[0])}
+        # the first load repacked into the file (a shared mapping), the second maps it privately
+        assert mapped_files(a[name].weight) == {(str(files[0]), "rw-s")}, name
+        for t in ("weight", "scales", "zeros"):
+            assert mapped_files(getattr(mod, t)) == {(str(files[0]), "rw-p")}, (name, t)
         for t in ("weight", "scales", "zeros", "bias", "perm"):
             x, y = getattr(a[name], t), getattr(mod, t)
             assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), (name, t)
@@ -85,6 +87,7 @@ def test_a_changed_checkpoint_is_repacked_again(tiny, tmp_path, cache):
     finally:
         os.environ["LOWVRAM_CACHE"] = "1"
     assert "repack_cache" not in ref.report
+    assert not any(f.endswith(".lvq") for f, _ in mapped_files(ref.net.layers[0].mlp.up.weight))  # ordinary memory
     assert torch.equal(m.logits(ids), ref.logits(ids))
     assert lowvram.load(out).report["repack_cache"].startswith("mapped from ")
 
