@@ -131,7 +131,7 @@ def main():
             for key in libs:
                 use(libs, key)
                 t = time.perf_counter()
-                m = lowvram.load(a.checkpoint, tokenizer=False)
+                m = lowvram.load(a.checkpoint, tokenizer=False, repack_cache=False)  # the repack itself is timed
                 loads[key].append(time.perf_counter() - t)
                 del m
                 gc.collect()

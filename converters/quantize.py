@@ -374,7 +374,7 @@ def _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, pr
         return load(src, device=where, tokenizer=False), "source"
     copy = workdir / "int8-sampler"
     quantize(src, copy, bits=8, group_size=-1, quantize_head=True, progress=progress)
-    return load(copy, device=where, tokenizer=False), "int8"
+    return load(copy, device=where, tokenizer=False, repack_cache=False), "int8"  # a temporary copy: cache nothing
 
 
 def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,

@@ -81,7 +81,7 @@ def streamed_layers(placement) -> set[int]:
 
 
 def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None, placement=None,
-          cfg: GLMConfig | None = None) -> tuple[GLM, GLMConfig, dict]:
+          cfg: GLMConfig | None = None, repack_cache: bool | None = None) -> tuple[GLM, GLMConfig, dict]:
     """The network with every weight loaded; returns (net, config, load report)."""
     cfg = cfg or load_config(path)
     ckpt = Checkpoint(path)
@@ -91,13 +91,13 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         net = GLM(cfg)
     streamed = streamed_layers(placement)
     cache = arena = None
-    if not streamed and all(d.type == "cpu" for d in devs):
-        from . import repack_cache
+    if repack_cache is not False and not streamed and all(d.type == "cpu" for d in devs):
+        from . import repack_cache as rc
 
-        cache_file = repack_cache.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend))
-        cache = repack_cache.open_cache(cache_file)
+        cache_file = rc.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend), repack_cache)
+        cache = rc.open_cache(cache_file)
         if cache_file is not None and cache is None:  # this load repacks into a new cache file
-            arena = repack_cache.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files))
+            arena = rc.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files))
     _mmap_threshold(1 << 20)
     try:
         with _repack_into(arena):

@@ -302,8 +302,11 @@ class Model:
 
 def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None = None, placement=None,
          ctx: int | None = None, chat_format: str | None = None, tokenizer: bool = True,
-         max_memory: dict | str | None = None, stream: bool = False) -> Model:
+         max_memory: dict | str | None = None, stream: bool = False, repack_cache: bool | None = None) -> Model:
     """Load a checkpoint directory (original Hugging Face layout, or lowvram/GPTQ quantized).
+
+    repack_cache: keep the CPU kernel's repacked weights in a file for the next load (repack_cache.py); None =
+    on unless LOWVRAM_CACHE=0.
 
     device="auto" (or a max_memory budget) places blocks with the planner: the fastest device first,
     the rest on the CPU (stream=True: the rest stream through the GPU, see streaming.py); an explicit
@@ -315,7 +318,8 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
     cfg = load_config(path)
     if placement is None and (device == "auto" or max_memory is not None):
         placement, device = _auto_placement(cfg, max_memory, ctx, path, stream)
-    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg)
+    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg,
+                             repack_cache=repack_cache)
     tok = None
     if tokenizer:
         tok = _try_tokenizer(path, cfg, chat_format)

@@ -36,9 +36,12 @@ HUGE = 2 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14+: map the file's pages now, read-only (no copy-on-write)
 
 
+def platform_ok() -> bool:
+    return sys.platform.startswith("linux") and hasattr(mmap, "MAP_PRIVATE") and hasattr(os, "posix_fallocate")
+
+
 def enabled() -> bool:
-    return (sys.platform.startswith("linux") and hasattr(mmap, "MAP_PRIVATE") and hasattr(os, "posix_fallocate")
-            and os.environ.get("LOWVRAM_CACHE", "1").lower() not in ("0", "false", "no", "off"))
+    return platform_ok() and os.environ.get("LOWVRAM_CACHE", "1").lower() not in ("0", "false", "no", "off")
 
 
 def cache_dir() -> Path:
@@ -57,11 +60,12 @@ def _sample(f: Path, h) -> None:
             h.update(fh.read(4096))
 
 
-def cache_path(ckpt_dir: Path, files, options: dict) -> Path | None:
-    """Where the cache of this checkpoint and these options lives (it may not exist yet); None if off."""
+def cache_path(ckpt_dir: Path, files, options: dict, on: bool | None = None) -> Path | None:
+    """Where the cache of this checkpoint and these options lives (it may not exist yet); None if off
+    (`on`=None: LOWVRAM_CACHE decides)."""
     from .kernels import native
 
-    if not enabled() or native.available() is not None:
+    if not (enabled() if on is None else on and platform_ok()) or native.available() is not None:
         return None
     ckpt_dir = Path(ckpt_dir).resolve()
     h = hashlib.sha256()

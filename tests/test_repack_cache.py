@@ -120,8 +120,17 @@ def test_what_the_cache_is_keyed_on_and_when_it_is_off(tiny, tmp_path, cache, mo
     assert len(list(cache.glob("*.lvq"))) == 1  # the directory's previous cache was replaced
     monkeypatch.setenv("LOWVRAM_CACHE", "0")
     assert "repack_cache" not in lowvram.load(out).report
+    assert lowvram.load(out, repack_cache=True).report["repack_cache"].startswith("mapped from ")  # the API wins
     monkeypatch.setenv("LOWVRAM_CACHE", "1")
+    assert "repack_cache" not in lowvram.load(out, repack_cache=False).report
     monkeypatch.setenv("LOWVRAM_CACHE_DIR", str(tmp_path / "file"))
     (tmp_path / "file").write_text("x")  # a cache directory that cannot be made: the load still works
     m = lowvram.load(out)
     assert m.report["repack_cache"].startswith("not written: ")
+
+
+def test_gptq_sampling_from_a_temporary_int8_copy_caches_nothing(tiny, tmp_path, cache):
+    """GPTQ may sample its calibration text from an INT8 copy in its temporary directory: loaded once, then gone."""
+    quantize(tiny("chatglm3-6b", **SHAPES), tmp_path / "q", bits=4, method="gptq", group_size=32, progress=False,
+             calib_samples=2, calib_seq_len=16, calib_model="int8")
+    assert not list(cache.glob("*")) if cache.exists() else True
