@@ -342,6 +342,9 @@ def main(argv=None) -> int:
                     help="lowvram's GPTQ group size (32: the peers' block size, at 4.6 bits/weight against Q4_0's 4.5)")
     ap.add_argument("--tokenizer", default=os.environ.get("CHATGLM3_TOKENIZER", "/work/shared/reference/tokenizers/chatglm3/tokenizer.model"),
                     help="ChatGLM3 tokenizer.model (the peers' files embed it)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every runtime this many times, interleaved (the order rotates each round); the table "
+                         "gives medians, and each ratio is the median of the ratios within a round")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -366,38 +369,46 @@ def main(argv=None) -> int:
     d.mkdir(parents=True, exist_ok=True)
     bw = read_bandwidth(a.threads)
     results = []
-    for bits in a.bits:
-        for rt in a.runtimes.split(","):
+    runtimes = a.runtimes.split(",")
+    paths: dict = {}
+    order = [(bits, rnd, rt) for bits in a.bits for rnd in range(a.rounds)
+             for rt in runtimes[rnd % len(runtimes):] + runtimes[: rnd % len(runtimes)]]  # no runtime always first
+    for bits, rnd, rt in order:
+        if (bits, rt) not in paths:
             try:
                 lv = f"lowvram-int{bits}" + ("" if a.group_size == 128 else f"-g{a.group_size}")
-                path = {"lowvram": lambda: write_lowvram(d / lv, bits, a.group_size),
-                        "chatglm.cpp": lambda: write_chatglm_cpp(d / f"chatglm-cpp-{PEER_TYPE[bits]}.bin", bits, Path(a.tokenizer)),
-                        "llama.cpp": lambda: write_llama_cpp(d / f"llama-{PEER_TYPE[bits]}.gguf", bits, Path(a.tokenizer), a.threads),
-                        }[rt]()
+                paths[bits, rt] = {
+                    "lowvram": lambda: write_lowvram(d / lv, bits, a.group_size),
+                    "chatglm.cpp": lambda: write_chatglm_cpp(d / f"chatglm-cpp-{PEER_TYPE[bits]}.bin", bits, Path(a.tokenizer)),
+                    "llama.cpp": lambda: write_llama_cpp(d / f"llama-{PEER_TYPE[bits]}.gguf", bits, Path(a.tokenizer), a.threads),
+                }[rt]()
             except ImportError as e:
+                paths[bits, rt] = None
                 results.append({"runtime": rt, "bits": bits, "error": f"not installed ({e.name})"})
                 print(f"{rt}: not installed ({e})", file=sys.stderr)
-                continue
-            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), LOWVRAM_THREADS=str(a.threads))
-            bw_before = read_bandwidth(a.threads)  # this VM's bandwidth drifts by 15-35% over minutes: bracket each run
-            p = subprocess.run([sys.executable, __file__, "--run", rt, "--path", str(path), "--threads", str(a.threads),
-                                "--prompt-len", str(a.prompt_len), "--decode-steps", str(a.decode_steps)],
-                               capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                results.append({"runtime": rt, "bits": bits, "error": p.stderr.strip().splitlines()[-1:]})
-                print(f"{rt} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
-                continue
-            bw_after = read_bandwidth(a.threads)
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            n = streamed_bytes(rt, path, bits, config)
-            bw_run = (bw_before + bw_after) / 2
-            r.update(runtime=rt, bits=bits, format=(f"GPTQ g{a.group_size} + int8 head" if rt == "lowvram" else PEER_TYPE[bits].upper()),
-                     bits_per_weight=round(bits_per_weight(path, params), 2), bytes_per_token=n,
-                     roofline_ms=round(1e3 * n / bw, 1),
-                     read_bandwidth_GBps=[round(bw_before / 1e9, 2), round(bw_after / 1e9, 2)],
-                     roofline_ms_at_run=round(1e3 * n / bw_run, 1))
-            results.append(r)
-            print(json.dumps(r), file=sys.stderr)
+        path = paths[bits, rt]
+        if path is None:
+            continue
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), LOWVRAM_THREADS=str(a.threads))
+        bw_before = read_bandwidth(a.threads)  # this VM's bandwidth drifts by 15-35% over minutes: bracket each run
+        p = subprocess.run([sys.executable, __file__, "--run", rt, "--path", str(path), "--threads", str(a.threads),
+                            "--prompt-len", str(a.prompt_len), "--decode-steps", str(a.decode_steps)],
+                           capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            results.append({"runtime": rt, "bits": bits, "error": p.stderr.strip().splitlines()[-1:]})
+            print(f"{rt} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        bw_after = read_bandwidth(a.threads)
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        n = streamed_bytes(rt, path, bits, config)
+        bw_run = (bw_before + bw_after) / 2
+        r.update(runtime=rt, bits=bits, round=rnd, format=(f"GPTQ g{a.group_size} + int8 head" if rt == "lowvram" else PEER_TYPE[bits].upper()),
+                 bits_per_weight=round(bits_per_weight(path, params), 2), bytes_per_token=n,
+                 roofline_ms=round(1e3 * n / bw, 1),
+                 read_bandwidth_GBps=[round(bw_before / 1e9, 2), round(bw_after / 1e9, 2)],
+                 roofline_ms_at_run=round(1e3 * n / bw_run, 1))
+        results.append(r)
+        print(json.dumps(r), file=sys.stderr)
     if a.json:
         print(json.dumps({"threads": a.threads, "prompt_len": a.prompt_len, "read_bandwidth_GBps": round(bw / 1e9, 2),
                           "results": results}, indent=2))
@@ -406,31 +417,65 @@ def main(argv=None) -> int:
     return 0
 
 
+def merge_rounds(results) -> list[dict]:
+    """One row per (bits, runtime): medians over rounds, and each ratio to lowvram as the median of the ratios
+    within a round (a VM's phase moves both runtimes of a round alike). A single round passes through."""
+    keys = list(dict.fromkeys((r["bits"], r["runtime"]) for r in results))
+    out = []
+    for bits, rt in keys:
+        rs = [r for r in results if (r["bits"], r["runtime"]) == (bits, rt) and "error" not in r]
+        if not rs:
+            out.append(next(r for r in results if (r["bits"], r["runtime"]) == (bits, rt)))
+            continue
+        m = dict(rs[0], rounds=len(rs))
+        for k in ("decode_ms", "prefill_tok_s", "roofline_ms_at_run", "roofline_ratio_paired", "load_s"):
+            if all(k in r for r in rs):
+                m[k] = statistics.median(r[k] for r in rs)
+        m["peak_rss"] = max(r["peak_rss"] for r in rs)
+        m["each_decode_ms"] = [round(r["decode_ms"], 1) for r in rs]
+        base = {r.get("round", 0): r for r in results if r["bits"] == bits and r["runtime"] == "lowvram" and "error" not in r}
+        for k in ("decode_ms", "prefill_tok_s", "peak_rss"):
+            ratios = [r[k] / base[r.get("round", 0)][k] for r in rs if r.get("round", 0) in base]
+            if ratios:
+                m[f"ratio_{k}"] = statistics.median(ratios)
+        out.append(m)
+    return out
+
+
 def table(results, bits_list, threads, bw, prompt_len):
     """The side-by-side markdown table (also from a saved --json run: --table FILE)."""
     per_run = any("roofline_ms_at_run" in r for r in results)
+    rounds = max((r.get("round", 0) for r in results), default=0) + 1
     print(f"read bandwidth ({threads} threads): {bw / 1e9:.1f} GB/s at the start; "
           + ("each row's roofline at the mean bandwidth measured just before and after its run; " if per_run else "")
-          + f"prompt {prompt_len} tokens; ratios are peer / lowvram")
+          + f"prompt {prompt_len} tokens; ratios are peer / lowvram"
+          + (f"; {rounds} interleaved rounds: medians, ratios the median of each round's ratio" if rounds > 1 else ""))
     print("| runtime | format | bits/weight | decode ms/token | ×lowvram | roofline ms | ×roofline | prefill tok/s "
           "| ×lowvram | peak RSS GB | ×lowvram |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    merged = merge_rounds(results)
     for bits in bits_list:
-        rows = [r for r in results if r["bits"] == bits]
-        base = next((r for r in rows if r["runtime"] == "lowvram" and "error" not in r), None)
-        for r in rows:
+        for r in (r for r in merged if r["bits"] == bits):
             if "error" in r:
                 print(f"| {r['runtime']} | {bits}-bit | — | {r['error']} | | | | | | | |")
                 continue
-            ratio = (lambda k: f"{r[k] / base[k]:.2f}") if base else (lambda k: "—")
+            ratio = lambda k: f"{r[f'ratio_{k}']:.2f}" if f"ratio_{k}" in r else "—"  # noqa: E731
             roof = r.get("roofline_ms_at_run", r["roofline_ms"])  # at the bandwidth measured around this run
             print(f"| {r['runtime']} | {r['format']} | {r['bits_per_weight']} | {r['decode_ms']:.0f} | {ratio('decode_ms')} "
-                  f"| {roof} | {r['decode_ms'] / roof:.2f} | {r['prefill_tok_s']:.1f} | {ratio('prefill_tok_s')} | {r['peak_rss'] / 1e9:.2f} "
+                  f"| {roof:.1f} | {r['decode_ms'] / roof:.2f} | {r['prefill_tok_s']:.1f} | {ratio('prefill_tok_s')} | {r['peak_rss'] / 1e9:.2f} "
                   f"| {ratio('peak_rss')} |")
-    for r in results:
+    for r in merged:
         if "roofline_ratio_paired" in r:
             print(f"lowvram {r['bits']}-bit, each of {ROOFLINE_PAIRS} more decode steps against the bandwidth probed just before it: "
                   f"{r['roofline_ratio_paired']:.2f}x roofline (median)")
+    for bits in bits_list:
+        loads = [f"{r['runtime']} {r['load_s']:.2f}" for r in merged if r["bits"] == bits and "load_s" in r]
+        if loads:
+            print(f"{bits}-bit load s (median): " + ", ".join(loads))
+    if rounds > 1:
+        for r in merged:
+            if "each_decode_ms" in r:
+                print(f"{r['runtime']} {r['bits']}-bit decode ms/token per round: {r['each_decode_ms']}")
 
 
 if __name__ == "__main__":

@@ -208,8 +208,8 @@ class NativeLinear(nn.Module):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.bits, self.group = meta["in"], meta["out"], meta["bits"], meta["group"]
         self.dtype = dtype
-        want = {"weight": (self.out_features, self.in_features * self.bits // 8), "scales": (self.out_features, self.in_features // self.group),
-                "zeros": (self.out_features, self.in_features // self.group)}
+        n, groups = self.out_features, self.in_features // self.group
+        want = {"weight": (n, self.in_features * self.bits // 8), "scales": (n, groups), "zeros": (n, groups)}
         for k, shape in want.items():
             if tuple(ts[k].shape) != shape:
                 raise ValueError(f"{k} {tuple(ts[k].shape)}, expected {shape}")

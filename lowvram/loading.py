@@ -91,7 +91,7 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         net = GLM(cfg)
     streamed = streamed_layers(placement)
     cache = arena = None
-    if repack_cache is not False and not streamed and all(d.type == "cpu" for d in devs):
+    if cfg.quantization and repack_cache is not False and not streamed and all(d.type == "cpu" for d in devs):
         from . import repack_cache as rc
 
         cache_file = rc.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend), repack_cache)
@@ -370,7 +370,9 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         done.add("embed.weight")
         if net.output is not None:
             try:
-                net.output = build_linear(cfg, "output", {0: dict(t)}, net.output, first, dtype, backend)
+                head = cached("output")
+                net.output = head if head is not None else build_linear(cfg, "output", {0: dict(t)}, net.output, first,
+                                                                        dtype, backend)
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{ckpt.dir}: quantized tensor {table} as the output layer: {e}") from None
             done.add("output.weight")
