@@ -26,6 +26,7 @@ import mmap
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -136,7 +137,7 @@ class Arena:
     def __init__(self, path: Path, need: int):
         """need: about the bytes the file will take (the checkpoint's size); refused unless 1 GiB more is free."""
         self.path = path
-        self.tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        self.tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # loads in two threads too
         self.regions: list[tuple[int, int, int]] = []  # (address, file offset, bytes)
         self.end = 0
         self.fd = None
@@ -239,7 +240,7 @@ class Arena:
 def _remove_stale(d: Path):
     """Temporary files of loads that died before finishing (their process is gone)."""
     for f in d.glob(".repacked-*.tmp"):
-        pid = f.name.rsplit(".", 2)[-2]
+        pid = f.name.rsplit(".", 3)[-3]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             with contextlib.suppress(OSError):
                 f.unlink()

@@ -134,3 +134,35 @@ def test_gptq_sampling_from_a_temporary_int8_copy_caches_nothing(tiny, tmp_path,
     quantize(tiny("chatglm3-6b", **SHAPES), tmp_path / "q", bits=4, method="gptq", group_size=32, progress=False,
              calib_samples=2, calib_seq_len=16, calib_model="int8")
     assert not list(cache.glob("*")) if cache.exists() else True
+
+
+def test_two_threads_loading_at_once_and_files_of_dead_loads(tiny, tmp_path, cache):
+    """Each load writes its own temporary file (process and thread in the name), renamed when complete; a
+    temporary file whose process is gone is removed by the next load that writes."""
+    import threading
+
+    out = tmp_path / "q"
+    quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
+    cache.mkdir()
+    dead = cache / ".repacked-0-0.lvq.999999999.1.tmp"  # no such pid
+    live = cache / f".repacked-0-0.lvq.{os.getpid()}.1.tmp"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    models = [None, None]
+
+    def load(i):
+        models[i] = lowvram.load(out)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(m.report["repack_cache"].startswith("written to ") for m in models)
+    assert not dead.exists() and live.exists()
+    assert len(list(cache.glob("*.lvq"))) == 1 and set(cache.glob(".*.tmp")) == {live}
+    third = lowvram.load(out)
+    assert third.report["repack_cache"].startswith("mapped from ")
+    ids = list(range(3, 30))
+    ref = third.logits(ids)
+    assert all(torch.equal(m.logits(ids), ref) for m in models)
