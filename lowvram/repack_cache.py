@@ -79,7 +79,11 @@ def cache_path(ckpt_dir: Path, files, options: dict, on: bool | None = None) -> 
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
         _sample(f, h)
     where = hashlib.sha256(str(ckpt_dir).encode()).hexdigest()[:16]
-    return cache_dir() / f"repacked-{where}-{h.hexdigest()[:16]}.lvq"
+    try:
+        d = cache_dir()
+    except (RuntimeError, KeyError):  # no LOWVRAM_CACHE_DIR, XDG_CACHE_HOME nor a home directory: no cache
+        return None
+    return d / f"repacked-{where}-{h.hexdigest()[:16]}.lvq"
 
 
 def _index(path: Path) -> dict | None:
