@@ -81,6 +81,9 @@ def _load(args, chat_format=None):
     if tty:
         sys.stderr.write(f"loaded {model.config.generation} from {args.model} in {time.time() - t0:.1f}s "
                          f"({model.dtype}, {model.config.num_layers} layers)\n")
+        cache = model.report.get("repack_cache", "")
+        if cache.startswith("written to "):  # a few GB of disk the user did not ask for: say where, once
+            sys.stderr.write(f"repacked weights {cache}: later loads map them (LOWVRAM_CACHE=0 turns this off)\n")
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer files (tokenizer.model, ice_text.model or tokenizer.json)")
     return model
