@@ -52,9 +52,15 @@ def main():
                 ("INT4 RTN g128", dict(bits=4, group_size=128)),
                 ("INT4 GPTQ g128", dict(bits=4, group_size=128, method="gptq", act_order=True)),
                 ("INT4 RTN g32", dict(bits=4, group_size=32)),
-                ("INT4 GPTQ g32", dict(bits=4, group_size=32, method="gptq", act_order=True))]
+                ("INT4 GPTQ g32", dict(bits=4, group_size=32, method="gptq", act_order=True)),
+                # the output layer quantized in the file too (otherwise float, and int8 per row at load on the fast path)
+                ("INT4 GPTQ g128, head INT8 per-channel", dict(bits=4, group_size=128, method="gptq", act_order=True,
+                                                               quantize_head=True, head_bits=8)),
+                ("INT4 GPTQ g128, head INT4 g128", dict(bits=4, group_size=128, method="gptq", act_order=True,
+                                                        quantize_head=True, head_bits=4, head_group_size=128))]
     if not a.no_mse_rows:  # the 4-bit defaults search the clipping range (mse); also show them without
-        variants += [(f"{n}, --no-mse", dict(kw, mse=False)) for n, kw in variants if kw["bits"] == 4]
+        variants += [(f"{n}, --no-mse", dict(kw, mse=False)) for n, kw in variants
+                     if kw["bits"] == 4 and not kw.get("quantize_head")]
     ref = perplexity(base, ids, a.window)
     fast_ref = perplexity(lowvram.load(a.model), ids, a.window)
     print(f"model {a.model}, {len(ids)} held-out tokens, window {a.window}")

@@ -27,7 +27,8 @@ from .quantize import BLOCK_LINEAR, ShardWriter, _write_metadata
 
 
 def write_fullsize(name: str, out: str | Path, bits: int = 4, group_size: int = 128, quantize_head: bool = True,
-                   head_bits: int = 8, seed: int = 0, max_shard_bytes: int = 2 << 30, layers: int | None = None) -> Path:
+                   head_bits: int = 8, seed: int = 0, max_shard_bytes: int = 2 << 30, layers: int | None = None,
+                   head_group_size: int = -1) -> Path:
     config = known_config(name, layers)
     cfg = parse_config(config)
     with torch.device("meta"):
@@ -46,7 +47,8 @@ def write_fullsize(name: str, out: str | Path, bits: int = 4, group_size: int = 
             for slot, n in zip(slots, sizes):
                 cname = original_name(cfg.layout, ours, slot)
                 if quant:
-                    b, grp = (head_bits, shape[1]) if ours == "output.weight" else (bits, group_size)
+                    head_grp = head_group_size if head_group_size > 0 else shape[1]
+                    b, grp = (head_bits, head_grp) if ours == "output.weight" else (bits, group_size)
                     k = shape[1]
                     prefix = cname[: -len(".weight")]
                     w.add(f"{prefix}.qweight", torch.randint(-2**31, 2**31 - 1, (k * b // 32, n), generator=g,
@@ -63,7 +65,8 @@ def write_fullsize(name: str, out: str | Path, bits: int = 4, group_size: int = 
         src = tmp / "_src"
         src.mkdir()
         (src / "config.json").write_text(json.dumps(config))
-        _write_metadata(src, tmp, cfg, bits, group_size, True, False, "random", quantize_head, head_bits)
+        _write_metadata(src, tmp, cfg, bits, group_size, True, False, "random", quantize_head, head_bits,
+                        head_group_size=head_group_size)
         shutil.rmtree(src)
     return out
 
@@ -74,10 +77,13 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-quantize-head", action="store_true")
+    ap.add_argument("--head-bits", type=int, default=8, choices=(4, 8))
+    ap.add_argument("--head-group-size", type=int, default=-1, help="-1: one scale per row")
     ap.add_argument("--layers", type=int, help="fewer blocks than the real model (same tensor shapes)")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
-    print(write_fullsize(a.name, a.out, a.bits, a.group_size, not a.no_quantize_head, layers=a.layers))
+    print(write_fullsize(a.name, a.out, a.bits, a.group_size, not a.no_quantize_head, head_bits=a.head_bits,
+                         layers=a.layers, head_group_size=a.head_group_size))
 
 
 if __name__ == "__main__":

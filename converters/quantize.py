@@ -99,6 +99,7 @@ class Progress:
 def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 128, sym: bool = True,
              act_order: bool = False, calib: str | None = None, calib_samples: int = 32, calib_seq_len: int = 128,
              device: str = "cpu", force: bool = False, quantize_head: bool = False, head_bits: int = 8,
+             head_group_size: int = -1,
              max_shard_bytes: int = 512 << 20, progress: bool | None = None, seed: int = 0,
              mse: bool | None = None, calib_model: str = "auto") -> dict:
     """Quantize checkpoint `source` (a directory or a known model name) into `out`; returns a summary.
@@ -134,6 +135,9 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         if bad:
             raise ValueError(f"--group-size {group_size} does not divide {', '.join(bad)} of {src}; "
                              "pick a group size that divides them (e.g. 32) or -1 for one group per row")
+    if quantize_head and head_group_size > 0 and cfg.hidden_size % head_group_size:
+        raise ValueError(f"--head-group-size {head_group_size} does not divide hidden_size {cfg.hidden_size} of {src}; "
+                         "pick one that divides it or -1 for one group per row")
     t0 = time.time()
     use_mse = lambda b: (b == 4) if mse is None else bool(mse)  # noqa: E731
     errors: dict[str, float] = {}
@@ -155,7 +159,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
             prefix = cname[: -len(".weight")]
             if ours and is_q(ours) and torch.is_floating_point(t):
                 head = ours == "output.weight"
-                b, g = (head_bits, -1) if head else (bits, group_size)
+                b, g = (head_bits, head_group_size) if head else (bits, group_size)
                 # row chunks: no fp32 copy of t
                 tensors, errors[cname] = rtn(t, b, g, sym, keep_deq=False, mse=use_mse(b))
                 del t
@@ -166,7 +170,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
             bar.step(cname)
         writer.finish()
         _write_metadata(src, tmp, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,
-                        use_mse(bits), use_mse(head_bits), calibration)
+                        use_mse(bits), use_mse(head_bits), calibration, head_group_size)
     size_in = ckpt.nbytes()
     size_out = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     errs = sorted(errors.values())
@@ -378,12 +382,12 @@ def _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, pr
 
 
 def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,
-                    mse=False, head_mse=False, calibration=None):
+                    mse=False, head_mse=False, calibration=None, head_group_size=-1):
     qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym, "quant_method": "gptq",
           "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": False, "static_groups": False}
     if quantize_head:
         head = "transformer.output_layer" if cfg.layout == "chatglm" else "lm_head"
-        qc["dynamic"] = {f"+:{re.escape(head)}": {"bits": head_bits, "group_size": -1}}
+        qc["dynamic"] = {f"+:{re.escape(head)}": {"bits": head_bits, "group_size": head_group_size}}
     meta = {"method": method, "quantize_head": quantize_head, "source": src.name,
             "version": __import__("lowvram").__version__,
             "clip_search": "mse" if mse else "none"}  # per-group range: min-max, or the lowest-MSE shrink
@@ -404,7 +408,8 @@ def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order,
         f"# {src.name} — INT{bits} {method.upper()} (GPTQ format)\n\n"
         f"Quantized by lowvram from `{src.name}`: every transformer-block linear to {bits} bits, "
         f"group size {group_size}, {'symmetric' if sym else 'asymmetric'}, act-order {act_order}"
-        f"{f', output layer to {head_bits} bits' if quantize_head else ''}; embeddings and norms unchanged.\n"
+        f"{f', output layer to {head_bits} bits' if quantize_head else ''}"
+        f"{f' (groups of {head_group_size})' if quantize_head and head_group_size > 0 else ''}; embeddings and norms unchanged.\n"
         f"Scales: {_clip_text(mse)}"
         f"{f' (output layer: {_clip_text(head_mse)})' if quantize_head and head_mse != mse else ''}.\n"
         f"{_calib_text(calibration)}"
@@ -451,6 +456,8 @@ def quantize_arguments(p):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--quantize-head", action="store_true", help="also quantize the output layer (per-channel)")
     p.add_argument("--head-bits", type=int, choices=(4, 8), default=8)
+    p.add_argument("--head-group-size", type=int, default=-1,
+                   help="columns per scale of the quantized output layer; -1 = one per row (default)")
     p.add_argument("-o", "--out", help="output directory (default: SOURCE-int{bits}-{method})")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -461,7 +468,8 @@ def quantize_main(args) -> int:
     s = quantize(args.source, out, bits=args.bits, method=args.method, group_size=args.group_size, sym=args.sym,
                  act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
                  calib_seq_len=args.calib_seq_len, device=args.device, force=args.force,
-                 quantize_head=args.quantize_head, head_bits=args.head_bits, mse=args.mse,
+                 quantize_head=args.quantize_head, head_bits=args.head_bits, head_group_size=args.head_group_size,
+                 mse=args.mse,
                  calib_model=args.calib_model)
     if args.json:
         print(json.dumps(s, indent=2))

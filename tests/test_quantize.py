@@ -410,3 +410,35 @@ def test_gptq_on_cuda(tiny, tmp_path):
     s = quantize(src, tmp_path / "self", bits=4, method="gptq", group_size=32, calib_samples=4, calib_seq_len=16,
                  device="cuda", progress=False)
     assert s["calibration"]["sampler"] == "source"
+
+
+def test_output_layer_in_groups(tiny, tmp_path):
+    """--quantize-head --head-bits 4 --head-group-size N: the output layer at 4 bits with one scale per N inputs
+    (per-row 4-bit loses too much), in the standard fields (GPTQ's per-module `dynamic`), run by the native kernel
+    on the fast path and equal to its dequantized weights on the exact one."""
+    from lowvram.kernels import dequantize, native
+    from lowvram.quantized import from_gptq
+
+    src = tiny("chatglm3-6b", hidden_size=128, kv_channels=32, ffn_hidden_size=256, padded_vocab_size=512)
+    out = tmp_path / "q"
+    quantize(src, out, bits=4, group_size=32, quantize_head=True, head_bits=4, head_group_size=64, progress=False)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["dynamic"] == {r"+:transformer\.output_layer": {"bits": 4, "group_size": 64}}
+    assert "output layer to 4 bits (groups of 64)" in (out / "README.md").read_text()
+    from safetensors import safe_open
+
+    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+        head = {k: f.get_tensor(f"transformer.output_layer.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert head["scales"].shape == (128 // 64, 512) and head["qweight"].shape == (128 * 4 // 32, 512)
+    exact = lowvram.load(out, dtype="float32", tokenizer=False)
+    w = dequantize(from_gptq(head, 1, 128))
+    assert torch.equal(exact.net.output(torch.eye(128)).t(), w)  # the exact path: x @ W.T with W dequantized
+    if native.available() is None and native.fast():
+        fast = lowvram.load(out, tokenizer=False)
+        assert isinstance(fast.net.output, native.NativeLinear) and (fast.net.output.bits, fast.net.output.group) == (4, 64)
+        ids = list(range(3, 20))
+        ref = exact.logits(ids)
+        assert ((fast.logits(ids) - ref).norm() / ref.norm()) < 0.05
+    with pytest.raises(ValueError, match="--head-group-size 48 does not divide hidden_size 128"):
+        quantize(src, tmp_path / "bad", bits=4, quantize_head=True, head_bits=4, head_group_size=48, progress=False)
+    assert not (tmp_path / "bad").exists()
