@@ -97,7 +97,7 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         cache_file = rc.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend), repack_cache)
         cache = rc.open_cache(cache_file)
         if cache_file is not None and cache is None:  # this load repacks into a new cache file
-            arena = rc.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files))
+            arena = rc.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files), ckpt.dir)
     _mmap_threshold(1 << 20)
     try:
         with _repack_into(arena):

@@ -10,7 +10,7 @@ pressure instead of swapped, like llama.cpp's mmap), mapped with 2 MiB pages on 
 
 One file per checkpoint directory, keyed by the files' identity (name, size, mtime, inode, and samples of
 their bytes), the kernel build and the load options that change what is built; a new key replaces the
-directory's old file. `LOWVRAM_CACHE=0` turns it off, `LOWVRAM_CACHE_DIR` moves it (default
+directory's old file, and a load that writes one removes those of checkpoint directories that are gone. `LOWVRAM_CACHE=0` turns it off, `LOWVRAM_CACHE_DIR` moves it (default
 `$XDG_CACHE_HOME/lowvram` or `~/.cache/lowvram`); deleting the directory is always safe.
 
 File: each linear's tensors at 2 MiB-aligned offsets (the gaps are holes), then a JSON index, its length
@@ -138,9 +138,11 @@ class Arena:
     alloc() falls back to ordinary memory once anything fails (no space, no mapping): the load goes on, and
     finish() then writes nothing."""
 
-    def __init__(self, path: Path, need: int):
-        """need: about the bytes the file will take (the checkpoint's size); refused unless 1 GiB more is free."""
+    def __init__(self, path: Path, need: int, checkpoint: Path | None = None):
+        """need: about the bytes the file will take (the checkpoint's size); refused unless 1 GiB more is free.
+        checkpoint: the directory it caches (recorded, so that a later write removes the caches of deleted ones)."""
         self.path = path
+        self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
         self.tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # loads in two threads too
         self.regions: list[tuple[int, int, int]] = []  # (address, file offset, bytes)
         self.end = 0
@@ -149,6 +151,7 @@ class Arena:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(path.parent)
+            _remove_orphans(path.parent)
             if shutil.disk_usage(path.parent).free < need + (1 << 30):
                 self.failed = f"{path.parent} has less than {need / 2**30 + 1:.1f} GiB free"
                 return
@@ -220,7 +223,7 @@ class Arena:
         spec = {name: {k: (self.offset(t), str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in ts.items()}
                 for name, (ts, _) in packed.items()}
         index = json.dumps({"format": FORMAT, "modules": spec, "meta": {n: meta for n, (_, meta) in packed.items()},
-                            "data_end": self.end}).encode()
+                            "data_end": self.end, "checkpoint": self.checkpoint}).encode()
         os.pwrite(self.fd, index + len(index).to_bytes(8, "little") + MAGIC, self.end)
         os.ftruncate(self.fd, self.end + len(index) + 16)
         used = os.fstat(self.fd).st_blocks * 512  # the gaps between 2 MiB-aligned tensors are holes
@@ -246,5 +249,15 @@ def _remove_stale(d: Path):
     for f in d.glob(".repacked-*.tmp"):
         pid = f.name.rsplit(".", 3)[-3]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+def _remove_orphans(d: Path):
+    """Caches of checkpoint directories that no longer exist (a deleted download, a temporary copy)."""
+    for f in d.glob("repacked-*.lvq"):
+        index = _index(f)
+        where = index.get("checkpoint") if index else None
+        if where and not Path(where).is_dir():
             with contextlib.suppress(OSError):
                 f.unlink()

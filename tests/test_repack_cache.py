@@ -166,3 +166,17 @@ def test_two_threads_loading_at_once_and_files_of_dead_loads(tiny, tmp_path, cac
     ids = list(range(3, 30))
     ref = third.logits(ids)
     assert all(torch.equal(m.logits(ids), ref) for m in models)
+
+
+def test_the_caches_of_deleted_checkpoints_go_at_the_next_write(tiny, tmp_path, cache):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        quantize(tiny("chatglm3-6b", **SHAPES), d, bits=4, group_size=32, progress=False)
+    lowvram.load(a)
+    first = set(cache.glob("*.lvq"))
+    shutil.rmtree(a)
+    lowvram.load(b)  # writes b's cache, removes a's
+    left = set(cache.glob("*.lvq"))
+    assert len(first) == 1 and len(left) == 1 and not left & first
