@@ -143,6 +143,8 @@ class Arena:
         checkpoint: the directory it caches (recorded, so that a later write removes the caches of deleted ones)."""
         self.path = path
         self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
+        self.reserve = -(-(need + (64 << 20)) // HUGE) * HUGE  # one mapping of this length (only fallocated parts used)
+        self.view = None
         self.tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # loads in two threads too
         self.regions: list[tuple[int, int, int]] = []  # (address, file offset, bytes)
         self.end = 0
@@ -163,10 +165,19 @@ class Arena:
         off = -(-self.end // HUGE) * HUGE
         size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         os.posix_fallocate(self.fd, off, size)  # blocks reserved now: a full disk fails here, not as SIGBUS later
-        mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, offset=off)
-        with contextlib.suppress(OSError, AttributeError):
-            mm.madvise(mmap.MADV_HUGEPAGE)
-        buf = torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
+        if off + size <= self.reserve:  # one shared mapping of the whole file-to-be (one descriptor, one area)
+            if self.view is None:
+                os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, self.reserve))  # a hole; cut to size at the end
+                mm = mmap.mmap(self.fd, self.reserve, flags=mmap.MAP_SHARED)  # only fallocated parts are touched
+                with contextlib.suppress(OSError, AttributeError):
+                    mm.madvise(mmap.MADV_HUGEPAGE)
+                self.view = torch.frombuffer(mm, dtype=torch.uint8)
+            buf = self.view[off : off + nbytes]
+        else:  # more than the checkpoint's size: a mapping of its own
+            mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, offset=off)
+            with contextlib.suppress(OSError, AttributeError):
+                mm.madvise(mmap.MADV_HUGEPAGE)
+            buf = torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
         self.regions.append((buf.data_ptr(), off, nbytes))
         self.end = off + nbytes
         return buf, off
