@@ -74,7 +74,7 @@ def main():
             quantize(a.model, out, calib=a.calib, calib_samples=64, calib_seq_len=128, progress=False, **kw)
             qs = time.time() - t
             p = perplexity(lowvram.load(out, dtype="float32"), ids, a.window)
-            pf = perplexity(lowvram.load(out), ids, a.window)
+            pf = perplexity(lowvram.load(out, repack_cache=False), ids, a.window)  # a temporary checkpoint
             print(f"| {name} | {p:.3f} | {100 * (p / ref - 1):+.2f}% | {pf:.3f} | {100 * (pf / ref - 1):+.2f}% | {qs:.1f} |")
 
 
