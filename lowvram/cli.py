@@ -14,6 +14,7 @@ COMMANDS = {
     "quantize": ("lowvram.converters.quantize", "quantize a checkpoint to INT8/INT4 (RTN or GPTQ)"),
     "bench": ("lowvram.bench", "measure prefill, decode, load time and memory"),
     "plan": ("lowvram.plan", "show where every block goes for a memory budget"),
+    "cache": ("lowvram.repack_cache", "list or clear the repacked weights kept for fast CPU loads"),
 }
 
 

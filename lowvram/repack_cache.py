@@ -115,6 +115,8 @@ def open_cache(path: Path | None) -> dict[str, dict] | None:
     """{module name: {tensor name: tensor, "meta": sizes}} mapped from a complete cache file, or None."""
     if path is None or not path.exists() or (index := _index(path)) is None:
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # last use, for `lowvram cache`
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     with contextlib.suppress(OSError, AttributeError):  # 2 MiB page-cache folios when read from disk
@@ -272,3 +274,48 @@ def _remove_orphans(d: Path):
         if where and not Path(where).is_dir():
             with contextlib.suppress(OSError):
                 f.unlink()
+
+
+def entries() -> list[dict]:
+    """The cache files in cache_dir(): file, checkpoint directory (None if unknown), bytes on disk, last use."""
+    try:
+        files = sorted(cache_dir().glob("repacked-*.lvq"))
+    except (RuntimeError, KeyError, OSError):
+        return []
+    out = []
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            index = _index(f) or {}
+            out.append({"file": f, "checkpoint": index.get("checkpoint"), "bytes": st.st_blocks * 512,
+                        "used": st.st_mtime})
+    return out
+
+
+def cache_arguments(p):
+    p.add_argument("checkpoint", nargs="?", help="only the cache of this checkpoint directory")
+    p.add_argument("--clear", action="store_true", help="delete the cache files (all, or the checkpoint's)")
+
+
+def cache_main(args) -> int:
+    """`lowvram cache`: where the repacked weights are kept, how much disk they take, and --clear."""
+    import time
+
+    want = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+    rows = [e for e in entries() if want is None or e["checkpoint"] == want]
+    if args.clear:
+        freed = 0
+        for e in rows:
+            with contextlib.suppress(OSError):
+                e["file"].unlink()
+                freed += e["bytes"]
+        print(f"removed {len(rows)} cache file(s), {freed / 2**30:.2f} GiB, from {cache_dir()}")
+        return 0
+    print(f"{cache_dir()}: {len(rows)} cache file(s), {sum(e['bytes'] for e in rows) / 2**30:.2f} GiB"
+          + ("" if enabled() else " (LOWVRAM_CACHE=0: not used)"))
+    for e in rows:
+        where = e["checkpoint"] or "(unknown)"
+        gone = "" if e["checkpoint"] is None or Path(e["checkpoint"]).is_dir() else " (checkpoint gone)"
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["used"]))
+        print(f"  {e['bytes'] / 2**30:7.2f} GiB  last used {used}  {where}{gone}")
+    return 0

@@ -186,3 +186,20 @@ def test_the_caches_of_deleted_checkpoints_go_at_the_next_write(tiny, tmp_path, 
     lowvram.load(b)  # writes b's cache, removes a's
     left = set(cache.glob("*.lvq"))
     assert len(first) == 1 and len(left) == 1 and not left & first
+
+
+def test_the_cache_command_lists_and_clears(tiny, tmp_path, cache, capsys):
+    from lowvram.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        quantize(tiny("chatglm3-6b", **SHAPES), d, bits=4, group_size=32, progress=False)
+        lowvram.load(d)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache}: 2 cache file(s)" in out and str(a.resolve()) in out and str(b.resolve()) in out
+    assert main(["cache", "--clear", str(a)]) == 0
+    assert "removed 1 cache file(s)" in capsys.readouterr().out
+    assert lowvram.load(a).report["repack_cache"].startswith("written to ")  # a's was gone
+    assert lowvram.load(b).report["repack_cache"].startswith("mapped from ")  # b's was kept
+    assert main(["cache", "--clear"]) == 0 and not list(cache.glob("*.lvq"))
