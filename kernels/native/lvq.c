@@ -1352,9 +1352,24 @@ static int gemm(const void *x, int xt, int64_t M, int64_t K, const uint8_t *w, c
      * per chunk, or with many threads every 16-row chunk would cost a 32-row one */
     if (M > 1) chunk = (chunk + 31) & ~(int64_t)31;
     int64_t nchunks = (N + chunk - 1) / chunk;
+    /* decode: guided chunks (a quarter of what is left per thread pair, down to 16 rows), so the threads
+     * finish each matrix within a 16-row chunk of each other instead of a 1/32-of-N one */
+    int64_t bounds[257];
+    int guided = M == 1;
+    if (guided) {
+        int64_t a = 0;
+        nchunks = 0;
+        while (a < N && nchunks < 256) {
+            int64_t c = (N - a) / (4 * (int64_t)nthreads);
+            c = c < 16 ? 16 : (c + 1) & ~(int64_t)1;
+            bounds[nchunks++] = a;
+            a += c;
+        }
+        bounds[nchunks] = N;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        int64_t a = c * chunk, e = a + chunk < N ? a + chunk : N;
+        int64_t a = guided ? bounds[c] : c * chunk, e = guided ? bounds[c + 1] : (a + chunk < N ? a + chunk : N);
 #ifdef LVQ_X86
         if (isa >= ISA_AVX2)
             rows_simd(xq, sx, xsum, M, K, w, scales, zeros, bits, group, a, e, N, bias, y, isa == ISA_VNNI);
