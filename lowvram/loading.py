@@ -114,6 +114,7 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         from .kernels.native import NativeLinear
 
         report["repack_cache"] = arena.finish({n: m for n, m in net.named_modules() if isinstance(m, NativeLinear)})
+        trim_heap()  # the scales and zeros just copied into the file: their first copies go back to the OS
     if streamed:
         from .streaming import stream_blocks
 

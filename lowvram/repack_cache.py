@@ -105,6 +105,10 @@ def _index(path: Path) -> dict | None:
         return None
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _view(buf: torch.Tensor, off: int, dtype: str, shape) -> torch.Tensor:
     dt = getattr(torch, dtype)
     n = dt.itemsize * int(torch.Size(shape).numel())
@@ -216,23 +220,22 @@ class Arena:
 
     def _finish(self, modules: dict) -> str:
         packed = {name: m.packed() for name, m in modules.items()}
-        outside = [(name, k, t) for name, (ts, _) in packed.items() for k, t in ts.items() if self.offset(t) is None]
-        if outside:  # scales, zeros, biases, permutations: small, made by torch ops
-            sizes = [-(-t.numel() * t.element_size() // 64) * 64 for _, _, t in outside]
+        outside = [(name, k) for name, (ts, _) in packed.items() for k, t in ts.items() if self.offset(t) is None]
+        if outside:  # scales, zeros, biases, permutations: small, made by torch ops; packed together in one region
+            sizes = [-(-_nbytes(packed[name][0][k]) // 64) * 64 for name, k in outside]
             free = shutil.disk_usage(self.tmp.parent).free
             if free < sum(sizes) + (1 << 30):
                 raise ValueError(f"{self.tmp.parent} has less than 1 GiB free")
             buf, _ = self._map(sum(sizes))
             at = 0
-            for (name, k, t), n in zip(outside, sizes):
-                nb = t.numel() * t.element_size()
-                copy = buf[at : at + nb].view(t.dtype).view(t.shape)
-                copy.copy_(t)
+            for (name, k), n in zip(outside, sizes):
+                t = packed[name][0][k]
+                copy = buf[at : at + _nbytes(t)].view(t.dtype).view(t.shape).copy_(t)
                 packed[name][0][k] = copy
                 setattr(modules[name], k, copy)
+                modules[name]._ready()  # the kernel's pointers, to the copy
+                del t  # the last reference: the first copy is freed now, not after all of them (0.13 GB at once)
                 at += n
-            for m in modules.values():
-                m._ready()  # the kernel's pointers, to the copies
         spec = {name: {k: (self.offset(t), str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in ts.items()}
                 for name, (ts, _) in packed.items()}
         index = json.dumps({"format": FORMAT, "modules": spec, "meta": {n: meta for n, (_, meta) in packed.items()},
