@@ -18,14 +18,14 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, resource, sys, time, torch, lowvram
+import json, sys, time, torch, lowvram
+from lowvram.bench import peak_rss
 t = time.perf_counter()
 m = lowvram.load(sys.argv[1], tokenizer=False)
 load = time.perf_counter() - t
 with torch.inference_mode():
     y = m.logits(list(range(100, 116)))[-1].float()
-print(json.dumps({"load_s": load, "cache": m.report.get("repack_cache"), "peak_rss_gib":
-                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "logits_sum": float(y.abs().sum()),
+print(json.dumps({"load_s": load, "cache": m.report.get("repack_cache"), "peak_rss_gib": peak_rss() / 2**30, "logits_sum": float(y.abs().sum()),
                   "argmax": int(y.argmax())}))
 """
 

@@ -20,6 +20,7 @@ File: each linear's tensors at 2 MiB-aligned offsets (the gaps are holes), then 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import mmap
@@ -61,6 +62,13 @@ def _sample(f: Path, h) -> None:
             h.update(fh.read(4096))
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_digest(lib_file: str) -> bytes:
+    """The kernel build, once per process: its layout may change between versions."""
+    with open(lib_file, "rb") as fh:
+        return hashlib.sha256(fh.read()).digest()
+
+
 def cache_path(ckpt_dir: Path, files, options: dict, on: bool | None = None) -> Path | None:
     """Where the cache of this checkpoint and these options lives (it may not exist yet); None if off
     (`on`=None: LOWVRAM_CACHE decides)."""
@@ -71,8 +79,7 @@ def cache_path(ckpt_dir: Path, files, options: dict, on: bool | None = None) -> 
     ckpt_dir = Path(ckpt_dir).resolve()
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT, **options}, sort_keys=True, default=str).encode())
-    with open(native._lib._name, "rb") as fh:  # the kernel build: its layout may change between versions
-        h.update(hashlib.sha256(fh.read()).digest())
+    h.update(_kernel_digest(native._lib._name))
     extra = [ckpt_dir / n for n in ("config.json", "quantize_config.json") if (ckpt_dir / n).exists()]
     for f in sorted({Path(f) for f in files} | set(extra)):
         st = f.stat()
@@ -109,10 +116,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _size(dtype: torch.dtype, shape) -> int:
+    return dtype.itemsize * int(torch.Size(shape).numel())
+
+
 def _view(buf: torch.Tensor, off: int, dtype: str, shape) -> torch.Tensor:
     dt = getattr(torch, dtype)
-    n = dt.itemsize * int(torch.Size(shape).numel())
-    return buf[off : off + n].view(dt).view(shape)
+    return buf[off : off + _size(dt, shape)].view(dt).view(shape)
+
+
+def _map(fd: int, length: int, flags: int, offset: int = 0) -> tuple[mmap.mmap, torch.Tensor]:
+    """A mapping of a file and its bytes as a uint8 tensor (which keeps the mapping alive as long as any tensor
+    views it), asking for 2 MiB page-cache folios (also when read from disk)."""
+    mm = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    with contextlib.suppress(OSError, AttributeError):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    return mm, torch.frombuffer(mm, dtype=torch.uint8)
 
 
 def open_cache(path: Path | None) -> dict[str, dict] | None:
@@ -122,19 +141,15 @@ def open_cache(path: Path | None) -> dict[str, dict] | None:
     with contextlib.suppress(OSError):
         os.utime(path)  # last use, for `lowvram cache`
     with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    with contextlib.suppress(OSError, AttributeError):  # 2 MiB page-cache folios when read from disk
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    buf = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive as long as any tensor views it
+        mm, buf = _map(fh.fileno(), 0, mmap.MAP_PRIVATE)
     out = {}
     for mod, tensors in index["modules"].items():
         out[mod] = {name: _view(buf, *spec) for name, spec in tensors.items()}
         out[mod]["meta"] = index["meta"][mod]
-        for off, dtype, shape in tensors.values():  # map every page of the tensors now (not the holes between)
+        for (off, _, _), t in zip(tensors.values(), out[mod].values()):  # every page of the tensors now, not the holes
             start = off // mmap.PAGESIZE * mmap.PAGESIZE
-            n = getattr(torch, dtype).itemsize * int(torch.Size(shape).numel())
             with contextlib.suppress(OSError, ValueError):  # older kernels: pages are mapped on first use instead
-                mm.madvise(MADV_POPULATE_READ, start, off + n - start)
+                mm.madvise(MADV_POPULATE_READ, start, off + _nbytes(t) - start)
     return out
 
 
@@ -174,22 +189,16 @@ class Arena:
         if off + size <= self.reserve:  # one shared mapping of the whole file-to-be (one descriptor, one area)
             if self.view is None:
                 os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, self.reserve))  # a hole; cut to size at the end
-                mm = mmap.mmap(self.fd, self.reserve, flags=mmap.MAP_SHARED)  # only fallocated parts are touched
-                with contextlib.suppress(OSError, AttributeError):
-                    mm.madvise(mmap.MADV_HUGEPAGE)
-                self.view = torch.frombuffer(mm, dtype=torch.uint8)
+                self.view = _map(self.fd, self.reserve, mmap.MAP_SHARED)[1]  # only fallocated parts are touched
             buf = self.view[off : off + nbytes]
         else:  # more than the checkpoint's size: a mapping of its own
-            mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, offset=off)
-            with contextlib.suppress(OSError, AttributeError):
-                mm.madvise(mmap.MADV_HUGEPAGE)
-            buf = torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
+            buf = _map(self.fd, size, mmap.MAP_SHARED, off)[1][:nbytes]
         self.regions.append((buf.data_ptr(), off, nbytes))
         self.end = off + nbytes
         return buf, off
 
     def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        nbytes = _size(dtype, shape)
         if self.failed is None and nbytes:
             try:
                 return self._map(nbytes)[0].view(dtype).view(shape)
@@ -200,7 +209,7 @@ class Arena:
     def offset(self, t: torch.Tensor) -> int | None:
         p = t.data_ptr()
         for addr, off, n in self.regions:
-            if addr <= p and p + t.numel() * t.element_size() <= addr + n:
+            if addr <= p and p + _nbytes(t) <= addr + n:
                 return off + p - addr
         return None
 
