@@ -90,11 +90,15 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     with torch.device("meta"):
         net = GLM(cfg)
     streamed = streamed_layers(placement)
-    cache = arena = None
+    cache = arena = cache_note = None
     if cfg.quantization and repack_cache is not False and not streamed and all(d.type == "cpu" for d in devs):
         from . import repack_cache as rc
+        from .kernels import default_backend
 
         cache_file = rc.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend), repack_cache)
+        kernel = backend or default_backend(devs[0], dtype)
+        if cache_file is not None and kernel != "native":  # float32's reference path, ONNX Runtime, torch's ops
+            cache_file, cache_note = None, f"nothing to cache (the {kernel!r} backend repacks nothing)"
         cache = rc.open_cache(cache_file)
         if cache_file is not None and cache is None:  # this load repacks into a new cache file
             arena = rc.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files), ckpt.dir)
@@ -108,6 +112,8 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         raise
     finally:
         _mmap_threshold(32 << 20)
+    if cache_note is not None:
+        report["repack_cache"] = cache_note
     if cache is not None:
         report["repack_cache"] = f"mapped from {cache_file}"
     elif arena is not None:

@@ -44,19 +44,31 @@ def natives(m):
     return {n: mod for n, mod in m.net.named_modules() if isinstance(mod, native.NativeLinear)}
 
 
-@pytest.mark.parametrize("bits,method", [(4, "rtn"), (8, "rtn"), (4, "gptq")])
-def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, bits, method):
+def direct_writes(monkeypatch, on: bool):
+    """Make the next loads take the O_DIRECT way (as for a model larger than the page cache takes dirty) or not."""
+    from lowvram import repack_cache
+
+    monkeypatch.setattr(repack_cache, "dirty_headroom", lambda: 0 if on else 1 << 60)
+
+
+@pytest.mark.parametrize("bits,method,direct", [(4, "rtn", False), (8, "rtn", False), (4, "gptq", False),
+                                                (4, "rtn", True), (8, "rtn", True), (4, "gptq", True)])
+def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, monkeypatch, bits, method, direct):
     src = tiny("chatglm3-6b", **SHAPES)
     out = tmp_path / "q"
     kw = dict(act_order=True, calib_samples=2, calib_seq_len=16) if method == "gptq" else {}
     quantize(src, out, bits=bits, method=method, group_size=32, progress=False, **kw)
     ids = list(range(3, 30))
+    direct_writes(monkeypatch, direct)
     first = lowvram.load(out)
     assert first.report["repack_cache"].startswith("written to ")
+    assert ("written directly" in first.report["repack_cache"]) == direct
     files = list(cache.glob("*.lvq"))
-    assert len(files) == 1
-    # one shared mapping holds every linear of the first load (not one mapping and descriptor per linear)
-    assert sum(line.endswith(str(files[0])) for line in Path("/proc/self/maps").read_text().splitlines()) == 1
+    assert len(files) == 1 and not list(cache.glob(".*.tmp"))
+    # mapped: one shared mapping holds every linear of the first load (not one mapping and descriptor per linear);
+    # direct: the first load computes from ordinary memory, the file was written beside it
+    maps = sum(line.endswith(str(files[0])) for line in Path("/proc/self/maps").read_text().splitlines())
+    assert maps == (0 if direct else 1)
     second = lowvram.load(out)
     assert second.report["repack_cache"] == f"mapped from {files[0]}"
     a, b = natives(first), natives(second)
@@ -64,8 +76,9 @@ def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, bits, m
     if method == "gptq":
         assert a["layers.0.mlp.up"].perm is not None
     for name, mod in b.items():
-        # the first load repacked into the file (a shared mapping), the second maps it privately
-        assert mapped_files(a[name].weight) == {(str(files[0]), "rw-s")}, name
+        # the first load repacked into the file (a shared mapping) or beside it, the second maps it privately
+        held = mapped_files(a[name].weight)
+        assert (not any(f.endswith(".lvq") for f, _ in held)) if direct else held == {(str(files[0]), "rw-s")}, name
         for t in ("weight", "scales", "zeros"):
             assert mapped_files(getattr(mod, t)) == {(str(files[0]), "rw-p")}, (name, t)
         for t in ("weight", "scales", "zeros", "bias", "perm"):
@@ -73,6 +86,44 @@ def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, bits, m
             assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), (name, t)
     assert torch.equal(first.logits(ids), second.logits(ids))
     assert first.generate(ids, max_new_tokens=6) == second.generate(ids, max_new_tokens=6)
+
+
+def test_direct_writes_that_fail_leave_no_file_and_the_load_goes_on(tiny, tmp_path, cache, monkeypatch):
+    """A write error in the writer thread (a full disk, say) abandons the file; the model still runs."""
+    import errno
+
+    from lowvram import repack_cache
+
+    out = tmp_path / "q"
+    quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
+    ids = list(range(3, 30))
+    ref = lowvram.load(out, repack_cache=False).logits(ids)
+    direct_writes(monkeypatch, True)
+    real, calls = repack_cache._pwrite_all, []
+
+    def fails_third(fd, buf, off):
+        calls.append(off)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, buf, off)
+
+    monkeypatch.setattr(repack_cache, "_pwrite_all", fails_third)
+    m = lowvram.load(out)
+    assert m.report["repack_cache"] == "not written: [Errno 28] No space left on device"
+    assert not list(cache.glob("*.lvq")) and not list(cache.glob(".*.tmp"))
+    assert not any(t.name == "lowvram-cache-writer" for t in __import__("threading").enumerate())
+    assert torch.equal(m.logits(ids), ref)
+    monkeypatch.setattr(repack_cache, "_pwrite_all", real)
+    assert lowvram.load(out).report["repack_cache"].startswith("written to ")
+    assert torch.equal(lowvram.load(out).logits(ids), ref)
+
+
+def test_the_dirty_headroom_is_read_from_the_kernel():
+    from lowvram import repack_cache
+
+    room = repack_cache.dirty_headroom()
+    total = int(Path("/proc/meminfo").read_text().split()[1]) << 10
+    assert room is not None and room < total
 
 
 def test_a_changed_checkpoint_is_repacked_again(tiny, tmp_path, cache):
@@ -117,8 +168,11 @@ def test_what_the_cache_is_keyed_on_and_when_it_is_off(tiny, tmp_path, cache, mo
     out = tmp_path / "q"
     quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
     exact = lowvram.load(out, dtype="float32")  # the reference path builds no native linear
-    assert exact.report["repack_cache"].startswith("nothing to cache")
-    assert not list(cache.glob("*.lvq"))
+    assert exact.report["repack_cache"] == "nothing to cache (the 'torch' backend repacks nothing)"
+    assert not cache.exists()  # not even a temporary file was made
+    if __import__("lowvram.kernels.ort", fromlist=["available"]).available() is None:
+        assert lowvram.load(out, backend="ort").report["repack_cache"].startswith("nothing to cache")
+        assert not cache.exists()
     lowvram.load(out)
     monkeypatch.setenv("LOWVRAM_QUANTIZE_HEAD", "0")  # changes what is built: another key
     m = lowvram.load(out)
