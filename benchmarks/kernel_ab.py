@@ -1,10 +1,11 @@
 """Paired A/B of the native kernel as built from another git revision against the installed build, in one process.
 
-    python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1 | --isa avx2] [--rounds 24] [--context 64]
+    python benchmarks/kernel_ab.py CHECKPOINT [--rev HEAD~1 | --isa avx2] [--cap avx2] [--rounds 24] [--context 64]
                                           [--prompt-len 128] [--prompt-rounds 3] [--load-rounds 2]
 
 With --isa PATH the other side is the installed build itself capped at one of its slower paths (avx2, generic),
-to see whether a CPU's best path is also its fastest.
+to see whether a CPU's best path is also its fastest. With --cap PATH both sides run that path (a revision's
+AVX2 code measured on an AVX-512 machine).
 
 Compiles `kernels/native/lvq.c` of REV with setup.py's flags into a temporary library, then alternates the two
 libraries call for call: single GEMV/GEMM calls on random weights of the checkpoint's shapes (outputs must be
@@ -98,6 +99,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--prompt-rounds", type=int, default=3)
     ap.add_argument("--load-rounds", type=int, default=2)
+    ap.add_argument("--cap", choices=native.ISAS[:-1], help="both sides on this path")
     a = ap.parse_args()
     threads = native.threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +109,10 @@ def main():
             libs = {a.rev: native._load(), "installed": native._load()}
         else:
             libs = {a.rev: build(a.rev, Path(tmp)), "installed": native._load()}
-        print(f"native kernel: {a.rev} against the installed build, {threads} threads, path {native.isa()}")
+        if a.cap:
+            CAPS.update({k: a.cap for k in libs})
+            use(libs)
+        print(f"native kernel: {a.rev} against the installed build, {threads} threads, path {a.cap or native.isa()}")
         for bits in (4, 8):
             for n, k, m in ((27392, 4096, 1), (4096, 13696, 1), (4096, 4096, 128), (13696, 4096, 37)):
                 lin = random_linear(n, k, bits)

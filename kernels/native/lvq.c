@@ -321,6 +321,37 @@ AVX2 static float row_prep_avx2(const uint16_t *sr, const uint8_t *zr, const flo
     return c;
 }
 
+/* Decode's pair of rows with one 128-input block per group, on AVX2: row_prep_avx2 for both rows in one pass
+ * (no per-group scales kept: the block coefficients carry them). */
+AVX2 static void pair_prep_avx2(const uint16_t *s0, const uint8_t *z0, const uint16_t *s1, const uint8_t *z1,
+                                const float *sxm, const float *xs, int64_t G, float zshift, float *cs0, float *cs1,
+                                float *c0, float *c1) {
+    const __m256 zsh = _mm256_set1_ps(zshift);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        __m256 x = _mm256_loadu_ps(xs + g), sx = _mm256_loadu_ps(sxm + g);
+        __m256 f0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s0 + g)));
+        __m256 f1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s1 + g)));
+        __m256 q0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z0 + g)))), zsh);
+        __m256 q1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z1 + g)))), zsh);
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(f0, q0), x, a0);
+        a1 = _mm256_fmadd_ps(_mm256_mul_ps(f1, q1), x, a1);
+        _mm256_storeu_ps(cs0 + g, _mm256_mul_ps(f0, sx));
+        _mm256_storeu_ps(cs1 + g, _mm256_mul_ps(f1, sx));
+    }
+    float r0 = hsum256(a0), r1 = hsum256(a1);
+    for (; g < G; g++) {
+        float f0 = _cvtsh_ss(s0[g]), f1 = _cvtsh_ss(s1[g]);
+        r0 += f0 * ((float)z0[g] - zshift) * xs[g];
+        r1 += f1 * ((float)z1[g] - zshift) * xs[g];
+        cs0[g] = f0 * sxm[g];
+        cs1[g] = f1 * sxm[g];
+    }
+    *c0 = r0;
+    *c1 = r1;
+}
+
 /* Prompts, where every weight row meets many activation rows: the weight row's scales sf and scale x shifted
  * zero sz, per group, once per call; quad_q4/quad_q8 then multiply sf by each activation row's block scale
  * in their loop and take the zero-point term in quad_finish. Decode keeps the one-pass row_prep_avx2: built
@@ -1265,6 +1296,8 @@ AVX2 static void decode_rows(const int8_t *xq, const float *sx, const float *xsu
         float c0, c1;
         if (vnni && group == BLK)
             pair_prep_vnni(scales + na * G, zeros + na * G, scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, cs, cs2, &c0, &c1);
+        else if (group == BLK)
+            pair_prep_avx2(scales + na * G, zeros + na * G, scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, zp, cs, cs2, &c0, &c1);
         else {
             c0 = row_prep_avx2(scales + na * G, zeros + na * G, sx, xsum, G, nb, group, sf, cs, zp);
             c1 = row_prep_avx2(scales + nb2 * G, zeros + nb2 * G, sx, xsum, G, nb, group, sf2, cs2, zp);
