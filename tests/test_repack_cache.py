@@ -196,11 +196,13 @@ def test_gptq_sampling_from_a_temporary_int8_copy_caches_nothing(tiny, tmp_path,
     assert not list(cache.glob("*")) if cache.exists() else True
 
 
-def test_two_threads_loading_at_once_and_files_of_dead_loads(tiny, tmp_path, cache):
+@pytest.mark.parametrize("direct", [False, True])
+def test_two_threads_loading_at_once_and_files_of_dead_loads(tiny, tmp_path, cache, monkeypatch, direct):
     """Each load writes its own temporary file (process and thread in the name), renamed when complete; a
     temporary file whose process is gone is removed by the next load that writes."""
     import threading
 
+    direct_writes(monkeypatch, direct)
     out = tmp_path / "q"
     quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
     cache.mkdir()
