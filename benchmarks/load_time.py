@@ -52,8 +52,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.first:
         rows = {w: [] for w in a.write} | {"no cache": []}
-        for _ in range(a.first):
-            for w in rows:
+        for i in range(a.first):
+            order = list(rows)
+            for w in order[i % len(order):] + order[: i % len(order)]:  # each goes first in turn
                 with tempfile.TemporaryDirectory(prefix="lowvram-cache-") as d:
                     rows[w].append(run(a.model, d, w != "no cache", w))
                 os.sync()  # each starts without the one before's writeback still under way

@@ -368,6 +368,7 @@ class Arena:
             buf.copy_(torch.frombuffer(bytearray(tail), dtype=torch.uint8))
             self.writer.put(buf, start)
             self.writer.close()
+            self.writer = None
         else:
             os.pwrite(self.fd, tail, start)
         os.ftruncate(self.fd, start + len(tail))
