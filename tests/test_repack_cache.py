@@ -7,11 +7,14 @@ import pytest
 import torch
 
 import lowvram
+from lowvram import repack_cache
 from lowvram.converters.quantize import quantize
 from lowvram.kernels import native
 
-pytestmark = pytest.mark.skipif(native.available() is not None or not native.fast(),
-                                reason="the repack cache holds the native kernel's layout, not built or not fast here")
+pytestmark = [pytest.mark.skipif(native.available() is not None or not native.fast(),
+                                 reason="the repack cache holds the native kernel's layout, not built or not fast here"),
+              pytest.mark.skipif(not repack_cache.platform_ok(), reason="the repack cache is Linux-only (mmap flags, "
+                                 "posix_fallocate, /proc)")]
 
 SHAPES = dict(hidden_size=128, kv_channels=32, ffn_hidden_size=256, padded_vocab_size=512)
 
@@ -46,8 +49,6 @@ def natives(m):
 
 def direct_writes(monkeypatch, on: bool):
     """Make the next loads take the O_DIRECT way (as for a model larger than the page cache takes dirty) or not."""
-    from lowvram import repack_cache
-
     monkeypatch.setattr(repack_cache, "dirty_headroom", lambda: 0 if on else 1 << 60)
 
 
@@ -92,8 +93,6 @@ def test_direct_writes_that_fail_leave_no_file_and_the_load_goes_on(tiny, tmp_pa
     """A write error in the writer thread (a full disk, say) abandons the file; the model still runs."""
     import errno
 
-    from lowvram import repack_cache
-
     out = tmp_path / "q"
     quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
     ids = list(range(3, 30))
@@ -119,8 +118,6 @@ def test_direct_writes_that_fail_leave_no_file_and_the_load_goes_on(tiny, tmp_pa
 
 
 def test_the_dirty_headroom_is_read_from_the_kernel():
-    from lowvram import repack_cache
-
     room = repack_cache.dirty_headroom()
     total = int(Path("/proc/meminfo").read_text().split()[1]) << 10
     assert room is not None and room < total
