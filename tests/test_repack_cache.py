@@ -92,6 +92,7 @@ def test_second_load_maps_what_the_first_repacked(tiny, tmp_path, cache, monkeyp
 def test_direct_writes_that_fail_leave_no_file_and_the_load_goes_on(tiny, tmp_path, cache, monkeypatch):
     """A write error in the writer thread (a full disk, say) abandons the file; the model still runs."""
     import errno
+    import threading
 
     out = tmp_path / "q"
     quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
@@ -110,11 +111,37 @@ def test_direct_writes_that_fail_leave_no_file_and_the_load_goes_on(tiny, tmp_pa
     m = lowvram.load(out)
     assert m.report["repack_cache"] == "not written: [Errno 28] No space left on device"
     assert not list(cache.glob("*.lvq")) and not list(cache.glob(".*.tmp"))
-    assert not any(t.name == "lowvram-cache-writer" for t in __import__("threading").enumerate())
+    assert not any(t.name == "lowvram-cache-writer" for t in threading.enumerate())
     assert torch.equal(m.logits(ids), ref)
     monkeypatch.setattr(repack_cache, "_pwrite_all", real)
     assert lowvram.load(out).report["repack_cache"].startswith("written to ")
     assert torch.equal(lowvram.load(out).logits(ids), ref)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_load_interrupted_midway_leaves_nothing_behind(tiny, tmp_path, cache, monkeypatch, direct):
+    """Ctrl-C while the linears are being repacked: no temporary file, no writer thread left; the next load writes."""
+    import threading
+
+    out = tmp_path / "q"
+    quantize(tiny("chatglm3-6b", **SHAPES), out, bits=4, group_size=32, progress=False)
+    direct_writes(monkeypatch, direct)
+    real, built = native.NativeLinear._ready, []
+
+    def interrupted(self):
+        built.append(self)
+        if len(built) == 5:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(native.NativeLinear, "_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lowvram.load(out)
+    assert len(built) == 5
+    assert not list(cache.glob("*.lvq")) and not list(cache.glob(".*.tmp"))
+    assert not any(t.name == "lowvram-cache-writer" for t in threading.enumerate())
+    monkeypatch.setattr(native.NativeLinear, "_ready", real)
+    assert lowvram.load(out).report["repack_cache"].startswith("written to ")
 
 
 def test_the_dirty_headroom_is_read_from_the_kernel():
