@@ -104,8 +104,8 @@ def cache_path(ckpt_dir: Path, files, options: dict, on: bool | None = None) -> 
     return d / f"repacked-{where}-{h.hexdigest()[:16]}.lvq"
 
 
-def _index(path: Path) -> dict | None:
-    """The index of a complete cache file, or None (absent, cut short, not ours, another format)."""
+def _index(path: Path, any_format: bool = False) -> dict | None:
+    """The index of a complete cache file, or None (absent, cut short, not ours, another format unless any_format)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -116,6 +116,8 @@ def _index(path: Path) -> dict | None:
             n = int.from_bytes(tail[:8], "little")
             fh.seek(size - 16 - n)
             index = json.loads(fh.read(n))
+        if any_format and "format" in index:
+            return index
         if index.get("format") != FORMAT or index["data_end"] + n + 16 != size:
             return None
         return index
@@ -405,17 +407,18 @@ def _remove_stale(d: Path):
 
 
 def _remove_orphans(d: Path):
-    """Caches of checkpoint directories that no longer exist (a deleted download, a temporary copy)."""
+    """Caches of checkpoint directories that no longer exist (a deleted download, a temporary copy), and those in
+    another format (an older lowvram's: this one never reads them)."""
     for f in d.glob("repacked-*.lvq"):
-        index = _index(f)
+        index = _index(f, any_format=True)
         where = index.get("checkpoint") if index else None
-        if where and not Path(where).is_dir():
+        if index and index["format"] != FORMAT or where and not Path(where).is_dir():
             with contextlib.suppress(OSError):
                 f.unlink()
 
 
 def entries() -> list[dict]:
-    """The cache files in cache_dir(): file, checkpoint directory (None if unknown), bytes on disk, last use."""
+    """The cache files in cache_dir(): file, checkpoint directory (None if unknown), bytes on disk, last use, format."""
     try:
         files = sorted(cache_dir().glob("repacked-*.lvq"))
     except (RuntimeError, KeyError, OSError):
@@ -424,9 +427,9 @@ def entries() -> list[dict]:
     for f in files:
         with contextlib.suppress(OSError):
             st = f.stat()
-            index = _index(f) or {}
+            index = _index(f, any_format=True) or {}
             out.append({"file": f, "checkpoint": index.get("checkpoint"), "bytes": st.st_blocks * 512,
-                        "used": st.st_mtime})
+                        "used": st.st_mtime, "format": index.get("format")})
     return out
 
 
@@ -454,6 +457,7 @@ def cache_main(args) -> int:
     for e in rows:
         where = e["checkpoint"] or "(unknown)"
         gone = "" if e["checkpoint"] is None or Path(e["checkpoint"]).is_dir() else " (checkpoint gone)"
+        gone += "" if e["format"] in (None, FORMAT) else f" (format {e['format']}: an older lowvram's, unused)"
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["used"]))
         print(f"  {e['bytes'] / 2**30:7.2f} GiB  last used {used}  {where}{gone}")
     return 0

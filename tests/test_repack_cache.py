@@ -254,7 +254,9 @@ def test_two_threads_loading_at_once_and_files_of_dead_loads(tiny, tmp_path, cac
     assert all(torch.equal(m.logits(ids), ref) for m in models)
 
 
-def test_the_caches_of_deleted_checkpoints_go_at_the_next_write(tiny, tmp_path, cache):
+def test_the_caches_of_deleted_checkpoints_go_at_the_next_write(tiny, tmp_path, cache, capsys):
+    """... and those an older lowvram wrote in another format, which this one never reads."""
+    import json
     import shutil
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -262,10 +264,19 @@ def test_the_caches_of_deleted_checkpoints_go_at_the_next_write(tiny, tmp_path, 
         quantize(tiny("chatglm3-6b", **SHAPES), d, bits=4, group_size=32, progress=False)
     lowvram.load(a)
     first = set(cache.glob("*.lvq"))
+    old = cache / "repacked-0123456789abcdef-0123456789abcdef.lvq"  # format 2, of a checkpoint that still exists
+    index = json.dumps({"format": 2, "modules": {}, "meta": {}, "data_end": 0, "checkpoint": str(b)}).encode()
+    old.write_bytes(index + len(index).to_bytes(8, "little") + repack_cache.MAGIC)
+    assert lowvram.load(a).report["repack_cache"].startswith("mapped from ")  # reading removes nothing
+    assert old.exists()
+    from lowvram.cli import main
+
+    assert main(["cache", str(b)]) == 0
+    assert "(format 2: an older lowvram's, unused)" in capsys.readouterr().out
     shutil.rmtree(a)
-    lowvram.load(b)  # writes b's cache, removes a's
+    lowvram.load(b)  # writes b's cache, removes a's and the old format's
     left = set(cache.glob("*.lvq"))
-    assert len(first) == 1 and len(left) == 1 and not left & first
+    assert len(first) == 1 and len(left) == 1 and not left & first and not old.exists()
 
 
 def test_the_cache_command_lists_and_clears(tiny, tmp_path, cache, capsys):
