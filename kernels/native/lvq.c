@@ -354,7 +354,7 @@ AVX2 static void pair_prep_avx2(const uint16_t *s0, const uint8_t *z0, const uin
 
 /* Prompts, where every weight row meets many activation rows: the weight row's scales sf and scale x shifted
  * zero sz, per group, once per call; quad_q4/quad_q8 then multiply sf by each activation row's block scale
- * in their loop and take the zero-point term in quad_finish. Decode keeps the one-pass row_prep_avx2: built
+ * in their loop and take the zero-point term in quad_finish. Decode keeps one pass per row (row_prep_avx2, pair_prep_*): built
  * from a split like this (sz through memory) it measured ~5 ms/token slower. */
 AVX2 static void row_scales_avx2(const uint16_t *sr, const uint8_t *zr, int64_t G, float zshift, float *sf, float *sz) {
     int64_t g = 0;
