@@ -42,6 +42,12 @@ def run(path: str, cache_dir: str, on: bool, write: str = "auto") -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def summary(name: str, rs: list[dict]) -> str:
+    each = ", ".join("%.2f" % r["load_s"] for r in rs)
+    return (f"{name:<20}: load {statistics.median(r['load_s'] for r in rs):.2f} s median ({each}), "
+            f"peak RSS {max(r['peak_rss_gib'] for r in rs):.2f} GiB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -59,10 +65,7 @@ def main() -> int:
                     rows[w].append(run(a.model, d, w != "no cache", w))
                 os.sync()  # each starts without the one before's writeback still under way
         for w, rs in rows.items():
-            each = ", ".join("%.2f" % r["load_s"] for r in rs)
-            name = w if w == "no cache" else f"first load, {w}"
-            print(f"{name:<20}: load {statistics.median(r['load_s'] for r in rs):.2f} s median ({each}), "
-                  f"peak RSS {max(r['peak_rss_gib'] for r in rs):.2f} GiB; {rs[-1]['cache']}")
+            print(summary(w if w == "no cache" else f"first load, {w}", rs) + f"; {rs[-1]['cache']}")
         if a.rounds == 0:
             return 0
     with tempfile.TemporaryDirectory(prefix="lowvram-cache-") as d:
@@ -73,9 +76,7 @@ def main() -> int:
             for on in (False, True):
                 rows[on].append(run(a.model, d, on))
         for on, rs in rows.items():
-            each = ", ".join("%.2f" % r["load_s"] for r in rs)
-            print(f"{'cache mapped' if on else 'no cache    '}: load {statistics.median(r['load_s'] for r in rs):.2f} s median "
-                  f"({each}), peak RSS {max(r['peak_rss_gib'] for r in rs):.2f} GiB")
+            print(summary("cache mapped" if on else "no cache", rs))
         same = len({(r["argmax"], r["logits_sum"]) for rs in rows.values() for r in rs}) == 1
         print(f"same logits in every load: {same}")
         if a.cold:

@@ -91,17 +91,17 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
         net = GLM(cfg)
     streamed = streamed_layers(placement)
     cache = arena = cache_note = None
-    if cfg.quantization and repack_cache is not False and not streamed and all(d.type == "cpu" for d in devs):
+    if cfg.quantization and not streamed and all(d.type == "cpu" for d in devs):
         from . import repack_cache as rc
         from .kernels import default_backend
 
-        cache_file = rc.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend), repack_cache)
-        kernel = backend or default_backend(devs[0], dtype)
-        if cache_file is not None and kernel != "native":  # float32's reference path, ONNX Runtime, torch's ops
-            cache_file, cache_note = None, f"nothing to cache (the {kernel!r} backend repacks nothing)"
-        cache = rc.open_cache(cache_file)
-        if cache_file is not None and cache is None:  # this load repacks into a new cache file
-            arena = rc.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files), ckpt.dir)
+        kernel = (backend or default_backend(devs[0], dtype)) if rc.wanted(repack_cache) else None
+        if kernel not in (None, "native"):  # float32's reference path, ONNX Runtime, torch's ops: no files read
+            cache_note = f"nothing to cache (the {kernel!r} backend repacks nothing)"
+        elif kernel and (cache_file := rc.cache_path(ckpt.dir, ckpt.files, _cache_options(cfg, dtype, backend))):
+            cache = rc.open_cache(cache_file)
+            if cache is None:  # this load repacks into a new cache file
+                arena = rc.Arena(cache_file, sum(f.stat().st_size for f in ckpt.files), ckpt.dir)
     _mmap_threshold(1 << 20)
     try:
         with _repack_into(arena):

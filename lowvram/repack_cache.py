@@ -80,13 +80,18 @@ def _kernel_digest(lib_file: str) -> bytes:
         return hashlib.sha256(fh.read()).digest()
 
 
-def cache_path(ckpt_dir: Path, files, options: dict, on: bool | None = None) -> Path | None:
-    """Where the cache of this checkpoint and these options lives (it may not exist yet); None if off
-    (`on`=None: LOWVRAM_CACHE decides)."""
+def wanted(on: bool | None = None) -> bool:
+    """Whether a load keeps the cache (`on`=None: LOWVRAM_CACHE decides) and the native kernel is built to fill it."""
     from .kernels import native
 
-    if not (enabled() if on is None else on and platform_ok()) or native.available() is not None:
-        return None
+    return (enabled() if on is None else on and platform_ok()) and native.available() is None
+
+
+def cache_path(ckpt_dir: Path, files, options: dict) -> Path | None:
+    """Where the cache of this checkpoint and these options lives (it may not exist yet); None without a cache
+    directory. For loads that want() one: it reads samples of every file."""
+    from .kernels import native
+
     ckpt_dir = Path(ckpt_dir).resolve()
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT, **options}, sort_keys=True, default=str).encode())
@@ -155,14 +160,12 @@ def open_cache(path: Path | None) -> dict[str, dict] | None:
         os.utime(path)  # last use, for `lowvram cache`
     with open(path, "rb") as fh:
         mm, buf = _map(fh.fileno(), 0, mmap.MAP_PRIVATE)
+    with contextlib.suppress(OSError, ValueError):  # the tensors' pages now (older kernels: on first use instead)
+        mm.madvise(MADV_POPULATE_READ, 0, index["data_end"])  # they lie one after another, then the index
     out = {}
     for mod, tensors in index["modules"].items():
         out[mod] = {name: _view(buf, *spec) for name, spec in tensors.items()}
         out[mod]["meta"] = index["meta"][mod]
-        for (off, _, _), t in zip(tensors.values(), out[mod].values()):  # every page of the tensors now, not the holes
-            start = off // mmap.PAGESIZE * mmap.PAGESIZE
-            with contextlib.suppress(OSError, ValueError):  # older kernels: pages are mapped on first use instead
-                mm.madvise(MADV_POPULATE_READ, start, off + _nbytes(t) - start)
     return out
 
 
@@ -281,15 +284,14 @@ class Arena:
 
     def _map(self, nbytes: int) -> tuple[torch.Tensor, int]:
         off = -(-self.end // PAGE) * PAGE
+        size = -(-nbytes // PAGE) * PAGE
         if self.direct:
             self._flush()  # the buffer handed out before this one is complete: the loader fills one at a time
-            size = -(-nbytes // PAGE) * PAGE
             buf = _aligned(size)
             buf[nbytes:].zero_()
             self.pending = (buf, off)
             buf = buf[:nbytes]
         else:
-            size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
             os.posix_fallocate(self.fd, off, size)  # blocks reserved now: a full disk fails here, not as SIGBUS later
             if off + size <= self.reserve:  # one shared mapping of the whole file-to-be (one descriptor, one area)
                 if self.view is None:
