@@ -121,19 +121,25 @@ BACKENDS = {
 }
 
 
+def check_backend(name: str, field: str = "backend") -> str:
+    """A backend name the user gave, lower-cased, or one line listing the known ones."""
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{field} {name!r} not known; use one of {', '.join(sorted(BACKENDS))}")
+    return name.lower()
+
+
 def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
     """float32 is the exact reference (dequantize, fp32 matmul); otherwise the fastest kernel for the device:
     on x86-64 CPUs with AVX2 (or AVX512-VNNI) our own C kernel, elsewhere ONNX Runtime, then torch's int4pack.
 
-    LOWVRAM_BACKEND overrides for every device.
+    LOWVRAM_BACKEND overrides for every device, except float32's reference path.
     """
     import os
 
-    env = os.environ.get("LOWVRAM_BACKEND")
-    if env:
-        return env
     if dtype == torch.float32:
         return "torch"
+    if env := os.environ.get("LOWVRAM_BACKEND"):
+        return check_backend(env, "LOWVRAM_BACKEND")
     kind = torch.device(device).type
     if kind in ("cuda", "mps"):
         return kind

@@ -451,14 +451,23 @@ class ChatStream:
                  should_stop: Callable[[], bool] | threading.Event | None = None, **sampling):
         tok = model.tokenizer
         if tok is None:
-            raise ValueError(f"{model.path}: this checkpoint has no tokenizer files; chat needs a tokenizer "
-                             "(load one with lowvram.load_tokenizer and set model.tokenizer)")
+            raise ValueError(f"{model.path}: no tokenizer (the checkpoint has no tokenizer files, or it was loaded "
+                             "with tokenizer=False); chat needs one: lowvram.load_tokenizer, then set model.tokenizer")
         self.tok, self.model, self.tools = tok, model, tools
         self.messages = [dict(m) for m in messages]
         self.prompt_ids = tok.apply_chat_template(self.messages, add_generation_prompt=True, tools=tools)
         # max_length (THUDM habit) bounds prompt + answer; max_new_tokens the answer; both the context
-        room = min(model.ctx, max_length or model.ctx) - len(self.prompt_ids)
-        self.max_new_tokens = room if max_new_tokens is None else min(int(max_new_tokens), max(room, 0))
+        limit = min(model.ctx, max_length or model.ctx)
+        room = limit - len(self.prompt_ids)
+        if room < 0 and limit < model.ctx:  # past the context itself, stream_generate says so
+            from .model import ContextError
+
+            raise ContextError(f"the conversation is {len(self.prompt_ids)} tokens, longer than max_length="
+                               f"{max_length}: drop earlier turns or raise it")
+        if max_new_tokens is not None:
+            model._check_budget(max_new_tokens)
+        room = max(room, 0)
+        self.max_new_tokens = room if max_new_tokens is None else min(max_new_tokens, room)
         stops = tok.stop_ids if stop_token_ids is None else list(stop_token_ids)
         # <|observation|> ends the answer too, but this class sees it: it marks a tool call
         obs = tok.special_ids.get("<|observation|>")
@@ -474,13 +483,14 @@ class ChatStream:
         self._streamed = ""  # every delta handed out so far
         self.finish_reason: str | None = None
         self.message: dict | None = None
+        self._broken = False  # an exception ended the token stream: what was generated ends 'cancelled'
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
         while self.finish_reason is None:
-            if self._cancel.is_set() or (self._should_stop is not None and self._should_stop()):
+            if self._broken or self._cancel.is_set() or (self._should_stop is not None and self._should_stop()):
                 self.close()
                 break
             try:
@@ -489,6 +499,9 @@ class ChatStream:
                 n = len(self._answer.ids)
                 self._finish("length" if n >= self.max_new_tokens else "stop")
                 break
+            except BaseException:  # e.g. KeyboardInterrupt mid-step: the generator is gone, this was no normal end
+                self._broken = True
+                raise
             if token == self._observation_id:
                 self.ended_on_observation = True
                 self._tokens.close()
@@ -571,13 +584,18 @@ def _conversation(query_or_messages, history, role: str):
             style = "pairs"  # ChatGLM-6B / ChatGLM2 habit: [(query, response), ...]
             for q, a in history:
                 msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        else:
+        elif all(isinstance(h, dict) for h in history):
             msgs = [dict(h) for h in history]
+        else:
+            raise TypeError("history must be a list of message dicts ({'role': ..., 'content': ...}) "
+                            "or of (query, response) pairs")
     if isinstance(query_or_messages, str):
         if style == "pairs" and role != "user":
             raise ValueError("history given as (query, response) pairs only holds user turns")
         msgs.append({"role": role, "content": query_or_messages})
         return msgs, style, query_or_messages
+    if not isinstance(query_or_messages, (list, tuple)) or not all(isinstance(m, dict) for m in query_or_messages):
+        raise TypeError(f"chat takes a query string or a list of message dicts, got {type(query_or_messages).__name__}")
     return msgs + list(query_or_messages), "dicts", None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,14 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        for name in ("top_k", "seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         if self.temperature <= 0 and self.do_sample:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -30,7 +40,7 @@ class Sampling:
         if self.seed is None:
             return None
         g = torch.Generator()
-        g.manual_seed(int(self.seed))
+        g.manual_seed(int(self.seed) % 2**64)  # any integer: torch takes 64 bits
         return g
 
 
@@ -49,7 +59,7 @@ def select(logits: torch.Tensor, p: Sampling, seen: torch.Tensor, gen: torch.Gen
     logits = penalize(logits.float(), seen, p.repetition_penalty)
     if not p.do_sample:
         return int(torch.argmax(logits))
-    logits = logits / p.temperature
+    logits = (logits - logits.max()) / p.temperature  # max first: a tiny temperature gives -inf, not inf - inf
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

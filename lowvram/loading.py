@@ -21,6 +21,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 def resolve_dtype(dtype, device: str) -> torch.dtype:
     """None picks the fast dtype of the device: bf16 on CPU (AMX/AVX512-BF16), fp16 on MPS, bf16/fp16 on CUDA."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} not supported; use one of float32, float16, bfloat16")
         return dtype
     if dtype is not None:
         if dtype not in DTYPES:
@@ -38,21 +40,44 @@ def layer_devices(placement, device: str, num_layers: int) -> list[torch.device]
     """One device per block. `placement` is None (all on `device`), a list of devices, or
     a string like "cuda:0=0-19,cpu=20-39". Names like cpu:1 are distinct targets on one CPU."""
     if placement is None:
-        return [torch.device(device)] * num_layers
+        return [check_device(device, "device")] * num_layers
     if isinstance(placement, (list, tuple)):
         if len(placement) != num_layers:
             raise ValueError(f"placement lists {len(placement)} devices for {num_layers} layers")
-        return [torch.device(_phys(d)) for d in placement]
+        return [check_device(_phys(d), "placement") for d in placement]
     out: list[torch.device | None] = [None] * num_layers
     for target, first, last in _ranges(placement):
-        if not 0 <= first <= last < num_layers:
+        if first > last:
+            raise ValueError(f"placement {placement!r}: range {first}-{last} is reversed (FIRST-LAST, FIRST <= LAST)")
+        if last >= num_layers:
             raise ValueError(f"placement {placement!r}: range {first}-{last} outside 0-{num_layers - 1}")
+        if twice := [i for i in range(first, last + 1) if out[i] is not None]:
+            raise ValueError(f"placement {placement!r}: layers {twice} are given to two targets")
+        dev = check_device(_phys(target), "placement")
         for i in range(first, last + 1):
-            out[i] = torch.device(_phys(target))
+            out[i] = dev
     gaps = [i for i, d in enumerate(out) if d is None]
     if gaps:
         raise ValueError(f"placement {placement!r}: no device for layers {gaps}")
     return out  # type: ignore[return-value]
+
+
+def check_device(name, field: str = "device") -> torch.device:
+    """A device the user named, or one line saying what was expected and, for a GPU, what is missing."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{field} {name!r} not understood; use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{field} {name!r}: lowvram runs on cpu, cuda[:N] or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field} {name!r}: torch sees no CUDA device (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{field} {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{field} {name!r}: torch sees no Apple MPS device")
+    return dev
 
 
 def _phys(target: str) -> str:
@@ -67,9 +92,9 @@ def _ranges(placement: str) -> list[tuple[str, int, int]]:
     for part in str(placement).split(","):
         target, _, rng = part.strip().partition("=")
         a, _, b = rng.partition("-")
-        if not rng or not a.isdigit() or not (b or a).isdigit():
+        if not target.strip() or not rng or not a.isdigit() or not (b or a).isdigit():
             raise ValueError(f"placement {placement!r}: expected TARGET=FIRST-LAST[,...], got {part!r}")
-        out.append((target, int(a), int(b or a)))
+        out.append((target.strip(), int(a), int(b or a)))
     return out
 
 
@@ -85,8 +110,15 @@ def build(path: str | Path, device="cpu", dtype=None, backend: str | None = None
     """The network with every weight loaded; returns (net, config, load report)."""
     cfg = cfg or load_config(path)
     ckpt = Checkpoint(path)
-    dtype = resolve_dtype(dtype, device)
     devs = layer_devices(placement, device, cfg.num_layers)
+    dtype = resolve_dtype(dtype, devs[0])
+    if backend is not None:
+        from .kernels import check_backend
+
+        backend = check_backend(backend)
+        if dtype == torch.float32 and backend != "torch":
+            raise ValueError(f"backend {backend!r} with dtype float32: float32 is the exact reference path (weights "
+                             "dequantized, torch matmuls); leave backend unset or use bfloat16/float16")
     with torch.device("meta"):
         net = GLM(cfg)
     streamed = streamed_layers(placement)

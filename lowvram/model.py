@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import numbers
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import torch
 from .config import GLMConfig
 from .generate import Sampling, select
 from .models.glm import GLM, Int8KV
+
+
+_UIDS = itertools.count()
 
 
 class ContextError(ValueError):
@@ -51,8 +56,9 @@ class Model:
         self.path = Path(path) if path else None
         self.tokenizer = tokenizer
         self.report = report or {}
+        self.uid = next(_UIDS)  # what a PromptCache records: id() of a freed model can come back
         self.dtype = self.report.get("dtype", net.embed.weight.dtype)
-        self.ctx = min(ctx or config.max_length, config.max_length)
+        self.ctx = min(int(ctx or config.max_length), config.max_length)
         self.prefill_chunk = 512  # long prompts run in chunks so attention memory stays linear
         self.kv_int8 = False  # True: int8 KV cache (half the memory of bf16) for long contexts
         # Kernels with their own thread pools (ORT's, the native kernel's OpenMP team) run the matmuls of a
@@ -164,7 +170,15 @@ class Model:
             if input_ids.dim() != 1:
                 raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
             return input_ids.tolist()
+        if isinstance(input_ids, (str, bytes)):
+            raise TypeError("input_ids must be token ids, not text: encode it with model.tokenizer, or use chat()")
         return [int(i) for i in input_ids]
+
+    @staticmethod
+    def _check_budget(max_new_tokens) -> int:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        return max_new_tokens
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -184,6 +198,7 @@ class Model:
         params = Sampling(do_sample, temperature, top_p, top_k, repetition_penalty, seed)
         ids = self._as_list(input_ids)
         self._check_len(len(ids))
+        self._check_budget(max_new_tokens)
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
         return (step[0] for step in self._stream_batch([ids], max_new_tokens, [params], stops, prompt_cache))
 
@@ -206,6 +221,7 @@ class Model:
             raise ValueError(f"a batch needs prompts of equal length, got lengths {sorted({len(r) for r in rows})}")
         if rows:
             self._check_len(len(rows[0]))
+        self._check_budget(max_new_tokens)
         params = [Sampling(do_sample, temperature, top_p, top_k, repetition_penalty, None if seed is None else seed + r)
                   for r in range(len(rows))]
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
@@ -229,9 +245,9 @@ class Model:
         """(caches, tokens already in them): the prompt cache's, grown when short, or new ones."""
         P = self.config.pre_seq_len
         usable = (pc is not None and len(rows) == 1 and self.config.rope != "2d" and not self.kv_int8)
-        if usable and pc.model_id != id(self):
+        if usable and pc.model_id != self.uid:
             pc.clear()
-            pc.model_id = id(self)
+            pc.model_id = self.uid
         start = _common_prefix(rows[0], pc.ids, len(rows[0]) - 1) if usable and pc.caches is not None else 0
         if start and pc.caches[0][0].shape[2] >= slots:
             caches = pc.caches
@@ -313,11 +329,15 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
     `placement` ("cuda:0=0-19,cpu=20-39", "cuda:0=0-29,stream:cuda:0=30-39") overrides it.
     """
     from .config import load_config
-    from .loading import build
+    from .loading import build, layer_devices
 
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, numbers.Integral) or ctx < 1):
+        raise ValueError(f"ctx must be a positive number of tokens (or None for the model's own), got {ctx!r}")
     cfg = load_config(path)
     if placement is None and (device == "auto" or max_memory is not None):
         placement, device = _auto_placement(cfg, max_memory, ctx, path, stream)
+    elif device == "auto":  # an explicit placement decides: its first block's device
+        device = str(layer_devices(placement, "cpu", cfg.num_layers)[0])
     net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg,
                              repack_cache=repack_cache)
     tok = None
@@ -332,9 +352,9 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
 
 def _auto_placement(cfg, max_memory, ctx, path=None, stream=False):
     from .loading import embeddings_will_map
-    from .placement import detect_budgets, parse_max_memory, plan
+    from .placement import check_budgets, detect_budgets, plan
 
-    budgets = parse_max_memory(max_memory) if isinstance(max_memory, str) else (max_memory or detect_budgets())
+    budgets = detect_budgets() if max_memory is None else check_budgets(max_memory)
     q = cfg.quantization or {}
     bits = q.get("bits") or q.get("thudm_bits")
     p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128),

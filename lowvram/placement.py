@@ -37,6 +37,21 @@ def parse_max_memory(s: str) -> dict[str, int]:
         if not size:
             raise ValueError(f"--max-memory {s!r}: expected DEVICE=SIZE[,...], e.g. cuda:0=6GiB,cpu=12GiB")
         out[dev.strip()] = parse_size(size)
+    return check_budgets(out)
+
+
+def check_budgets(max_memory: dict | str) -> dict[str, int]:
+    """max_memory as "cuda:0=6GiB,cpu=12GiB" or a dict of bytes or sizes, each device a known kind."""
+    if isinstance(max_memory, str):
+        return parse_max_memory(max_memory)
+    if not isinstance(max_memory, dict) or not max_memory:
+        raise ValueError(f"max_memory must name devices and sizes, e.g. {{'cuda:0': '6GiB', 'cpu': '12GiB'}}, "
+                         f"got {max_memory!r}")
+    out = {}
+    for dev, size in max_memory.items():
+        if not re.fullmatch(r"(cpu|cuda)(:[0-9]+)?|mps", str(dev)):
+            raise ValueError(f"max_memory: device {dev!r} not understood; use cpu, cuda:N or mps")
+        out["cuda:0" if dev == "cuda" else dev] = size if isinstance(size, int) and size >= 0 else parse_size(size)
     return out
 
 
@@ -146,7 +161,8 @@ def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | N
             kv = fp.kv_per_token_per_block * cfg.num_layers * ctx / 2**30
             hints.append(f"a shorter context (the KV cache of --ctx {ctx} takes {kv:.2f} GiB; try --ctx {ctx // 2})")
         hints.append("more memory for the CPU or another device (--max-memory)")
-        raise ValueError(f"{cfg.generation} at {bits or dtype}-bit, context {ctx}, does not fit: "
+        how = f"{bits}-bit" if bits else dtype
+        raise ValueError(f"the model ({cfg.num_layers} blocks, {how}, context {ctx}) does not fit: "
                          f"{missing / 2**30:.2f} GiB missing across {', '.join(order)}; try {', or '.join(hints)}")
     bw = dict(BANDWIDTH_GBS, **(bandwidth or {}))
     ms = 0.0

@@ -180,6 +180,13 @@ def test_default_backend_and_errors(monkeypatch):
     assert default_backend("cuda", torch.float16) == "cuda"
     monkeypatch.setenv("LOWVRAM_BACKEND", "cpu")
     assert default_backend("cpu", torch.bfloat16) == "cpu"
+    assert default_backend("cpu", torch.float32) == "torch"  # the variable never leaves the exact path
+    monkeypatch.setenv("LOWVRAM_BACKEND", "Native")
+    assert default_backend("cpu", torch.bfloat16) == "native"
+    monkeypatch.setenv("LOWVRAM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LOWVRAM_BACKEND 'bogus' not known; use one of"):
+        default_backend("cpu", torch.bfloat16)
+    monkeypatch.setenv("LOWVRAM_BACKEND", "cpu")
     w = random_packed(16, 64, 4, 32, False, False)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         make_linear(w, "nope")

@@ -89,3 +89,31 @@ def test_unsupported_dtype(tiny):
     f.write_bytes(raw[:8] + new + raw[8 + n :])
     with pytest.raises(lowvram.CheckpointError, match=f"{f.name}: tensor {name} has dtype U32; lowvram reads F32, F16"):
         lowvram.load(d)
+
+
+def test_load_arguments_are_checked_up_front(tiny, monkeypatch):
+    """Each bad argument of load() is one line naming it, before any weight is read."""
+    import torch
+
+    d = tiny("chatglm3-6b")  # 2 blocks
+    cases = [(dict(ctx=0), "ctx must be a positive number of tokens"),
+             (dict(ctx=5.5), "ctx must be a positive number"),
+             (dict(dtype=torch.int8), "dtype torch.int8 not supported"),
+             (dict(placement="cpu:0=0-1,cpu:1=1-1"), r"layers \[1\] are given to two targets"),
+             (dict(placement="cpu=1-0"), "range 1-0 is reversed"),
+             (dict(placement="=0-1"), "expected TARGET=FIRST-LAST"),
+             (dict(device="gpu"), "device 'gpu' not understood"),
+             (dict(backend="nope"), "backend 'nope' not known; use one of"),
+             (dict(dtype="float32", backend="native"), "float32 is the exact reference path"),
+             (dict(max_memory="cdua:0=4GiB,cpu=4GiB"), "max_memory: device 'cdua:0' not understood"),
+             (dict(max_memory={}), "max_memory must name devices and sizes")]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), "device 'cuda': torch sees no CUDA device"))
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg) as e:
+            lowvram.load(d, **kw)
+        assert len(str(e.value).splitlines()) == 1, kw
+    # sizes as strings in a dict, a backend in capitals, an explicit placement under device="auto"
+    m = lowvram.load(d, max_memory={"cpu": "4GiB"}, dtype="float32")
+    assert m.generate([1, 2], max_new_tokens=1, stop_token_ids=[])
+    assert lowvram.load(d, device="auto", placement="cpu=0-0,cpu:1=1-1", backend="TORCH").net is not None

@@ -192,3 +192,46 @@ def test_thudm_habits(glm4):
     s = glm4.stream_chat("你好", max_length=prompt + 3, stop_token_ids=[])
     run(s)
     assert s.usage["completion_tokens"] == 3 and s.finish_reason == "length"
+
+
+def test_an_interrupt_inside_a_step_ends_cancelled(glm4, monkeypatch):
+    """A KeyboardInterrupt raised in the model (not in should_stop) kills the token generator; iterating on
+    without close() must not report a normal end."""
+    head, n = glm4.net.head, [0]
+
+    def interrupting(h):
+        n[0] += 1
+        if n[0] == 4:
+            raise KeyboardInterrupt
+        return head(h)
+
+    monkeypatch.setattr(glm4.net, "head", interrupting)
+    s = glm4.stream_chat("你好", max_new_tokens=30, stop_token_ids=[])
+    with pytest.raises(KeyboardInterrupt):
+        for _ in s:
+            pass
+    run(s)
+    assert s.finish_reason == "cancelled" and s.usage["completion_tokens"] == 3
+
+
+def test_bad_arguments_name_themselves(glm4):
+    with pytest.raises(ContextError, match=r"conversation is \d+ tokens, longer than max_length=5"):
+        glm4.chat("hello there, how are you today", max_length=5)
+    for bad in (-1, None, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+            glm4.chat("hi", max_new_tokens=bad) if bad is not None else glm4.generate([1, 2], max_new_tokens=bad)
+    with pytest.raises(TypeError, match="history must be a list of message dicts"):
+        glm4.chat("hi", history=["a", "b"])
+    with pytest.raises(TypeError, match="a query string or a list of message dicts, got NoneType"):
+        glm4.chat(None)
+    with pytest.raises(TypeError, match="not text"):
+        glm4.generate("hello")
+    for kw, msg in ((dict(temperature=float("nan")), "temperature must be a number"),
+                    (dict(temperature="0.7"), "temperature must be a number"),
+                    (dict(top_k=1.5), "top_k must be an integer")):
+        with pytest.raises(ValueError, match=msg):
+            glm4.generate([1, 2], do_sample=True, **kw)
+    # a vanishing temperature is greedy, not NaN probabilities; any integer seeds
+    greedy = glm4.generate([1, 2], max_new_tokens=4, stop_token_ids=[])
+    assert glm4.generate([1, 2], max_new_tokens=4, stop_token_ids=[], do_sample=True, temperature=1e-45, seed=1) == greedy
+    assert len(glm4.generate([1, 2], max_new_tokens=2, stop_token_ids=[], do_sample=True, seed=2**70)) == 2
