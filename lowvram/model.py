@@ -233,6 +233,8 @@ class Model:
         """The decode loop of stream_generate (one row) and stream_batch: rows grow in place, one id each a step."""
         gens = [p.generator() for p in params]
         total = min(self.ctx, len(rows[0]) + max_new_tokens)
+        if total <= len(rows[0]):  # nothing to generate: no prompt pass either
+            return
         caches, start = self._prompt_caches(rows, self.config.pre_seq_len + total, prompt_cache)
         written = [start]  # tokens of rows[0] whose keys and values are in the cache (_decode updates it)
         try:
