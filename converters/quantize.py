@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from lowvram.bench import peak_rss
 from lowvram.checkpoint import Checkpoint, map_name
 from lowvram.config import load_config
-from lowvram.loading import trim_heap
+from lowvram.loading import check_float_tensors, trim_heap
 
-from . import atomic_directory
+from . import atomic_directory, public
 from .gptq import Hessian, gptq, rtn
 
 BLOCK_LINEAR = re.compile(r"layers\.(\d+)\.(attn\.qkv|attn\.out|mlp\.up|mlp\.down)\.weight$")
@@ -58,6 +58,7 @@ class ShardWriter:
             return
         fname = f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.folder / fname), metadata={"format": "pt"})
+        public(self.folder / fname)
         self.files.append((fname, list(self.pending)))
         self.pending, self.size = {}, 0
 
@@ -118,6 +119,22 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         raise ValueError(f"--method must be rtn or gptq, got {method!r}")
     if calib_model not in ("auto", "source", "int8"):
         raise ValueError(f"--calib-model must be auto, source or int8, got {calib_model!r}")
+    for flag, g in (("--group-size", group_size), ("--head-group-size", head_group_size)):
+        if g == 0 or g < -1:
+            raise ValueError(f"{flag} must be -1 (one group per row) or a positive number of columns, got {g}")
+    if method == "rtn":  # options only GPTQ uses: refused rather than silently ignored (or recorded untrue)
+        given = [f for f, on in (("--act-order", act_order), ("--calib", calib), ("--device", device != "cpu")) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --method gptq only (round-to-nearest runs on the CPU "
+                             "without calibration)")
+    else:
+        from lowvram.loading import check_device
+
+        check_device(device, "--device")
+        if calib_samples < 1 or calib_seq_len < 1:
+            raise ValueError(f"--calib-samples and --calib-seq-len must be >= 1, got {calib_samples} and {calib_seq_len}")
+    if not quantize_head and (head_bits != 8 or head_group_size != -1):
+        raise ValueError("--head-bits and --head-group-size apply with --quantize-head only")
     src = resolve(source)
     cfg = load_config(src)
     if cfg.quantization:
@@ -125,9 +142,9 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
     if method == "gptq" and cfg.pre_seq_len:
         raise ValueError(f"{src}: GPTQ of P-tuning v2 checkpoints is not supported; use --method rtn")
     ckpt = Checkpoint(src)  # every shard opened and indexed before any work: bad files fail here
+    check_float_tensors(ckpt, cfg)  # and every tensor the config needs is there, in its shape
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    _check_output(out, Path(src), force)
     if group_size > 0:  # every block linear's input width must split into whole groups; say so before any work
         widths = {"hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
                   "attention output (heads x head_dim)": cfg.q_size}
@@ -139,6 +156,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         raise ValueError(f"--head-group-size {head_group_size} does not divide hidden_size {cfg.hidden_size} of {src}; "
                          "pick one that divides it or -1 for one group per row")
     t0 = time.time()
+    size_in = ckpt.nbytes()
     use_mse = lambda b: (b == 4) if mse is None else bool(mse)  # noqa: E731
     errors: dict[str, float] = {}
     with atomic_directory(out) as tmp:
@@ -158,6 +176,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
             ours = mapped[0] if mapped else None
             prefix = cname[: -len(".weight")]
             if ours and is_q(ours) and torch.is_floating_point(t):
+                _check_finite(t, cname, src)
                 head = ours == "output.weight"
                 b, g = (head_bits, head_group_size) if head else (bits, group_size)
                 # row chunks: no fp32 copy of t
@@ -170,8 +189,7 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
             bar.step(cname)
         writer.finish()
         _write_metadata(src, tmp, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,
-                        use_mse(bits), use_mse(head_bits), calibration, head_group_size)
-    size_in = ckpt.nbytes()
+                        use_mse(bits), use_mse(head_bits), calibration, head_group_size, out)
     size_out = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     errs = sorted(errors.values())
     return {
@@ -181,6 +199,28 @@ def quantize(source, out, bits: int = 4, method: str = "rtn", group_size: int = 
         "quantized_linears": len(errors), "mse": use_mse(bits), "calibration": calibration,
         "rel_error": {"min": errs[0], "median": errs[len(errs) // 2], "max": errs[-1]} if errs else None,
     }
+
+
+def _check_output(out: Path, src: Path, force: bool) -> None:
+    """Everything about -o that would otherwise fail after the work, or destroy the source with --force."""
+    o, sr = out.resolve(), src.resolve()
+    if o == sr or o in sr.parents:
+        raise ValueError(f"-o {out}: {'that is' if o == sr else 'it contains'} the source checkpoint; write elsewhere")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out}: a file, not a checkpoint directory")
+    top = next(p for p in o.parents if p.exists())  # where the first directory of the path will be made
+    if not top.is_dir():
+        raise ValueError(f"-o {out}: {top} is a file, not a directory")
+    if not os.access(top, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {out}: no permission to write in {top}")
+
+
+def _check_finite(t: torch.Tensor, cname: str, src) -> None:
+    """NaN or inf in a weight quantizes to garbage that the error statistics would hide."""
+    if not all(bool(torch.isfinite(t[r : r + 4096]).all()) for r in range(0, t.shape[0], 4096)):
+        raise ValueError(f"{src}: tensor {cname} has NaN or infinite values; the source checkpoint is broken")
 
 
 def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, mse, writer, errors) -> set[str]:
@@ -228,7 +268,7 @@ def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, ms
                     "mlp.down": block.mlp.down}
             hs = {k: Hessian(m.in_features, device) for k, m in lins.items()}
             hooks = [m.register_forward_pre_hook(lambda _m, a, h=hs[k]: h.add(a[0])) for k, m in lins.items()]
-            block(x, rope, None, 0, mask)
+            in_chunks(block, x, rope, mask, out=None)
             for h in hooks:
                 h.remove()
             for k, m in lins.items():
@@ -246,11 +286,25 @@ def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, ms
                     write(cnames[(name, None)], tensors, m.weight, deq)
                 m.weight.copy_(deq)  # later blocks see this block quantized
                 del tensors, deq
-            x = block(x, rope, None, 0, mask)
+            in_chunks(block, x, rope, mask, out=x)  # in place: each chunk's rows are read before they are replaced
             net.layers[i] = block.to("meta")  # free this block before reading the next
             if bar is not None:
                 bar.step(f"gptq block {i}")
     return written
+
+
+CALIB_CHUNK_TOKENS = 2048
+
+
+def in_chunks(block, x, rope, mask, out):
+    """The block over the calibration samples a few at a time: its intermediates (the MLP's 2 x 13696 columns,
+    attention scores) then take memory for ~2048 tokens, not for all of them (128 x 2048 tokens would need
+    tens of GB at ChatGLM3-6B's widths)."""
+    c = max(1, CALIB_CHUNK_TOKENS // x.shape[1])
+    for s in range(0, x.shape[0], c):
+        y = block(x[s : s + c], tuple(r[s : s + c] for r in rope), None, 0, mask)
+        if out is not None:
+            out[s : s + c] = y
 
 
 def _names_by_owner(ckpt, cfg) -> dict:
@@ -282,6 +336,26 @@ def _materialise(net, ckpt, cfg, cnames, device):
         net.get_submodule(mod_name)._parameters[pname] = nn.Parameter(t.to(device, torch.float32), requires_grad=False)
 
 
+def _jsonl_rows(p: Path, text: str) -> list[dict]:
+    """The rows of a jsonl calibration file, all {"text": str} or all {"input_ids": [int, ...]}."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--calib {p}:{n}: not JSON ({e.msg}, column {e.colno})") from None
+        ids = r.get("input_ids") if isinstance(r, dict) else None
+        if not isinstance(r, dict) or not (isinstance(r.get("text"), str) or (
+                isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids))):
+            raise ValueError(f'--calib {p}:{n}: expected {{"text": "..."}} or {{"input_ids": [int, ...]}}')
+        rows.append(r)
+    if len({"input_ids" in r for r in rows}) > 1:
+        raise ValueError(f"--calib {p}: rows mix 'text' and 'input_ids'; use one kind")
+    return rows
+
+
 def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device, calib_model="auto", workdir=None,
                      progress=None) -> tuple[list[list[int]], dict]:
     """GPTQ's calibration sequences, and how they were made (recorded in the output's metadata)."""
@@ -292,8 +366,13 @@ def _calibration_ids(src, cfg, calib, samples, seq_len, seed, device, calib_mode
         p = Path(calib)
         if not p.exists():
             raise FileNotFoundError(f"--calib {p}: no such file")
-        text = p.read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl" else None
+        if not p.is_file():
+            raise ValueError(f"--calib {p}: not a file (expected text, or jsonl with 'text' or 'input_ids' rows)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--calib {p}: not UTF-8 text (byte {e.start})") from None
+        rows = _jsonl_rows(p, text) if p.suffix == ".jsonl" else None
         if rows is not None:  # pre-tokenized calibration: {"input_ids": [...]} per line, no tokenizer needed
             if rows and all("input_ids" in r for r in rows):
                 seqs = [r["input_ids"][:seq_len] for r in rows if len(r["input_ids"]) >= seq_len][:samples]
@@ -382,13 +461,14 @@ def _sampling_model(src, cfg, samples, seq_len, device, calib_model, workdir, pr
 
 
 def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order, method, quantize_head, head_bits,
-                    mse=False, head_mse=False, calibration=None, head_group_size=-1):
+                    mse=False, head_mse=False, calibration=None, head_group_size=-1, out=None):
     qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym, "quant_method": "gptq",
           "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": False, "static_groups": False}
     if quantize_head:
         head = "transformer.output_layer" if cfg.layout == "chatglm" else "lm_head"
         qc["dynamic"] = {f"+:{re.escape(head)}": {"bits": head_bits, "group_size": head_group_size}}
-    meta = {"method": method, "quantize_head": quantize_head, "source": src.name,
+    name = src.resolve().name
+    meta = {"method": method, "quantize_head": quantize_head, "source": name,
             "version": __import__("lowvram").__version__,
             "clip_search": "mse" if mse else "none"}  # per-group range: min-max, or the lowest-MSE shrink
     if quantize_head:
@@ -405,8 +485,8 @@ def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order,
         if (src / f).exists():
             shutil.copy2(src / f, tmp / f)
     (tmp / "README.md").write_text(
-        f"# {src.name} — INT{bits} {method.upper()} (GPTQ format)\n\n"
-        f"Quantized by lowvram from `{src.name}`: every transformer-block linear to {bits} bits, "
+        f"# {name} — INT{bits} {method.upper()} (GPTQ format)\n\n"
+        f"Quantized by lowvram from `{name}`: every transformer-block linear to {bits} bits, "
         f"group size {group_size}, {'symmetric' if sym else 'asymmetric'}, act-order {act_order}"
         f"{f', output layer to {head_bits} bits' if quantize_head else ''}"
         f"{f' (groups of {head_group_size})' if quantize_head and head_group_size > 0 else ''}; embeddings and norms unchanged.\n"
@@ -414,7 +494,7 @@ def _write_metadata(src: Path, tmp: Path, cfg, bits, group_size, sym, act_order,
         f"{f' (output layer: {_clip_text(head_mse)})' if quantize_head and head_mse != mse else ''}.\n"
         f"{_calib_text(calibration)}"
         f"Standard GPTQ tensors (qweight/qzeros/scales/g_idx, v1 zeros) under the original names.\n\n"
-        f"    lowvram chat {tmp.name.split('.tmp-')[0].lstrip('.')}\n")
+        f"    lowvram chat {out}\n")
 
 
 def _calib_text(c: dict | None) -> str:
@@ -464,7 +544,7 @@ def quantize_arguments(p):
 
 
 def quantize_main(args) -> int:
-    out = args.out or f"{Path(args.source).name}-int{args.bits}-{args.method}"
+    out = args.out or f"{Path(args.source).resolve().name}-int{args.bits}-{args.method}"
     s = quantize(args.source, out, bits=args.bits, method=args.method, group_size=args.group_size, sym=args.sym,
                  act_order=args.act_order, calib=args.calib, calib_samples=args.calib_samples,
                  calib_seq_len=args.calib_seq_len, device=args.device, force=args.force,

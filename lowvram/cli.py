@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # name -> (module, help). The module defines `<name>_arguments(parser)` and `<name>_main(args) -> int`.
@@ -48,14 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(getattr(_module(args.command), f"{args.command}_main")(args) or 0)
     except KeyboardInterrupt:
         print("\nlowvram: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except OSError as e:  # a path that cannot be read or written: named, without a traceback
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e.strerror) else ""
+        print(f"lowvram: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, ValueError, RuntimeError) as e:
         print(f"lowvram: error: {e}", file=sys.stderr)
         return 1
+
+
+def _terminated(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so outputs being written are removed, not left half-done."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

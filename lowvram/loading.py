@@ -307,6 +307,50 @@ def _map_embeddings(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dty
     return cname
 
 
+def _mismatch(ckpt: Checkpoint, cfg: GLMConfig, missing: list, unexpected: list, misshaped: list) -> None:
+    if missing or unexpected or misshaped:
+        msg = [f"{ckpt.dir}: checkpoint does not match its config ({cfg.generation}, layout {cfg.layout})"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+                msg.append(f"{label} {len(items)}: {', '.join(items[:8])}{more}")
+        raise CheckpointError("; ".join(msg))
+
+
+def check_float_tensors(ckpt: Checkpoint, cfg: GLMConfig) -> None:
+    """A full-precision checkpoint's tensor names and shapes against its config, from the file headers alone:
+    `lowvram quantize` checks this before any work (a load finds the same while filling, in the same words)."""
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in GLM(cfg).named_parameters()}
+    done: set[str] = set()
+    unexpected, misshaped = [], []
+    fused: dict[str, dict[int, tuple]] = defaultdict(dict)
+    for cname in ckpt.names():
+        mapped = map_name(cfg.layout, cname)
+        name, slot = mapped if mapped is not None else (None, None)
+        if mapped is not None and (name is None or (name.startswith("vision.") and cfg.vision)):
+            continue  # not part of the language model (rotary tables, the vision tower)
+        if name not in expected:
+            unexpected.append(cname)
+        elif slot is not None:
+            fused[name][slot] = ckpt.shape(cname)
+        elif ckpt.shape(cname) != expected[name]:
+            misshaped.append(f"{cname} (checkpoint {ckpt.shape(cname)}, expected {expected[name]})")
+            done.add(name)
+        else:
+            done.add(name)
+    nparts = FUSED_PARTS.get(cfg.layout, 1)
+    for name, parts in fused.items():
+        rows = sum(s[0] for s in parts.values())
+        if len(parts) != nparts:
+            misshaped.append(f"{name} (only parts {sorted(parts)} of {nparts} present)")
+        elif (rows, *parts[0][1:]) != expected[name]:
+            misshaped.append(f"{_orig(cfg.layout, name)} (checkpoint parts of {rows} rows in all, expected "
+                             f"{expected[name]})")
+        done.add(name)
+    _mismatch(ckpt, cfg, [_orig(cfg.layout, n) for n in expected if n not in done], unexpected, misshaped)
+
+
 def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: list[torch.device],
          backend: str | None, streamed: set[int] = frozenset(), cache: dict | None = None) -> dict:
     """cache: native modules' tensors already repacked ({module name: tensors}, repack_cache), used instead of
@@ -470,14 +514,7 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
         build_quantized(mod_name)
     quantized.sort()
 
-    missing = [_orig(cfg.layout, n) for n in expected if n not in done]
-    if missing or unexpected or misshaped:
-        msg = [f"{ckpt.dir}: checkpoint does not match its config ({cfg.generation}, layout {cfg.layout})"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if items:
-                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
-                msg.append(f"{label} {len(items)}: {', '.join(items[:8])}{more}")
-        raise CheckpointError("; ".join(msg))
+    _mismatch(ckpt, cfg, [_orig(cfg.layout, n) for n in expected if n not in done], unexpected, misshaped)
     trim_heap()
     keep_heap()
     return {"ignored": ignored, "quantized": quantized, "dtype": dtype, "devices": devs,

@@ -64,8 +64,8 @@ def test_gptq_beats_rtn_and_fuses_act_order_qkv(tiny, tmp_path):
     errs = {}
     for method in ("rtn", "gptq"):
         out = tmp_path / method
-        quantize(src, out, bits=4, method=method, group_size=32, act_order=True, calib_samples=8, calib_seq_len=48,
-                 progress=False)
+        kw = dict(act_order=True, calib_samples=8, calib_seq_len=48) if method == "gptq" else {}
+        quantize(src, out, bits=4, method=method, group_size=32, progress=False, **kw)
         errs[method] = rel(lowvram.load(out, dtype="float32").logits(ids), ref)
     assert errs["gptq"] < errs["rtn"], errs
     g = lowvram.load(tmp_path / "gptq", dtype="float32").net.layers[0].attn.qkv.w
@@ -156,7 +156,10 @@ def test_existing_output_needs_force_and_bad_source_fails_first(tiny, tmp_path):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
-def test_sigint_leaves_nothing_and_rerun_works(tiny, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_leaves_nothing_and_rerun_works(sig, tiny, tmp_path):
+    """Ctrl-C and SIGTERM unwind and remove the temporary output; after SIGKILL (or the OOM killer) the next run
+    removes it, since its writer is gone."""
     src = tiny("chatglm3-6b", num_layers=6, hidden_size=256, ffn_hidden_size=768, kv_channels=64, shards=6)
     out = tmp_path / "q"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -169,16 +172,17 @@ def test_sigint_leaves_nothing_and_rerun_works(tiny, tmp_path):
     while time.time() < deadline and not list(tmp_path.glob(".q.tmp-*")):
         time.sleep(0.05)
     assert list(tmp_path.glob(".q.tmp-*")), "quantize never started writing"
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     try:
         _, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode != 0, err
-    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+    assert not out.exists() and bool(list(tmp_path.glob(".q.tmp-*"))) == (sig == signal.SIGKILL)
     r = subprocess.run(CLI + ["quantize", str(src), "-o", str(out), "--bits", "8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob(".q.tmp-*"))
     assert "wrote" in r.stdout and lowvram.load(out, dtype="float32").generate([1, 2], max_new_tokens=2, stop_token_ids=[])
 
 
@@ -442,3 +446,98 @@ def test_output_layer_in_groups(tiny, tmp_path):
     with pytest.raises(ValueError, match="--head-group-size 48 does not divide hidden_size 128"):
         quantize(src, tmp_path / "bad", bits=4, quantize_head=True, head_bits=4, head_group_size=48, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_bad_output_and_options_fail_before_any_work(tiny, tmp_path):
+    """-o that is (or holds) the source is refused even with --force, options RTN would ignore are refused,
+    and every failure is one line that leaves no directory behind."""
+    src = tiny("chatglm3-6b")
+    before = sorted(p.name for p in src.iterdir())
+    (tmp_path / "afile").write_text("x")
+    cases = [(["-o", str(src), "--force"], "that is the source checkpoint"),
+             (["-o", str(src.parent), "--force"], "it contains the source checkpoint"),
+             (["-o", str(tmp_path / "afile"), "--force"], "a file, not a checkpoint directory"),
+             (["-o", str(tmp_path / "afile" / "out")], "is a file, not a directory"),
+             (["--group-size", "0"], "--group-size must be -1"),
+             (["--act-order"], "--act-order applies to --method gptq only"),
+             (["--calib", "x.txt", "--device", "mps"], "--calib, --device apply to --method gptq only"),
+             (["--head-bits", "4"], "apply with --quantize-head only"),
+             (["--method", "gptq", "--calib-samples", "0"], "--calib-samples and --calib-seq-len must be >= 1")]
+    for args, msg in cases:
+        if "-o" not in args:
+            args = args + ["-o", str(tmp_path / "new" / "out")]
+        if "--group-size" not in args:
+            args = args + ["--group-size", "32"]  # the tiny model's widths are 64 and 96
+        r = subprocess.run(CLI + ["quantize", str(src), *args], capture_output=True, text=True)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p != src) == ["afile"], "nothing made, not even -o's parents"
+
+
+def test_broken_sources_and_calibration_files_are_named(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("chatglm3-6b")
+    f = next(src.glob("*.safetensors"))
+    sd = load_file(f)
+    name = "transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"
+    for label, change, msg in (("missing", lambda d: d.pop(name), f"missing 1: {name}"),
+                               ("shape", lambda d: d.__setitem__(name, d[name][:-2]), f"wrong shape 1: {name}"),
+                               ("nan", lambda d: d[name].__setitem__((3, 3), float("nan")),
+                                f"tensor {name} has NaN or infinite values")):
+        d = dict(sd)
+        d[name] = d[name].clone()
+        change(d)
+        save_file(d, f)
+        with pytest.raises(ValueError, match=msg):
+            quantize(src, tmp_path / label, group_size=32, progress=False)
+        assert not (tmp_path / label).exists()
+    save_file(sd, f)
+    calib = {"rows.jsonl": '{"text": "a b c"}\n[1, 2]\n', "json.jsonl": '{"text": "a"}\n{bad\n',
+             "ids.jsonl": '{"input_ids": [1, 2.5]}\n', "mixed.jsonl": '{"text": "a"}\n{"input_ids": [1]}\n'}
+    msgs = {"rows.jsonl": r"rows\.jsonl:2: expected \{\"text\"", "json.jsonl": r"json\.jsonl:2: not JSON",
+            "ids.jsonl": r"ids\.jsonl:1: expected", "mixed.jsonl": "rows mix 'text' and 'input_ids'"}
+    for fname, text in calib.items():
+        (tmp_path / fname).write_text(text)
+        with pytest.raises(ValueError, match=msgs[fname]):
+            quantize(src, tmp_path / "c", method="gptq", calib=str(tmp_path / fname), group_size=32, progress=False)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 100)
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text"):
+        quantize(src, tmp_path / "c", method="gptq", calib=str(tmp_path / "latin1.txt"), group_size=32, progress=False)
+    with pytest.raises(ValueError, match="not a file"):
+        quantize(src, tmp_path / "c", method="gptq", calib=str(tmp_path), group_size=32, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_outputs_are_readable_by_others_and_name_their_source(tiny, tmp_path, monkeypatch):
+    src = tiny("chatglm3-6b")
+    monkeypatch.chdir(src)
+    old = os.umask(0o022)
+    try:
+        r = subprocess.run(CLI + ["quantize", ".", "--group-size", "32"], capture_output=True, text=True)
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    out = src / f"{src.name}-int4-rtn"
+    assert out.is_dir()
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.glob("*.safetensors"))
+    assert json.loads((out / "quantize_config.json").read_text())["lowvram"]["source"] == src.name
+    assert f"lowvram chat {src.name}-int4-rtn" in (out / "README.md").read_text()
+
+
+def test_gptq_calibration_in_chunks_matches_one_pass(tiny, tmp_path, monkeypatch):
+    """The block runs over the calibration samples a few at a time (bounded memory); the Hessians, and so the
+    result, are those of one pass up to float summation order."""
+    import lowvram.converters.quantize as q
+
+    src = tiny("chatglm3-6b")
+    kw = dict(method="gptq", group_size=32, calib_samples=6, calib_seq_len=32, progress=False)
+    quantize(src, tmp_path / "one", **kw)
+    monkeypatch.setattr(q, "CALIB_CHUNK_TOKENS", 64)  # two samples per chunk
+    quantize(src, tmp_path / "chunked", **kw)
+    a = lowvram.load(tmp_path / "one", dtype="float32").net.layers[1].mlp.down.w
+    b = lowvram.load(tmp_path / "chunked", dtype="float32").net.layers[1].mlp.down.w
+    from lowvram.kernels import dequantize
+
+    wa, wb = dequantize(a), dequantize(b)
+    assert (wa == wb).float().mean() > 0.99 and rel(wb, wa) < 1e-2
