@@ -95,6 +95,12 @@ def chat_arguments(p):
     p.add_argument("--chat-format", default=None, help="override: chatglm, chatglm2, chatglm3, glm4")
 
 
+def _context_full(model, used: int, new: int, max_new: int) -> bool:
+    """Whether the context ended the output, which would otherwise look like the model's own end: not
+    --max-new-tokens, nor a stop token (that takes a slot but is not counted in `used`)."""
+    return used >= model.ctx and new < max_new
+
+
 HELP = "Type a message. `clear` starts over, `stop` or Ctrl-D exits, Ctrl-C interrupts an answer."
 
 
@@ -139,6 +145,9 @@ def chat_main(args) -> int:
                 shown += delta
                 out.write(delta)
                 out.flush()
+            u = stream.usage
+            if _context_full(model, u["total_tokens"], u["completion_tokens"], args.max_new_tokens):
+                out.write(f" (stopped: the context of {model.ctx} tokens is full; `clear` starts over)")
             out.write("\n")
         except KeyboardInterrupt:
             if stream is not None:  # the partial answer stays in the history
@@ -162,11 +171,15 @@ def generate_main(args) -> int:
     ids = tok.encode(prompt) if args.raw else tok.encode_prompt(prompt)
     gen = dict({"stop_token_ids": tok.stop_ids}, **_sampling(args))
     dec = tok.stream_decoder()
+    n = 0
     try:
         for t in model.stream_generate(ids, **gen):
+            n += 1
             sys.stdout.write(dec.push(t))
             sys.stdout.flush()
     except KeyboardInterrupt:
-        pass
+        n = args.max_new_tokens  # interrupted: no notice
     sys.stdout.write(dec.flush() + "\n")
+    if _context_full(model, len(ids) + n, n, args.max_new_tokens):  # on stderr: stdout is the continuation only
+        sys.stderr.write(f"(stopped: the context of {model.ctx} tokens is full)\n")
     return 0

@@ -208,8 +208,12 @@ def _parse_hf(cfg: dict, path: str, mt: str) -> GLMConfig:
 
 def load_config(path: str | Path) -> GLMConfig:
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such directory (expected a Hugging Face checkpoint directory)")
     if p.is_dir():
         p = p / "config.json"
+    elif p.suffix != ".json":  # a config.json named directly still works
+        raise ConfigError(f"{p}: a file, not a checkpoint directory (expected a directory with config.json)")
     if not p.exists():
         raise ConfigError(f"{p}: no config.json found (expected a Hugging Face checkpoint directory)")
     try:

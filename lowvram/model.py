@@ -340,15 +340,15 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
         placement, device = _auto_placement(cfg, max_memory, ctx, path, stream)
     elif device == "auto":  # an explicit placement decides: its first block's device
         device = str(layer_devices(placement, "cpu", cfg.num_layers)[0])
-    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg,
-                             repack_cache=repack_cache)
     tok = None
-    if tokenizer:
+    if tokenizer:  # before the weights: a load error then names the generation the tokenizer tells
         tok = _try_tokenizer(path, cfg, chat_format)
         if tok is not None:  # ChatGLM2 and ChatGLM3 share config.json: the tokenizer files decide
             from .tokenizer import generation_for
 
             cfg.generation = generation_for(tok, cfg.generation)
+    net, cfg, report = build(path, device=device, dtype=dtype, backend=backend, placement=placement, cfg=cfg,
+                             repack_cache=repack_cache)
     return Model(net, cfg, path, tok, report, ctx)
 
 

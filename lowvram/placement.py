@@ -22,9 +22,13 @@ _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1 << 1
 
 
 def parse_size(s: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]i?b?|b)?\s*", str(s).lower())
+    """Bytes of "6GiB", "8GB", "512 MiB". A string needs its unit: a bare "6" meant as GiB would plan for 6
+    bytes (numbers that are not strings, as in a max_memory dict, are bytes)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmg]i?b?|b)?\s*", str(s).lower())
     if not m:
         raise ValueError(f"memory size {s!r} not understood; use e.g. 6GiB, 8GB, 512MiB")
+    if not m.group(2) and isinstance(s, str) and float(m.group(1)) != 0:
+        raise ValueError(f"memory size {s!r} needs a unit, e.g. {m.group(1)}GiB (or GB, MiB, MB)")
     unit = m.group(2) or ""
     unit = unit if unit.endswith("b") or unit == "" else unit + "b"
     return int(float(m.group(1)) * _UNITS[unit])
@@ -33,10 +37,15 @@ def parse_size(s: str) -> int:
 def parse_max_memory(s: str) -> dict[str, int]:
     out = {}
     for part in s.split(","):
-        dev, _, size = part.partition("=")
+        dev, _, size = (x.strip() for x in part.partition("="))
         if not size:
             raise ValueError(f"--max-memory {s!r}: expected DEVICE=SIZE[,...], e.g. cuda:0=6GiB,cpu=12GiB")
-        out[dev.strip()] = parse_size(size)
+        if (dev := "cuda:0" if dev == "cuda" else dev) in out:
+            raise ValueError(f"--max-memory {s!r}: {dev} given twice; give each device one budget")
+        try:
+            out[dev] = parse_size(size)
+        except ValueError as e:
+            raise ValueError(f"--max-memory: {e}") from None
     return check_budgets(out)
 
 
@@ -51,7 +60,9 @@ def check_budgets(max_memory: dict | str) -> dict[str, int]:
     for dev, size in max_memory.items():
         if not re.fullmatch(r"(cpu|cuda)(:[0-9]+)?|mps", str(dev)):
             raise ValueError(f"max_memory: device {dev!r} not understood; use cpu, cuda:N or mps")
-        out["cuda:0" if dev == "cuda" else dev] = size if isinstance(size, int) and size >= 0 else parse_size(size)
+        if (dev := "cuda:0" if dev == "cuda" else dev) in out:
+            raise ValueError(f"max_memory: {dev} given twice (as cuda and cuda:0)")
+        out[dev] = size if isinstance(size, int) and size >= 0 else parse_size(size)
     return out
 
 
@@ -198,10 +209,20 @@ def placement_arguments(p) -> None:
 
 
 def budgets_from_arguments(args) -> dict[str, int] | None:
-    """--max-memory / --gpu-mem as budgets (the rest detected), or None when neither was given."""
+    """--max-memory / --gpu-mem as budgets (the rest detected), or None when neither was given. A budget no
+    larger than what its device's runtime takes before any weight is refused: the plan could only fail."""
     if not args.max_memory and not args.gpu_mem:
         return None
-    budgets = parse_max_memory(args.max_memory) if args.max_memory else detect_budgets()
+    given = parse_max_memory(args.max_memory) if args.max_memory else {}
     if args.gpu_mem:
-        budgets["cuda:0"] = parse_size(args.gpu_mem)
-    return budgets
+        if "cuda:0" in given:
+            raise ValueError("--gpu-mem sets cuda:0, which --max-memory sets too; give it once")
+        try:
+            given["cuda:0"] = parse_size(args.gpu_mem)
+        except ValueError as e:
+            raise ValueError(f"--gpu-mem: {e}") from None
+    for dev, n in given.items():
+        if n <= (floor := RUNTIME_OVERHEAD.get(_kind(dev), 0)):
+            raise ValueError(f"{dev} budget of {n} bytes: not more than the ~{floor >> 20} MiB its runtime takes "
+                             "before any weights; give it more, or leave it out")
+    return given if args.max_memory else {**detect_budgets(), **given}

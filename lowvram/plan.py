@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .config import load_config, parse_config
 from .known import known_config
 from .loading import embeddings_will_map
@@ -14,7 +15,13 @@ from .placement import budgets_from_arguments, detect_budgets, placement_argumen
 def model_config(model: str):
     p = Path(model)
     if p.exists():
-        return load_config(p)
+        cfg = load_config(p)
+        if any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")) or any(p.glob("*.index.json")):
+            Checkpoint(p)  # weights there: a truncated or missing file fails now (headers only), not at load
+        from .tokenizer import generation_of
+
+        cfg.generation = generation_of(p, cfg)  # the tokenizer tells what config.json alone cannot, as in `info`
+        return cfg
     cfg = parse_config(known_config(model), f"known model {model}")
     cfg.generation = model.lower()
     return cfg
@@ -30,8 +37,25 @@ def plan_arguments(p):
     p.add_argument("--json", action="store_true")
 
 
+def check_arguments(args, cfg) -> None:
+    """What `lowvram quantize` would refuse (converters/quantize.py), refused here too: the plan is for a model
+    that can be made."""
+    if args.ctx < 1:
+        raise ValueError(f"--ctx must be >= 1 token, got {args.ctx}")
+    g = args.group_size
+    if g == 0 or g < -1:
+        raise ValueError(f"--group-size must be -1 (one group per row) or a positive number of columns, got {g}")
+    widths = {"hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
+              "attention output (heads x head_dim)": cfg.q_size}
+    bad = [f"{k} {v}" for k, v in widths.items() if g > 0 and v % g]
+    if bad:
+        raise ValueError(f"--group-size {g} does not divide {', '.join(bad)} of {args.model}; "
+                         "pick a group size that divides them (e.g. 32) or -1 for one group per row")
+
+
 def plan_main(args) -> int:
     cfg = model_config(args.model)
+    check_arguments(args, cfg)
     budgets = budgets_from_arguments(args) or detect_budgets()
     bits = None if args.bits == 16 else args.bits
     p = plan(cfg, budgets, args.ctx, bits, args.group_size, kv_dtype="int8" if args.kv_int8 else None,

@@ -446,6 +446,9 @@ def cache_main(args) -> int:
 
     want = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
     rows = [e for e in entries() if want is None or e["checkpoint"] == want]
+    if want and not rows and not Path(want).is_dir():  # a deleted checkpoint's cache files still match above
+        what = "not a directory" if Path(want).exists() else "no such directory"
+        raise ValueError(f"{args.checkpoint}: {what}, and no cache file is of a checkpoint there")
     if args.clear:
         freed = 0
         for e in rows:

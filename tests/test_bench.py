@@ -76,3 +76,15 @@ def test_bench_roofline_pairs(tiny, tmp_path):
     r = subprocess.run([_lowvram(), "bench", str(out), "--prompt-len", "4", "--decode-steps", "2", "--roofline", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "x (median over 2 steps" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("flag,value,least", [("--decode-steps", "0", 1), ("--prompt-len", "-3", 1),
+                                              ("--threads", "0", 1), ("--roofline", "-1", 0)])
+def test_bench_counts_are_checked_before_the_load(flag, value, least, tmp_path, capsys):
+    """Each would fail after the load (no median of no steps, a negative tensor size) or measure nothing; the
+    model path does not even exist: the flags are refused first."""
+    from lowvram.cli import main
+
+    assert main(["bench", str(tmp_path / "not-loaded"), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err == f"lowvram: error: {flag} must be >= {least}, got {value}\n"

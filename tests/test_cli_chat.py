@@ -136,3 +136,19 @@ def test_missing_model_is_one_line_error(tmp_path):
         pytest.skip("the lowvram console script is not installed (pip install -e .)")
     r = subprocess.run(CMD + ["chat", str(tmp_path / "none")], capture_output=True, text=True, input="")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_context_is_said(example):
+    """Output the context cut short says so (generate: on stderr; chat: after the answer); output ended by
+    --max-new-tokens does not."""
+    r = subprocess.run(CMD + ["generate", str(example), "--ignore-eos", "--ctx", "30", "--max-new-tokens", "100"],
+                       input="hi", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert r.stderr == "(stopped: the context of 30 tokens is full)\n"
+    r = subprocess.run(CMD + ["generate", str(example), "--ignore-eos", "--max-new-tokens", "5"],
+                       input="hi", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() and r.stderr == ""
+    r = subprocess.run(CMD + ["chat", str(example), "--ignore-eos", "--ctx", "40", "--max-new-tokens", "100",
+                              "--seed", "0"], input="hi\nstop\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert " (stopped: the context of 40 tokens is full; `clear` starts over)\n" in r.stdout

@@ -35,3 +35,25 @@ def test_info_error_is_one_line(tmp_path):
     r = subprocess.run(CMD + ["info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().startswith("lowvram: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_directory_and_plain_file(tmp_path, monkeypatch):
+    """`info` and `cache` on a path that is not there, or is a file, say which; lowvram.load says the same."""
+    import pytest
+
+    import lowvram
+
+    monkeypatch.setenv("LOWVRAM_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    for cmd in ("info", "cache"):
+        r = subprocess.run(CMD + [cmd, str(tmp_path / "nope")], capture_output=True, text=True)
+        assert r.returncode == 1 and "nope: no such directory" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = subprocess.run(CMD + ["info", str(f)], capture_output=True, text=True)
+    assert r.returncode == 1 and "notes.txt: a file, not a checkpoint directory" in r.stderr, r.stderr
+    r = subprocess.run(CMD + ["cache", str(f)], capture_output=True, text=True)
+    assert r.returncode == 1 and "notes.txt: not a directory" in r.stderr, r.stderr
+    with pytest.raises(lowvram.ConfigError, match="nope: no such directory"):
+        lowvram.load(tmp_path / "nope")
+    with pytest.raises(lowvram.ConfigError, match="notes.txt: a file, not a checkpoint directory"):
+        lowvram.load(f)

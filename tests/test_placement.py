@@ -1,6 +1,8 @@
 """Memory model, planner, `lowvram plan`, and execution split across placement targets."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import lowvram
 from lowvram.config import parse_config
 from lowvram.known import known_config
 from lowvram.memory import footprint
-from lowvram.placement import parse_max_memory, parse_size, plan
+from lowvram.placement import budgets_from_arguments, check_budgets, parse_max_memory, parse_size, plan
 
 GiB = 1 << 30
 
@@ -21,6 +23,38 @@ def test_sizes():
     assert parse_max_memory("cuda:0=6GiB,cpu=12GiB") == {"cuda:0": 6 * GiB, "cpu": 12 * GiB}
     with pytest.raises(ValueError, match="not understood"):
         parse_size("six gigs")
+    # a string without a unit would be bytes: refused (a dict's numbers are bytes, and 0 is 0 in any unit)
+    with pytest.raises(ValueError, match=r"memory size '6' needs a unit, e\.g\. 6GiB"):
+        parse_size("6")
+    for bad in (".", "1.2.3GiB", "-1GiB"):
+        with pytest.raises(ValueError, match=f"memory size '{re.escape(bad)}' not understood"):
+            parse_size(bad)
+    assert parse_size("0") == 0 and parse_size(".5GiB") == GiB // 2 and parse_size(6e9) == 6 * 10**9
+    assert check_budgets({"cpu": 4096, "cuda": "1GiB"}) == {"cpu": 4096, "cuda:0": GiB}
+
+
+def flags(max_memory=None, gpu_mem=None):
+    return argparse.Namespace(max_memory=max_memory, gpu_mem=gpu_mem, stream=False)
+
+
+def test_budget_flags():
+    """--max-memory / --gpu-mem: each device once, sizes with units, more than the device's runtime takes."""
+    assert budgets_from_arguments(flags()) is None
+    assert budgets_from_arguments(flags("cuda=3GiB,cpu=8GiB")) == {"cuda:0": 3 * GiB, "cpu": 8 * GiB}
+    got = budgets_from_arguments(flags(gpu_mem="6GiB"))
+    assert got["cuda:0"] == 6 * GiB and got["cpu"] > 0  # the rest detected
+    cases = [(flags("cpu=4GiB,cpu=8GiB"), "--max-memory 'cpu=4GiB,cpu=8GiB': cpu given twice"),
+             (flags("cuda=4GiB,cuda:0=3GiB,cpu=8GiB"), "cuda:0 given twice"),
+             (flags("cuda:0=4GiB,cpu=8GiB", "6GiB"), "--gpu-mem sets cuda:0, which --max-memory sets too"),
+             (flags(gpu_mem="6"), "--gpu-mem: memory size '6' needs a unit, e.g. 6GiB"),
+             (flags("cpu=12"), "--max-memory: memory size '12' needs a unit"),
+             (flags(gpu_mem="."), "--gpu-mem: memory size '.' not understood"),
+             (flags(gpu_mem="0"), "cuda:0 budget of 0 bytes: not more than the ~500 MiB its runtime takes"),
+             (flags("cpu=100MiB"), "cpu budget of 104857600 bytes: not more than the ~350 MiB its runtime takes")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg) as e:
+            budgets_from_arguments(args)
+        assert len(str(e.value).splitlines()) == 1
 
 
 def test_footprint_matches_a_real_quantized_checkpoint(tiny, tmp_path):
@@ -87,6 +121,41 @@ def test_plan_console_script():
     d = json.loads(r.stdout)
     assert d["blocks"]["cuda:0"] + d["blocks"]["cpu"] == 28 and d["blocks"]["cpu"] > 0
     assert d["decode_ms_per_token"] > 0
+
+
+def _plan_error(capsys, *argv) -> str:
+    from lowvram.cli import main
+
+    assert main(["plan", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lowvram: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_plan_refuses_what_cannot_be_made(tiny, capsys):
+    """A context below one token, a group size `lowvram quantize` would refuse, a truncated weight file."""
+    assert "--ctx must be >= 1 token, got 0" in _plan_error(capsys, "chatglm3-6b", "--ctx", "0")
+    assert "--ctx must be >= 1 token, got -5" in _plan_error(capsys, "chatglm3-6b", "--ctx", "-5")
+    err = _plan_error(capsys, "chatglm3-6b", "--group-size", "7")
+    assert "--group-size 7 does not divide hidden_size 4096" in err and "-1 for one group per row" in err
+    assert "--group-size must be -1 (one group per row) or a positive" in _plan_error(capsys, "chatglm3-6b",
+                                                                                      "--group-size", "0")
+    d = tiny("glm-4-9b-chat")
+    f = next(d.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert f"{f.name}: cannot read" in _plan_error(capsys, str(d), "--max-memory", "cpu=8GiB")
+
+
+def test_plan_names_the_generation_as_info_does(capsys):
+    """The GLM-4-format example's config alone reads as ChatGLM2; its tokenizer says GLM-4, in plan as in info."""
+    from conftest import need_example
+    from lowvram.cli import main
+    from lowvram.info import describe
+
+    d = need_example()
+    assert main(["plan", str(d), "--max-memory", "cpu=8GiB", "--group-size", "-1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["generation"] == describe(d)["generation"] == "glm-4-9b-chat"
 
 
 @pytest.mark.parametrize("gen", ["chatglm-6b", "chatglm3-6b", "glm-4-0414"])
