@@ -67,7 +67,8 @@ def known_config(name: str, layers: int | None = None) -> dict:
     layers: fewer blocks, the same tensor shapes (quick runs of the scripts that build full-size models)."""
     key = name.lower().split("/")[-1]
     if key not in KNOWN:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(KNOWN)}")
+        what = "no such directory, and not a known model name" if name.startswith((".", "/", "~")) else "unknown model name"
+        raise ValueError(f"{name}: {what}; known: {', '.join(KNOWN)}")
     config = dict(KNOWN[key]["config"])
     if layers:
         config["num_layers" if "num_layers" in config else "num_hidden_layers"] = layers

@@ -31,7 +31,8 @@ def plan_arguments(p):
     p.add_argument("model", help="checkpoint directory or known model name (chatglm3-6b, glm-4-9b-chat, ...)")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="16 = unquantized bf16/fp16")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--ctx", type=int, default=2048, help="context length to reserve KV cache for")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length to reserve KV cache for (default 2048, or the model's own if shorter)")
     placement_arguments(p)
     p.add_argument("--kv-int8", action="store_true", help="plan an INT8 KV cache")
     p.add_argument("--json", action="store_true")
@@ -40,8 +41,10 @@ def plan_arguments(p):
 def check_arguments(args, cfg) -> None:
     """What `lowvram quantize` would refuse (converters/quantize.py), refused here too: the plan is for a model
     that can be made."""
-    if args.ctx < 1:
-        raise ValueError(f"--ctx must be >= 1 token, got {args.ctx}")
+    if args.ctx is None:
+        args.ctx = min(2048, cfg.max_length)
+    if not 1 <= args.ctx <= cfg.max_length:
+        raise ValueError(f"--ctx must be from 1 to the model's context of {cfg.max_length} tokens, got {args.ctx}")
     g = args.group_size
     if g == 0 or g < -1:
         raise ValueError(f"--group-size must be -1 (one group per row) or a positive number of columns, got {g}")

@@ -134,8 +134,10 @@ def _plan_error(capsys, *argv) -> str:
 
 def test_plan_refuses_what_cannot_be_made(tiny, capsys):
     """A context below one token, a group size `lowvram quantize` would refuse, a truncated weight file."""
-    assert "--ctx must be >= 1 token, got 0" in _plan_error(capsys, "chatglm3-6b", "--ctx", "0")
-    assert "--ctx must be >= 1 token, got -5" in _plan_error(capsys, "chatglm3-6b", "--ctx", "-5")
+    for bad in ("0", "-5", "8193"):
+        assert f"--ctx must be from 1 to the model's context of 8192 tokens, got {bad}" in _plan_error(
+            capsys, "chatglm3-6b", "--ctx", bad)
+    assert "./nothing-here: no such directory, and not a known model name" in _plan_error(capsys, "./nothing-here")
     err = _plan_error(capsys, "chatglm3-6b", "--group-size", "7")
     assert "--group-size 7 does not divide hidden_size 4096" in err and "-1 for one group per row" in err
     assert "--group-size must be -1 (one group per row) or a positive" in _plan_error(capsys, "chatglm3-6b",
