@@ -113,7 +113,8 @@ def repack(w: PackedWeight) -> dict:
         q, g = q[perm], g[perm]
         counts = torch.bincount(g)
         if not bool((counts == counts[0]).all()):
-            raise ValueError("act-order groups of unequal size are not supported by MatMulNBits")
+            raise ValueError("groups of unequal size (act-order, or a group size that does not divide the inputs) "
+                             "are not supported by MatMulNBits")
         group = int(counts[0])
     else:
         group = w.group_size if w.group_size > 0 else k

@@ -179,6 +179,11 @@ def _parse_hf(cfg: dict, path: str, mt: str) -> GLMConfig:
     heads = int(_req(cfg, path, "num_attention_heads"))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     rope_params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or rope_params.get("rope_type") or "default"
+    if kind != "default":  # plain RoPE under a yarn/linear config would be wrong at every position, silently
+        raise ConfigError(f"{path}: rope scaling {kind!r} is not supported yet; remove rope_scaling from config.json "
+                          "to run the model at its original context")
     theta = cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
     factor = cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or 0.5
     return GLMConfig(
@@ -230,4 +235,10 @@ def load_config(path: str | Path) -> GLMConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{qc}: not valid JSON ({e})") from None
         parsed.quantization = {**extra, **(parsed.quantization or {})}
+    method = (parsed.quantization or {}).get("quant_method", "gptq")
+    if method != "gptq":  # AWQ, compressed-tensors, bitsandbytes: other tensors under the same names
+        raise ConfigError(f"{p}: quant_method {method!r} is not supported; lowvram reads GPTQ and THUDM's "
+                          "quantization_bit checkpoints")
+    if (pack := (parsed.quantization or {}).get("pack_dtype", "int32")) not in ("int32", "torch.int32"):
+        raise ConfigError(f"{p}: GPTQ packed in {pack} words is not supported; lowvram reads int32-packed GPTQ")
     return parsed

@@ -7,6 +7,8 @@ tensor shapes, so a checkpoint may mix them (an int8 output layer beside int4 bl
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .kernels import PackedWeight, default_backend, make_linear, pack_cols, unpack_cols
@@ -20,24 +22,38 @@ def zero_offset(cfg) -> int:
     return 0 if fmt == "gptq_v2" else 1
 
 
-def from_gptq(t: dict, offset: int, in_features: int) -> PackedWeight:
+def from_gptq(t: dict, offset: int, in_features: int, group_size: int | None = None) -> PackedWeight:
+    """group_size (the config's): needed only when the groups do not split the inputs evenly (13696 inputs in
+    groups of 256: 54 groups, the last short) and the file has no g_idx saying which input is in which."""
+    if set(t) <= {"bias"}:
+        raise ValueError("stored unquantized while the projections fused with it are quantized; lowvram fuses "
+                         "q/k/v into one linear and needs them quantized alike")
     missing = [k for k in _KEYS if k not in t]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (GPTQ needs qweight, qzeros, scales)")
-    qweight, qzeros, scales = t["qweight"].to(torch.int32), t["qzeros"].to(torch.int32), t["scales"]
+    if (wide := {t[k].dtype for k in ("qweight", "qzeros")} - {torch.int32}):
+        raise ValueError(f"packed in {', '.join(map(str, wide))} words; lowvram reads GPTQ packed in int32 words")
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
     bits = 32 * qweight.shape[0] // in_features
-    if bits not in (2, 3, 4, 8) or 32 * qweight.shape[0] != bits * in_features:
-        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack {in_features} inputs at 2/4/8 bits")
+    if bits not in (2, 4, 8) or 32 * qweight.shape[0] != bits * in_features:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not pack {in_features} inputs at 2, 4 or 8 bits "
+                         "(3-bit GPTQ, a bitstream across words, is not supported)")
     groups, n = scales.shape
     if qweight.shape[1] != n:
         raise ValueError(f"qweight has {qweight.shape[1]} columns but scales {n}")
-    group = in_features // groups
+    g_idx = t.get("g_idx")
+    gs = group_size if group_size and group_size > 0 and -(-in_features // group_size) == groups else None
+    if gs is None and in_features % groups:
+        raise ValueError(f"{groups} groups of scales for {in_features} inputs, which the config's group_size "
+                         f"{group_size} does not give")
+    group = gs or in_features // groups
+    if in_features % group and g_idx is None:  # the last group is short: say where each input belongs
+        g_idx = torch.arange(in_features, dtype=torch.int32) // group
     if offset:
         z = unpack_cols(qzeros, bits)[:, :n] + offset
         if int(z.max()) >= 2**bits:
             raise ValueError(f"GPTQ v1 zero point {2**bits} overflows {bits} bits (a v1 writer bug); re-quantize")
         qzeros = pack_cols(z, bits)
-    g_idx = t.get("g_idx")
     return PackedWeight(qweight, qzeros, scales, None if g_idx is None else g_idx.to(torch.int32), bits, group,
                         t.get("bias"))
 
@@ -92,7 +108,8 @@ def fuse(ws: list[PackedWeight]) -> PackedWeight:
     a = ws[0]
     for w in ws[1:]:
         if (w.bits, w.group_size) != (a.bits, a.group_size) or not torch.equal(w.group_index(), a.group_index()):
-            raise ValueError("q/k/v projections differ in bits, group size or g_idx and cannot be fused")
+            raise ValueError("q/k/v projections are quantized differently (bits, group size or g_idx); lowvram fuses "
+                             "them into one linear and needs them alike: quantize them with the same settings")
     zeros = torch.cat([unpack_cols(w.qzeros, w.bits)[:, : w.out_features] for w in ws], dim=1)
     biases = [w.bias for w in ws]
     return PackedWeight(torch.cat([w.qweight for w in ws], 1), pack_cols(zeros, a.bits),
@@ -118,8 +135,8 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
     for slot in sorted(parts):
         t = parts[slot]
         try:
-            if "qweight" in t:
-                packed.append(from_gptq(t, zero_offset(cfg), in_features))
+            if "qweight" in t or set(t) <= {"bias"}:
+                packed.append(from_gptq(t, zero_offset(cfg), in_features, q.get("group_size")))
             elif "weight" in t:
                 bits = int(q.get("thudm_bits") or (4 if t["weight"].shape[1] * 2 == in_features else 8))
                 packed.append(from_thudm(t, bits, in_features))
@@ -134,11 +151,18 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
         w.bias = linear.bias.detach()
     if w.bias is not None:
         w.bias = w.bias.float()
-    backend = backend or default_backend(device, dtype)
-    if torch.device(device).type != "cpu" and backend in ("torch",):
+    chosen = backend or default_backend(device, dtype)
+    if chosen != "torch":
+        try:
+            return make_linear(w, chosen, dtype, device)
+        except ValueError as e:  # a shape the fast kernel cannot take (e.g. groups of unequal size)
+            if backend is not None:
+                raise
+            warnings.warn(f"{mod_name}: {e}; it runs on torch's dequantizing path instead (slower)", stacklevel=2)
+    if torch.device(device).type != "cpu":
         w = PackedWeight(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
                            (w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.group_size, w.bias)))
-    return make_linear(w, backend, dtype, device)
+    return make_linear(w, "torch", dtype, device)
 
 
 def int8_head(cfg, device, dtype: torch.dtype, backend: str | None, in_features: int) -> bool:

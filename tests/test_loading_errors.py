@@ -117,3 +117,19 @@ def test_load_arguments_are_checked_up_front(tiny, monkeypatch):
     m = lowvram.load(d, max_memory={"cpu": "4GiB"}, dtype="float32")
     assert m.generate([1, 2], max_new_tokens=1, stop_token_ids=[])
     assert lowvram.load(d, device="auto", placement="cpu=0-0,cpu:1=1-1", backend="TORCH").net is not None
+
+
+def test_configs_lowvram_cannot_honour_are_refused(tiny):
+    """Rope scaling (yarn/linear), other quantization methods and non-int32 GPTQ words would load and compute
+    something else, silently: each is one line naming config.json."""
+    d = tiny("glm-4-0414")
+    cfg = json.loads((d / "config.json").read_text())
+    for extra, msg in (({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
+                       ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+                       ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq' is not supported"),
+                       ({"quantization_config": {"quant_method": "gptq", "bits": 4, "pack_dtype": "int16"}},
+                        "GPTQ packed in int16 words is not supported")):
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+        with pytest.raises(lowvram.ConfigError, match=msg) as e:
+            lowvram.load(d)
+        assert "config.json" in str(e.value) and len(str(e.value).splitlines()) == 1

@@ -27,7 +27,7 @@ def reference_dequant(qweight, qzeros, scales, g_idx, bits, v1):
 
 def random_gptq(bits, K, N, group, act_order, gen):
     per = 32 // bits
-    G = K // group
+    G = -(-K // group)  # a last, short group when `group` does not divide K (as AutoGPTQ writes it)
     q = torch.randint(0, 2**bits, (K, N), generator=gen)
     z = torch.randint(1, 2**bits - 1, (G, N), generator=gen)
     qweight = torch.zeros(K // per, N, dtype=torch.int64)
@@ -106,3 +106,27 @@ def test_column_packing_is_the_row_packing_transposed(bits):
         assert p.dtype == torch.int32 and p.shape == (r, c * bits // 32)
         assert torch.equal(p, pack_rows(z.t().contiguous(), bits).t())
         assert torch.equal(unpack_cols(p, bits), z)
+
+
+def test_groups_that_do_not_divide_the_inputs():
+    """96 inputs in groups of 64: two groups of scales, the last short. Without g_idx only the config's group_size
+    says where each input belongs (13696-input projections in groups of 256 are this case)."""
+    gen = torch.Generator().manual_seed(3)
+    qweight, qzeros, scales, g_idx = random_gptq(4, 96, 16, 64, False, gen)
+    ref = reference_dequant(qweight, qzeros, scales, g_idx, 4, True)
+    t = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
+    pw = from_gptq(t, 1, 96, group_size=64)
+    assert pw.group_size == 64 and torch.allclose(dequantize(pw), ref, atol=1e-6)
+    assert torch.allclose(dequantize(from_gptq(dict(t, g_idx=g_idx), 1, 96, group_size=64)), ref, atol=1e-6)
+    q2, z2, s2, _ = random_gptq(4, 136, 16, 64, False, gen)  # 3 groups: no even split of 136 to fall back on
+    with pytest.raises(ValueError, match="3 groups of scales for 136 inputs, which the config's group_size None"):
+        from_gptq({"qweight": q2, "qzeros": z2, "scales": s2}, 1, 136)
+
+
+def test_words_other_than_int32_and_three_bits_are_refused():
+    gen = torch.Generator().manual_seed(4)
+    qweight, qzeros, scales, _ = random_gptq(4, 64, 16, 32, False, gen)
+    with pytest.raises(ValueError, match="packed in torch.int16 words; lowvram reads GPTQ packed in int32 words"):
+        from_gptq({"qweight": qweight.view(torch.int16), "qzeros": qzeros, "scales": scales}, 1, 128)
+    with pytest.raises(ValueError, match="3-bit GPTQ, a bitstream across words, is not supported"):
+        from_gptq({"qweight": qweight[:6], "qzeros": qzeros, "scales": scales}, 1, 64)
