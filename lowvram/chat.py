@@ -70,6 +70,11 @@ def normalize(messages) -> list[dict]:
             raise ValueError(f"messages[{i}]: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
         msg = {"role": role, "content": _text(m.get("content"), f"messages[{i}]"),
                "metadata": str(m.get("metadata") or "")}
+        if m.get("tools") is not None:  # THUDM's way of giving tools: on a system message
+            if role != "system":
+                raise ValueError(f"messages[{i}]: only system messages carry tools")
+            functions_of(m["tools"])
+            msg["tools"] = list(m["tools"])
         if m.get("tool_calls"):
             if role != "assistant":
                 raise ValueError(f"messages[{i}]: only assistant messages carry tool_calls")
@@ -155,6 +160,12 @@ def render(tok, messages, add_generation_prompt: bool = True, tools=None) -> lis
     if tools:
         ids += _message(tok, "system", "", tools_system_prompt(fmt, tools))
     for m in msgs:
+        if m.get("tools") and fmt == "chatglm3":  # build_chat_input: the tools, as given, after the system text
+            tools_json = json.dumps(m["tools"], indent=4, ensure_ascii=False)
+            ids += _message(tok, "system", m["metadata"], m["content"] + "\n" + tools_json)
+            continue
+        if m.get("tools"):  # GLM-4's chat_template: the tools block where the message is, then its content
+            ids += _message(tok, "system", "", tools_system_prompt(fmt, m["tools"]))
         calls = m.get("tool_calls", [])
         # GLM-4's template skips empty messages; ChatGLM3 renders every one (but a pure call is just the call)
         if m["content"] or (fmt == "chatglm3" and not calls):
@@ -456,6 +467,9 @@ class ChatStream:
         self.tok, self.model, self.tools = tok, model, tools
         self.messages = [dict(m) for m in messages]
         self.prompt_ids = tok.apply_chat_template(self.messages, add_generation_prompt=True, tools=tools)
+        # tools given on a system message (THUDM's demos) are tools the answer may call too
+        tools = tools or [t for m in self.messages if m.get("role") == "system" for t in m.get("tools") or []] or None
+        self.tools = tools
         # max_length (THUDM habit) bounds prompt + answer; max_new_tokens the answer; both the context
         limit = min(model.ctx, max_length or model.ctx)
         room = limit - len(self.prompt_ids)
@@ -546,12 +560,14 @@ class ChatStream:
 
     @property
     def response(self):
-        """THUDM habit: the reply text, or {"name", "arguments"} for a tool call ({"error", ...} if malformed)."""
+        """THUDM habit: the reply text, or {"name", "arguments"} for a tool call ({"error", ...} if malformed);
+        ChatGLM3's original names the arguments "parameters", which is there too."""
         if self.message is None:
             return None
         if self.message.get("tool_calls"):
             fn = self.message["tool_calls"][0]["function"]
-            return {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
+            call = {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
+            return dict(call, parameters=call["arguments"]) if self.tok.chat_format == "chatglm3" else call
         if self.message.get("error"):
             return dict(self.message["error"])
         return self.message["content"] or ""

@@ -256,4 +256,31 @@ def test_tool_call_through_the_chat_api(glm4, glm3):
                      + [glm3.special_ids["<|observation|>"]])
     s = stream_chat(model, "2 的 10 次方")
     assert "".join(s) == "我来算一下。" == s.message["content"]
-    assert s.finish_reason == "tool_calls" and s.response == {"name": "interpreter", "arguments": {"code": "print(2 ** 10)"}}
+    code = {"code": "print(2 ** 10)"}  # ChatGLM3's original calls the arguments "parameters": both are there
+    assert s.finish_reason == "tool_calls" and s.response == {"name": "interpreter", "arguments": code, "parameters": code}
+
+
+def test_tools_on_a_system_message_the_thudm_way(glm4, glm3):
+    """THUDM's demos put the tools on the system message (ChatGLM3's README, GLM-4's API server) instead of
+    passing `tools=`: ChatGLM3's build_chat_input appends them, as given, to the system text; GLM-4's template
+    renders its tools block there. Either way the model sees them and its calls are parsed."""
+    from lowvram.chat import stream_chat
+
+    sys3 = {"role": "system", "content": "Answer the following questions as best as you can. You have access to the "
+            "following tools:", "tools": [WEATHER]}
+    got = glm3.apply_chat_template([sys3, {"role": "user", "content": "北京天气"}])
+    want = ([glm3.token_id("[gMASK]"), glm3.token_id("sop"), glm3.special_ids["<|system|>"]] + glm3.encode("\n")
+            + glm3.encode(sys3["content"] + "\n" + json.dumps([WEATHER], indent=4, ensure_ascii=False))
+            + [glm3.special_ids["<|user|>"]] + glm3.encode("\n") + glm3.encode("北京天气") + [glm3.special_ids["<|assistant|>"]])
+    assert got == want
+    for tok, sys_msg in ((glm4, {"role": "system", "content": None, "tools": TOOLS}), (glm3, sys3)):
+        by_arg = tok.apply_chat_template([{"role": "user", "content": "x"}], tools=TOOLS)
+        if tok is glm4:  # the same prompt as tools=
+            assert tok.apply_chat_template([sys_msg, {"role": "user", "content": "x"}]) == by_arg
+        body = 'get_weather\n{"city_name": "北京"}' if tok is glm4 else "get_weather\n```python\ntool_call(city_name='北京')\n```"
+        answer = tok.encode(body) if tok is glm4 else tok.encode("get_weather\n") + tok.encode(body.split("\n", 1)[1])
+        s = stream_chat(Scripted(tok, answer + [tok.special_ids["<|observation|>"]]), [sys_msg, {"role": "user", "content": "北京天气"}])
+        s.run()
+        assert s.finish_reason == "tool_calls" and s.response["arguments"] == {"city_name": "北京"}
+    with pytest.raises(ValueError, match=r"messages\[0\]: only system messages carry tools"):
+        glm4.apply_chat_template([{"role": "user", "content": "x", "tools": TOOLS}])
