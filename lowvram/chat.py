@@ -23,6 +23,7 @@ import json
 import re
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 
 ROUND_FORMATS = ("chatglm", "chatglm2")
@@ -149,6 +150,14 @@ def render(tok, messages, add_generation_prompt: bool = True, tools=None) -> lis
     """Prompt ids of a conversation in the tokenizer's chat format (see the module docstring)."""
     fmt = tok.chat_format
     msgs = normalize(messages)
+    if getattr(tok, "template", None):
+        try:
+            return _render_template(tok, msgs, add_generation_prompt, tools)
+        except Exception as e:  # a template using what this renderer lacks: the built-in GLM-4 format, said once
+            if not getattr(tok, "_template_warned", False):
+                warnings.warn(f"the checkpoint's chat template failed ({type(e).__name__}: {e}); using lowvram's "
+                              "GLM-4 format", stacklevel=2)
+                tok._template_warned = True
     if fmt in ROUND_FORMATS:
         if tools:
             raise ValueError(f"the {fmt} chat format has no tool calling (ChatGLM3 and GLM-4 have); "
@@ -175,6 +184,46 @@ def render(tok, messages, add_generation_prompt: bool = True, tools=None) -> lis
     if add_generation_prompt:
         ids.append(tok.token_id("<|assistant|>"))
     return ids
+
+
+def _render_template(tok, msgs: list[dict], add_generation_prompt: bool, tools) -> list[int]:
+    """The checkpoint's jinja chat template, rendered as transformers renders it (sandboxed, trimmed blocks, its
+    tojson). Tool calls go in as GLM's templates take them: an assistant turn whose metadata is the function name
+    and whose content is the JSON arguments. Special-token text inside messages becomes tokens, as there."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    turns = []
+    for m in msgs:
+        turn = {"role": m["role"], "content": m["content"]}
+        if m["metadata"]:
+            turn["metadata"] = m["metadata"]
+        if m.get("tools"):
+            turn["tools"] = m["tools"]
+        if m["content"] or not m.get("tool_calls"):
+            turns.append(turn)
+        turns += [{"role": "assistant", "metadata": name, "content": json.dumps(args, ensure_ascii=False)}
+                  for name, args in m.get("tool_calls", [])]
+    template = env.from_string(tok.template)
+    given = list(tools or [])
+    tools = given + [t for m in msgs for t in m.get("tools", [])]  # at the top too (GLM-4-0414's templates)
+    text = template.render(messages=turns, tools=tools or None, add_generation_prompt=add_generation_prompt)
+    if given and text == template.render(messages=turns, tools=None, add_generation_prompt=add_generation_prompt):
+        # a template that reads tools only from a system message (glm-4-9b-chat's): `tools=` goes there
+        turns = [{"role": "system", "content": "", "tools": given}] + turns
+        text = template.render(messages=turns, tools=tools, add_generation_prompt=add_generation_prompt)
+    return tok.encode_template(text)
 
 
 def _message(tok, role: str, metadata: str, content: str) -> list[int]:

@@ -305,6 +305,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:
             raise TokenizerError(f"{json_file}: not a readable tokenizer.json ({e})") from None
         self.chat_format = "glm4"
+        self.template: str | None = None  # the checkpoint's chat template, rendered instead of chat.py's format
         added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
         self.special_ids = {t: added[t] for t in GLM4_SPECIALS if t in added}
         for t in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>"):
@@ -331,6 +332,10 @@ class HFTokenizer(Tokenizer):
             elif piece:
                 out += self.tk.encode(piece, add_special_tokens=False).ids
         return out
+
+    def encode_template(self, text: str) -> list[int]:
+        """A rendered chat template: its special tokens are tokens (as transformers encodes it)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
 
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         ids = [i for i in ids if 0 <= i < self.vocab_size and not (skip_special_tokens and i in self._special_set)]
@@ -468,8 +473,23 @@ def load_tokenizer(path: str | Path, chat_format: str | None = None, config=None
         if gen is not None:
             eos_ids = [int(e) for e in (gen if isinstance(gen, list) else [gen])]
         tok = HFTokenizer(have["tokenizer.json"], eos_ids)
+        if chat_format is None:  # the checkpoint's own template, unless a format was asked for
+            tok.template = chat_template(directory, tok_config)
     tok.format_reason = getattr(tok, "format_reason", "tokenizer files")
     return tok
+
+
+def chat_template(directory: Path, tok_config: dict) -> str | None:
+    """A transformers-format checkpoint's own chat template (chat_template.jinja, or tokenizer_config.json's):
+    the GLM-4-0414 family's prompts differ from glm-4-9b-chat's (system messages first, empty turns kept,
+    GLM-Z1's "<think>" after the assistant token), and each model was trained on its own."""
+    f = directory / "chat_template.jinja"
+    if f.exists():
+        return f.read_text(encoding="utf-8")
+    t = tok_config.get("chat_template")
+    if isinstance(t, list):  # named templates: the default one
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t.strip() else None
 
 
 def generation_for(tok: Tokenizer, current: str) -> str:

@@ -120,3 +120,84 @@ def test_tokenizer_json_layout(tmp_path):
     assert tok.decode(ids) == "\nhi 你好"
     assert user not in tok.encode("say <|user|> please")
     assert tok.decode(tok.encode("say <|user|> please")) == "say <|user|> please"
+
+
+# A chat template in the style of GLM-4-0414's (written for this test): system messages first, tools at the top
+# through tojson, "<think>" after the assistant token, assistant metadata for tool calls.
+TEMPLATE_0414 = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# tools
+{%- for tool in tools %}
+{%- set fn = tool.function if tool.get("function") else tool %}
+
+## {{ fn.name }}
+{{ fn | tojson(indent=2, ensure_ascii=False) }}
+{%- endfor %}
+{%- endif -%}
+{%- for m in messages if m.role == 'system' %}<|system|>
+{{ m.content }}{%- endfor %}
+{%- for m in messages if m.role != 'system' %}<|{{ m.role }}|>{{ m.get('metadata', '') }}
+{{ m.content }}{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>
+<think>{% endif %}"""
+# glm-4-9b-chat's kind: tools only from a system message's own `tools`
+TEMPLATE_ITEM_TOOLS = ("[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\nT:"
+                       "{% for t in item['tools'] %}{{ t['function']['name'] }};{% endfor %}{% endif %}"
+                       "{% if item['content'] %}<|{{ item['role'] }}|>\n{{ item['content'] }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _hf_tokenizer(d, template=None):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    t = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(list(GLM4_SPECIALS))
+    d.mkdir()
+    t.save(str(d / "tokenizer.json"))
+    (d / "config.json").write_text(json.dumps({"model_type": "glm4", "eos_token_id": [256, 263, 265]}))
+    if template is not None:
+        (d / "chat_template.jinja").write_text(template)
+    return t
+
+
+def test_a_checkpoints_own_chat_template_is_used(tmp_path):
+    """transformers-format checkpoints (glm-4-9b-chat-hf, the GLM-4-0414 family) prompt as their chat template
+    says: the ids are those of the rendered text, special tokens included, as transformers encodes it."""
+    raw = _hf_tokenizer(tmp_path / "t", TEMPLATE_0414)
+    tok = load_tokenizer(tmp_path / "t")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"城市": "string"}}}]
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "天气?"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"城市": "北京"}'}}]},
+            {"role": "tool", "content": "晴"}]
+    fn = json.dumps(tools[0]["function"], indent=2, ensure_ascii=False)
+    want = ("[gMASK]<sop><|system|>\n# tools\n## get_weather\n" + fn + "<|system|>\nBe brief.<|user|>\nhi"
+            "<|assistant|>\nyo<|user|>\n天气?<|assistant|>get_weather\n{\"城市\": \"北京\"}<|observation|>\n晴"
+            "<|assistant|>\n<think>")
+    assert tok.apply_chat_template(msgs, tools=tools) == raw.encode(want, add_special_tokens=False).ids
+    # tools on a system message reach a top-level template too; a format asked for by name bypasses the template
+    sys_tools = [{"role": "system", "content": "Be brief.", "tools": tools}, {"role": "user", "content": "x"}]
+    assert tok.decode(tok.apply_chat_template(sys_tools), skip_special_tokens=False).startswith(
+        "[gMASK]<sop><|system|>\n# tools\n## get_weather")
+    assert load_tokenizer(tmp_path / "t", chat_format="glm4").template is None
+
+
+def test_tools_reach_a_template_that_reads_them_from_a_system_message(tmp_path):
+    raw = _hf_tokenizer(tmp_path / "t", TEMPLATE_ITEM_TOOLS)
+    tok = load_tokenizer(tmp_path / "t")
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    want = "[gMASK]<sop><|system|>\nT:f;<|user|>\nx<|assistant|>"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tools=tools) == raw.encode(want).ids
+
+
+def test_a_template_this_renderer_cannot_run_falls_back_with_a_warning(tmp_path):
+    _hf_tokenizer(tmp_path / "t", "{{ messages | no_such_filter }}")
+    tok = load_tokenizer(tmp_path / "t")
+    with pytest.warns(UserWarning, match="chat template failed"):
+        ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids[:3] == [tok.special_ids["[gMASK]"], tok.special_ids["<sop>"], tok.special_ids["<|user|>"]]
