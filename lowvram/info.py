@@ -10,18 +10,40 @@ from .config import load_config
 from .tokenizer import generation_of
 
 
+def _linear_inputs(cfg) -> dict[str, int]:
+    """Each quantized linear's input width by its weight's name in the file (qweight rows depend on its bits,
+    which may differ per module: an int8 head beside int4 blocks)."""
+    import torch
+
+    from .checkpoint import original_name
+    from .models.glm import GLM
+
+    with torch.device("meta"):
+        net = GLM(cfg)
+    out = {}
+    for name, p in net.named_parameters():
+        if p.dim() == 2:
+            for slot in (None, 0, 1, 2):
+                try:
+                    out[original_name(cfg.layout, name, slot)] = p.shape[1]
+                except (KeyError, ValueError, IndexError):
+                    pass
+    return out
+
+
 def describe(path) -> dict:
     cfg = load_config(path)
     ckpt = Checkpoint(path)
     names = ckpt.names()
-    params = 0
+    params, inputs = 0, None
     for n in names:
         shape = ckpt.shape(n)
         count = 1
         for s in shape:
             count *= s
-        if n.endswith("qweight"):
-            count *= 32 // int((cfg.quantization or {}).get("bits", 4))
+        if n.endswith("qweight"):  # outputs x the module's inputs
+            inputs = inputs if inputs is not None else _linear_inputs(cfg)
+            count = shape[1] * inputs.get(n.removesuffix("qweight") + "weight", shape[0] * 32 // 4)
         elif n.endswith(("qzeros", "scales", "g_idx", "weight_scale")) or n.endswith("inv_freq"):
             continue
         elif n.endswith("weight") and (cfg.quantization or {}).get("thudm_bits") == 4 and str(ckpt.dtype(n)) == "torch.int8":

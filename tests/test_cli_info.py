@@ -57,3 +57,13 @@ def test_missing_directory_and_plain_file(tmp_path, monkeypatch):
         lowvram.load(tmp_path / "nope")
     with pytest.raises(lowvram.ConfigError, match="notes.txt: a file, not a checkpoint directory"):
         lowvram.load(f)
+
+
+def test_parameters_of_a_checkpoint_with_mixed_bits(tiny, tmp_path):
+    """A 4-bit checkpoint with an 8-bit output layer counts the parameters of its float source."""
+    from lowvram.converters.quantize import quantize
+    from lowvram.info import describe
+
+    src = tiny("chatglm3-6b")
+    quantize(src, tmp_path / "q", bits=4, group_size=32, quantize_head=True, progress=False)
+    assert describe(tmp_path / "q")["parameters"] == describe(src)["parameters"]
