@@ -427,7 +427,7 @@ def parse_response(tok, ids, tools=None) -> dict:
     ended = bool(ids) and observation is not None and ids[-1] == observation
     if ids and ids[-1] in tok.stop_ids:
         ids = ids[:-1]
-    segs = [_split_meta(tok, tok.decode(s)) for s in _segments(tok, ids)]
+    segs = [_split_meta(tok, tok.decode(s, reply=True)) for s in _segments(tok, ids)]
     return assemble(tok, segs, tools, observation=ended)
 
 
@@ -447,7 +447,7 @@ class _Answer:
         self._new_segment()
 
     def _new_segment(self):
-        self.dec = self.tok.stream_decoder()
+        self.dec = self.tok.stream_decoder(reply=True)
         self.text = ""
         self.meta = None if self.role else ""  # None until the metadata line is complete
         self.sent = 0  # chars of this segment's stripped text already handed out

@@ -56,9 +56,10 @@ class StreamDecoder:
     longer change (`Tokenizer._unstable_tail`).
     """
 
-    def __init__(self, tok: "Tokenizer", skip_special_tokens: bool = True):
+    def __init__(self, tok: "Tokenizer", skip_special_tokens: bool = True, reply: bool = False):
         self.tok = tok
         self.skip = skip_special_tokens
+        self.reply = reply  # a chat answer: post-processed as decode(reply=True)
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # ids before this were released
@@ -84,11 +85,11 @@ class StreamDecoder:
 
     def _release(self, delta: str, final: bool) -> str:
         text = self.held + delta
-        keep = 0 if final else self.tok._unstable_tail(text)
+        keep = 0 if final or not self.reply else self.tok._unstable_tail(text)
         ready, self.held = (text[: len(text) - keep], text[len(text) - keep:]) if keep else (text, "")
         if not ready:
             return ""
-        out = self.tok._post(ready, before=self.last, after=self.held[:1])
+        out = self.tok._post(ready, before=self.last, after=self.held[:1]) if self.reply else ready
         self.last = ready[-1]
         return out
 
@@ -128,9 +129,12 @@ class Tokenizer:
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
         return self._encode_raw(text) if text else []
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True, reply: bool = False) -> str:
+        """reply: text of a chat answer, which the originals post-process (ChatGLM-6B's full-width punctuation
+        next to CJK, in its process_response); a raw decode, as their tokenizers' decode, is left as it is."""
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        return self._post(self._decode_raw(ids, skip_special_tokens))
+        text = self._decode_raw(ids, skip_special_tokens)
+        return self._post(text) if reply else text
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw (non-chat) prompt the way the original tokenizer frames it: prefix + text + suffix."""
@@ -142,8 +146,8 @@ class Tokenizer:
 
         return render(self, messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = True, reply: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens, reply)
 
     def token_id(self, token: str) -> int:
         if token not in self.special_ids:

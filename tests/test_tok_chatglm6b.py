@@ -75,14 +75,18 @@ def test_byte_fallback(tok, sp):
     assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
 
 
-def test_full_width_punctuation_on_decode(tok):
-    assert tok.decode(tok.encode("你好,世界!真的?是:对;")) == "你好，世界！真的？是：对；"
-    assert tok.decode(tok.encode("hello, world! a:b")) == "hello, world! a:b"  # ASCII context stays ASCII
+def test_full_width_punctuation_in_chat_replies(tok):
+    """The original converts punctuation in its chat replies (process_response), not in tokenizer.decode."""
+    assert tok.decode(tok.encode("你好,世界!真的?是:对;"), reply=True) == "你好，世界！真的？是：对；"
+    assert tok.decode(tok.encode("你好,世界!")) == "你好,世界!"  # a raw decode (lowvram generate) as it is
+    assert tok.decode(tok.encode("hello, world! a:b"), reply=True) == "hello, world! a:b"  # ASCII context stays
     # streaming sees the same text: a trailing comma waits for the next character
     ids = tok.encode("你好,世界,ok,")
-    dec = tok.stream_decoder()
+    dec = tok.stream_decoder(reply=True)
     deltas = [dec.push(i) for i in ids] + [dec.flush()]
-    assert "".join(deltas) == tok.decode(ids) == "你好，世界，ok,"
+    assert "".join(deltas) == tok.decode(ids, reply=True) == "你好，世界，ok,"
+    dec = tok.stream_decoder()
+    assert "".join([dec.push(i) for i in ids] + [dec.flush()]) == "你好,世界,ok,"
 
 
 def test_round_prompt(tok, sp):
