@@ -198,7 +198,7 @@ def bench_main(args) -> int:
     from .placement import budgets_from_arguments
 
     for flag, v, least in (("--prompt-len", args.prompt_len, 1), ("--decode-steps", args.decode_steps, 1),
-                           ("--threads", args.threads, 1), ("--roofline", args.roofline, 0)):
+                           ("--threads", args.threads, 1), ("--roofline", args.roofline, 0), ("--ctx", args.ctx, 1)):
         if v is not None and v < least:  # before the load: each would fail late or measure nothing
             raise ValueError(f"{flag} must be >= {least}, got {v}")
     r = bench(args.model, args.prompt_len, args.decode_steps, threads=args.threads, cuda_graph=args.cuda_graph, kv_int8=args.kv_int8,

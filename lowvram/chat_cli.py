@@ -59,9 +59,17 @@ def _progress(path, done: threading.Event):
         sys.stderr.flush()
 
 
+def _check_counts(args):
+    """Named as typed, before reading a prompt or the model."""
+    for flag, v, least in (("--ctx", args.ctx, 1), ("--max-new-tokens", args.max_new_tokens, 0)):
+        if v is not None and v < least:
+            raise ValueError(f"{flag} must be >= {least}, got {v}")
+
+
 def _load(args, chat_format=None):
     """Load with a progress line on a terminal; nothing on stderr when it is piped."""
     import lowvram  # imported before the progress line starts counting bytes read
+
 
     tty = sys.stderr.isatty()
     done = threading.Event()
@@ -105,6 +113,7 @@ HELP = "Type a message. `clear` starts over, `stop` or Ctrl-D exits, Ctrl-C inte
 
 
 def chat_main(args) -> int:
+    _check_counts(args)
     model = _load(args, args.chat_format)
     gen = _sampling(args)
     name = Path(args.model).resolve().name or model.config.generation
@@ -165,6 +174,7 @@ def generate_arguments(p):
 
 
 def generate_main(args) -> int:
+    _check_counts(args)
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     model = _load(args)
     tok = model.tokenizer

@@ -152,3 +152,12 @@ def test_a_full_context_is_said(example):
                               "--seed", "0"], input="hi\nstop\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert " (stopped: the context of 40 tokens is full; `clear` starts over)\n" in r.stdout
+
+
+@pytest.mark.parametrize("cmd,flag,value,least", [("generate", "--ctx", "0", 1), ("chat", "--max-new-tokens", "-1", 0),
+                                                   ("bench", "--ctx", "0", 1)])
+def test_counts_are_named_as_flags(cmd, flag, value, least, tmp_path, capsys):
+    from lowvram.cli import main
+
+    assert main([cmd, str(tmp_path / "not-loaded"), flag, value]) == 1
+    assert capsys.readouterr().err == f"lowvram: error: {flag} must be >= {least}, got {value}\n"
