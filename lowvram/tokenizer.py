@@ -114,13 +114,19 @@ class Tokenizer:
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    # ChatGLM2/3 and GLM-4 answer a question about their training date with a placeholder that their chat code
+    # (process_response) fills in
+    TRAINING_TIME = ("[[训练时间]]", "2023年")
+
     def _post(self, text: str, before: str = "", after: str = "") -> str:
-        """Text post-processing applied on decode (ChatGLM-6B punctuation); identity elsewhere."""
-        return text
+        """A chat reply's post-processing (ChatGLM-6B: punctuation, see SentencePieceTokenizer)."""
+        return text.replace(*self.TRAINING_TIME)
 
     def _unstable_tail(self, text: str) -> int:
-        """How many trailing characters `_post` may still change once more text arrives."""
-        return 0
+        """How many trailing characters `_post` may still change once more text arrives: a start of the
+        placeholder."""
+        ph = self.TRAINING_TIME[0]
+        return next((k for k in range(min(len(ph) - 1, len(text)), 0, -1) if ph.startswith(text[-k:])), 0)
 
     # public API
     def encode(self, text: str) -> list[int]:
@@ -237,7 +243,9 @@ class SentencePieceTokenizer(Tokenizer):
     _PUNCT = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
 
     def _post(self, text: str, before: str = "", after: str = "") -> str:
-        if self.chat_format != "chatglm" or not any(p in text for p in self._PUNCT):
+        if self.chat_format != "chatglm":
+            return super()._post(text, before, after)
+        if not any(p in text for p in self._PUNCT):
             return text
         s = before + text + after
         cjk = lambda c: "\u4e00" <= c <= "\u9fff"  # noqa: E731
@@ -248,7 +256,9 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(chars)[len(before): len(s) - len(after)]
 
     def _unstable_tail(self, text: str) -> int:
-        return 1 if self.chat_format == "chatglm" and text[-1:] in self._PUNCT else 0
+        if self.chat_format != "chatglm":
+            return super()._unstable_tail(text)
+        return 1 if text[-1:] in self._PUNCT else 0
 
 
 class TiktokenTokenizer(Tokenizer):

@@ -235,3 +235,14 @@ def test_bad_arguments_name_themselves(glm4):
     greedy = glm4.generate([1, 2], max_new_tokens=4, stop_token_ids=[])
     assert glm4.generate([1, 2], max_new_tokens=4, stop_token_ids=[], do_sample=True, temperature=1e-45, seed=1) == greedy
     assert len(glm4.generate([1, 2], max_new_tokens=2, stop_token_ids=[], do_sample=True, seed=2**70)) == 2
+
+
+def test_the_training_time_placeholder_is_filled_in_replies(glm4):
+    """ChatGLM2/3 and GLM-4's chat code replaces "[[训练时间]]" in answers; streamed in pieces, it still is."""
+    tok = glm4.tokenizer
+    ids = tok.encode("我的训练截止于[[训练时间]]。")
+    assert tok.decode(ids, reply=True) == "我的训练截止于2023年。" and "[[训练时间]]" in tok.decode(ids)
+    dec = tok.stream_decoder(reply=True)
+    assert "".join([dec.push(i) for i in ids] + [dec.flush()]) == "我的训练截止于2023年。"
+    dec = tok.stream_decoder(reply=True)  # a reply that stops inside a would-be placeholder keeps its text
+    assert "".join([dec.push(i) for i in tok.encode("见[[训")] + [dec.flush()]) == "见[[训"
