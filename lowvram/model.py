@@ -88,8 +88,9 @@ class Model:
         if cfg.sop_token_id not in ids:
             return None, 0
         ctx_len = ids.index(cfg.sop_token_id)
-        mask_id = cfg.gmask_token_id if cfg.gmask_token_id in ids else cfg.mask_token_id
-        mask_pos = ids.index(mask_id) if mask_id in ids else ctx_len
+        ctx = ids[:ctx_len]  # the mask token is the prompt's, before <sop>
+        mask_id = cfg.gmask_token_id if cfg.gmask_token_id in ctx else cfg.mask_token_id
+        mask_pos = ctx.index(mask_id) if mask_id in ctx else ctx_len
         return ctx_len, mask_pos
 
     def _mask(self, ids: list[int], start: int, n: int) -> torch.Tensor | None:
@@ -132,29 +133,36 @@ class Model:
         """Hidden states [n, hidden] of tokens start..start+n-1, written into the cache, in prefill chunks."""
         return self.forward_rows([ids], start, n, caches)[0]
 
-    def forward_rows(self, rows: list[list[int]], start: int, n: int, caches) -> torch.Tensor:
+    def forward_rows(self, rows: list[list[int]], start: int, n: int, caches, prompt_len: int | None = None) -> torch.Tensor:
         """[B, n, hidden] for B equal-length sequences in one pass, so a decode step reads the weights once
-        for all of them. Positions may differ per row; the attention mask must not (one mask for the batch)."""
+        for all of them. Positions may differ per row; the attention mask must not (one mask for the batch).
+        prompt_len: where the prompt ends in rows that have grown by generated tokens (ChatGLM-6B's positions
+        and mask come from the prompt alone: a generated <sop> or [gMASK] changes nothing)."""
         if n == 1 and len(rows) == 1 and self.decode_threads and torch.get_num_threads() != self.decode_threads:
             old = torch.get_num_threads()
             torch.set_num_threads(self.decode_threads)
             try:
-                return self.forward_rows(rows, start, n, caches)
+                return self.forward_rows(rows, start, n, caches, prompt_len)
             finally:
                 torch.set_num_threads(old)
         P = self.config.pre_seq_len
+        prompts = [r[:prompt_len] for r in rows] if prompt_len is not None else rows
+        # ChatGLM-6B's context before <sop> attends both ways: it goes through in one chunk, however long
+        bidir = (self._glm1_prompt(prompts[0])[0] or 0) if self.config.rope == "2d" else 0
         outs = []
-        for s in range(start, start + n, self.prefill_chunk):
-            m = min(self.prefill_chunk, start + n - s)
+        s = start
+        while s < start + n:
+            m = min(max(self.prefill_chunk, bidir - s), start + n - s)
             tok = torch.tensor([r[s : s + m] for r in rows])
-            pos = torch.cat([self.positions(r, s, m) for r in rows])
-            mask = self._mask(rows[0], s, m)
-            for r in rows[1:]:
+            pos = torch.cat([self.positions(r, s, m) for r in prompts])
+            mask = self._mask(prompts[0], s, m)
+            for r in prompts[1:]:
                 other = self._mask(r, s, m)
                 if (other is None) != (mask is None) or (mask is not None and not torch.equal(other, mask)):
                     raise ValueError("rows of a batch need the same attention mask "
                                      "(ChatGLM-6B: [gMASK] and <sop> at the same index in every prompt)")
             outs.append(self.net.hidden(tok, pos, caches, P + s, mask))
+            s += m
         return torch.cat(outs, dim=1)
 
     def _check_len(self, n: int):
@@ -264,6 +272,7 @@ class Model:
 
     def _decode(self, rows, total, caches, start, params, gens, stops, written):
         live = [True] * len(rows)
+        prompt_len = len(rows[0])
         h = self.forward_rows(rows, start, len(rows[0]) - start, caches)[:, -1:]
         written[0] = len(rows[0])
         while len(rows[0]) < total:
@@ -282,7 +291,7 @@ class Model:
             yield step
             if len(rows[0]) >= total:
                 return
-            h = self.forward_rows(rows, len(rows[0]) - 1, 1, caches)
+            h = self.forward_rows(rows, len(rows[0]) - 1, 1, caches, prompt_len)
             written[0] = len(rows[0])
 
     def generate_batch(self, prompts, max_new_tokens: int = 256, **kw) -> list[list[int]]:

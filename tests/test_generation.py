@@ -30,13 +30,34 @@ def test_cached_greedy_equals_argmax_chain(gen, extra, tiny):
     assert list(model.stream_generate(torch.tensor(ids), max_new_tokens=6, stop_token_ids=[])) == out
 
 
-def test_chunked_prefill_matches(tiny):
-    model = lowvram.load(tiny("glm-4-9b-chat"), dtype="float32")
-    ids = list(range(3, 40))
+@pytest.mark.parametrize("gen", ["glm-4-9b-chat", "chatglm-6b"])
+def test_chunked_prefill_matches(gen, tiny):
+    """Prompts longer than a chunk give the logits of one pass. ChatGLM-6B's context before <sop> attends both
+    ways, so it goes through in one chunk: chunked, its first rows had not seen the later context."""
+    model = lowvram.load(tiny(gen), dtype="float32")
+    ids = list(range(3, 40)) + ([151, 152, 9, 4] if gen == "chatglm-6b" else [])
     full = model.logits(ids)
     model.prefill_chunk = 5
     assert torch.allclose(model.logits(ids), full, atol=1e-5)
+    out = model.generate(ids, max_new_tokens=4, stop_token_ids=[])
     model.prefill_chunk = 512
+    assert model.generate(ids, max_new_tokens=4, stop_token_ids=[]) == out
+
+
+def test_chatglm6b_positions_stay_those_of_the_prompt(tiny):
+    """A generated [gMASK] or <sop> changes neither the positions nor the mask of what follows (THUDM fixes
+    them from the prompt): incremental decode equals one pass under the prompt's scheme."""
+    model = lowvram.load(tiny("chatglm-6b"), dtype="float32")
+    prompt = [9, 4, 150, 30, 152]  # [MASK] (150), then <sop>: generated positions stay at the [MASK]
+    assert model.positions(prompt + [151, 7], 6, 1).tolist() == [[[2], [3]]]  # a generated [gMASK] (151) ignored
+    plain, grown = [9, 4, 30], [9, 4, 30, 152, 5]  # no <sop> in the prompt: plain causal, a generated <sop> too
+    caches = model.new_cache(8)
+    model.forward_rows([plain], 0, 3, caches)
+    model.forward_rows([grown[:4]], 3, 1, caches, prompt_len=3)
+    step = model.forward_rows([grown], 4, 1, caches, prompt_len=3)[0, -1]
+    one_pass = model.forward_rows([grown], 0, 5, model.new_cache(8), prompt_len=3)[0, -1]
+    assert torch.allclose(step, one_pass, atol=1e-5)
+    assert model.generate(plain + [152], max_new_tokens=3, stop_token_ids=[])  # and generation runs through it
 
 
 def test_sampling_knobs(tiny):
