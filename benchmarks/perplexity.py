@@ -71,7 +71,8 @@ def main():
         for name, kw in variants:
             out = Path(d) / name.replace(" ", "_")
             t = time.time()
-            quantize(a.model, out, calib=a.calib, calib_samples=64, calib_seq_len=128, progress=False, **kw)
+            calib = dict(calib=a.calib, calib_samples=64, calib_seq_len=128) if kw.get("method") == "gptq" else {}  # RTN refuses calibration options
+            quantize(a.model, out, progress=False, **calib, **kw)
             qs = time.time() - t
             p = perplexity(lowvram.load(out, dtype="float32"), ids, a.window)
             pf = perplexity(lowvram.load(out, repack_cache=False), ids, a.window)  # a temporary checkpoint

@@ -75,5 +75,5 @@ def resolve(source) -> Path:
     how = f"; download failed ({', '.join(tried)})" if tried else ""
     raise FileNotFoundError(
         f"{source}: looked for {repo} in {_hf_cache()} and ZhipuAI/{name} in {_ms_cache()}, not found{how}; "
-        f"fetch it with `huggingface-cli download {repo}` (pip install huggingface_hub) or "
+        f"fetch it with `hf download {repo}` (pip install huggingface_hub; older versions: `huggingface-cli download`) or "
         f"`modelscope download ZhipuAI/{name}`, or pass a checkpoint directory")

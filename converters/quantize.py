@@ -515,12 +515,13 @@ def _clip_text(mse: bool) -> str:
 
 def quantize_arguments(p):
     p.add_argument("source", help="checkpoint directory or a known model name (e.g. chatglm3-6b)")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per row")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="default: 4")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="round-to-nearest (default) or GPTQ (calibrated, lower error)")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale (default: 128); -1 = one per row")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_true", default=True)
-    g.add_argument("--asym", dest="sym", action="store_false")
+    g.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric scales (default)")
+    g.add_argument("--asym", dest="sym", action="store_false", help="a zero point per group")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--mse", dest="mse", action="store_true", default=None,
                    help="search each group's clipping range for the lowest squared error (default: on for 4 bits)")
@@ -528,17 +529,17 @@ def quantize_arguments(p):
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
     p.add_argument("--calib", help="calibration text (.txt), or jsonl with a 'text' field or pre-tokenized 'input_ids'; "
                    "default: sampled from the model")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=32, help="GPTQ: calibration rows (default: 32)")
+    p.add_argument("--calib-seq-len", type=int, default=128, help="GPTQ: tokens per row (default: 128)")
     p.add_argument("--calib-model", choices=("auto", "source", "int8"), default="auto",
                    help="without --calib, what samples the calibration text: the source model when it fits in free "
                    "memory (auto), always the source, or an INT8 RTN copy of it (about half the memory)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--quantize-head", action="store_true", help="also quantize the output layer (per-channel)")
-    p.add_argument("--head-bits", type=int, choices=(4, 8), default=8)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="GPTQ: where blocks are calibrated (default: cpu)")
+    p.add_argument("--quantize-head", action="store_true", help="also quantize the output layer (by default 8-bit, one scale per row; see --head-bits, --head-group-size)")
+    p.add_argument("--head-bits", type=int, choices=(4, 8), default=8, help="bits of the quantized output layer (default: 8)")
     p.add_argument("--head-group-size", type=int, default=-1,
                    help="columns per scale of the quantized output layer; -1 = one per row (default)")
-    p.add_argument("-o", "--out", help="output directory (default: SOURCE-int{bits}-{method})")
+    p.add_argument("-o", "--out", help="output directory (default: ./NAME-int{bits}-{method} in the current directory, NAME the source's last path part)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 

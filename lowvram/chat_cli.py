@@ -175,7 +175,10 @@ def generate_arguments(p):
 
 def generate_main(args) -> int:
     _check_counts(args)
-    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    prompt = args.prompt
+    if prompt in (None, "-"):  # `echo text | lowvram generate`: echo's newline is not part of the prompt
+        prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
     model = _load(args)
     tok = model.tokenizer
     ids = tok.encode(prompt) if args.raw else tok.encode_prompt(prompt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nlowvram: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lowvram info --tensors | head`: the reader left; end quietly as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not raise again
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a path that cannot be read or written: named, without a traceback
         where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e.strerror) else ""
         print(f"lowvram: error: {where}{e.strerror or e}", file=sys.stderr)

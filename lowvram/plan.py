@@ -29,8 +29,11 @@ def model_config(model: str):
 
 def plan_arguments(p):
     p.add_argument("model", help="checkpoint directory or known model name (chatglm3-6b, glm-4-9b-chat, ...)")
-    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="16 = unquantized bf16/fp16")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=None,
+                   help="16 = unquantized bf16/fp16; default: a quantized checkpoint's own bits, else 4 "
+                   "(what `lowvram quantize` makes of it)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="default: a quantized checkpoint's own, else 128")
     p.add_argument("--ctx", type=int, default=None,
                    help="context length to reserve KV cache for (default 2048, or the model's own if shorter)")
     placement_arguments(p)
@@ -43,6 +46,11 @@ def check_arguments(args, cfg) -> None:
     that can be made."""
     if args.ctx is None:
         args.ctx = min(2048, cfg.max_length)
+    q = cfg.quantization or {}
+    if args.bits is None:
+        args.bits = int(q.get("bits") or q.get("thudm_bits") or 4)
+    if args.group_size is None:
+        args.group_size = int(q.get("group_size", 128)) if "bits" in q else (-1 if q else 128)
     if not 1 <= args.ctx <= cfg.max_length:
         raise ValueError(f"--ctx must be from 1 to the model's context of {cfg.max_length} tokens, got {args.ctx}")
     g = args.group_size
@@ -74,7 +82,8 @@ def plan_main(args) -> int:
             rss = None
     if args.json:
         extra = {"cpu_only_predicted_rss": rss.as_dict()} if rss else {}
-        print(json.dumps({"model": args.model, "generation": cfg.generation, **p.as_dict(), **extra}, indent=2))
+        print(json.dumps({"model": args.model, "generation": cfg.generation, "bits": args.bits,
+                          "group_size": args.group_size, **p.as_dict(), **extra}, indent=2))
         return 0
     print(f"{cfg.generation}: {cfg.num_layers} blocks at {args.bits}-bit, context {args.ctx}")
     print(f"{'device':10s} {'blocks':>12s} {'planned':>10s} {'budget':>10s}")

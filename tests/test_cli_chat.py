@@ -111,12 +111,12 @@ def test_ctrl_c_interrupts_the_answer_not_the_session(example):
 def test_generate_piped(example):
     prompt = "Return the number of"
     r = subprocess.run(CMD + ["generate", str(example), "--greedy", "--max-new-tokens", "16"],
-                       input=prompt, capture_output=True, text=True, timeout=120)
+                       input=prompt + "\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and r.stderr == ""  # the continuation only: no progress output when piped
     r2 = subprocess.run(CMD + ["generate", str(example), "--greedy", "--max-new-tokens", "16", "--prompt", prompt],
                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert r2.returncode == 0 and r2.stdout == r.stdout  # --prompt and stdin are the same prompt
+    assert r2.returncode == 0 and r2.stdout == r.stdout  # --prompt and stdin (echo's newline dropped) are one prompt
 
 
 def test_system_prompt_where_the_format_has_none(tiny, tmp_path):

@@ -67,3 +67,17 @@ def test_parameters_of_a_checkpoint_with_mixed_bits(tiny, tmp_path):
     src = tiny("chatglm3-6b")
     quantize(src, tmp_path / "q", bits=4, group_size=32, quantize_head=True, progress=False)
     assert describe(tmp_path / "q")["parameters"] == describe(src)["parameters"]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tiny):
+    """`lowvram info --tensors | head -1`: the reader is gone; no traceback or error line, the exit status SIGPIPE's."""
+    import os
+
+    d = tiny("chatglm3-6b")
+    r, w = os.pipe()
+    os.close(r)  # the reader left before anything was written: every write fails (EPIPE)
+    try:
+        p = subprocess.run(CMD + ["info", str(d), "--tensors"], stdout=w, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr

@@ -160,6 +160,24 @@ def test_plan_names_the_generation_as_info_does(capsys):
     assert out["generation"] == describe(d)["generation"] == "glm-4-9b-chat"
 
 
+def test_plan_takes_a_quantized_checkpoints_own_bits(tmp_path, capsys):
+    """An fp16 checkpoint plans what `lowvram quantize` makes of it (4-bit, group 128); a quantized one its own."""
+    from conftest import need_example
+    from lowvram.cli import main
+    from lowvram.converters.quantize import quantize
+
+    d = need_example()
+    assert main(["plan", str(d), "--max-memory", "cpu=8GiB", "--json"]) == 0
+    fp16 = json.loads(capsys.readouterr().out)
+    assert (fp16["bits"], fp16["group_size"]) == (4, 128)
+    q = quantize(d, tmp_path / "q8", bits=8, group_size=32, progress=False)["out"]
+    assert main(["plan", str(q), "--max-memory", "cpu=8GiB", "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert (own["bits"], own["group_size"]) == (8, 32) and own["bytes"]["cpu"] > fp16["bytes"]["cpu"]
+    assert main(["plan", str(q), "--max-memory", "cpu=8GiB", "--json", "--bits", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["bits"] == 16
+
+
 @pytest.mark.parametrize("gen", ["chatglm-6b", "chatglm3-6b", "glm-4-0414"])
 def test_split_across_targets_equals_one_device(gen, tiny):
     d = tiny(gen, num_layers=4) if gen != "glm-4-0414" else tiny(gen, num_hidden_layers=4)
