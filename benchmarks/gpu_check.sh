@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh tests     # every test that needs CUDA (kernels, graphs, GPTQ on cuda, GPU+CPU split,
 #                                          # bitsandbytes on cuda: put its wheel in benchmarks/wheels/ and carry that)
 #   bash benchmarks/gpu_check.sh decode    # issue 5: 4-bit decode of chatglm3-6b / glm-4-9b-chat shapes, +/- CUDA graphs
-#   bash benchmarks/gpu_check.sh offload   # issue 6: 6 GiB cap split/streaming, memory model at 8K under 8 GiB
+#   bash benchmarks/gpu_check.sh offload   # issue 6: 6 and 4 GiB caps, split/streaming, memory model at 8K under 8 GiB
 #   bash benchmarks/gpu_check.sh accelerate  # issue 6: the same with transformers+accelerate's bf16 offload beside it
 # Results go to $OUT (the device tool's output folder) or ./gpu-results.
 set -euo pipefail

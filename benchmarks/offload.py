@@ -1,10 +1,10 @@
 """Issue 6 on a GPU: a GLM-4-9B-shaped INT4 model under a GPU memory cap, blocks split between GPU and CPU.
 
-    python benchmarks/offload.py [--model glm-4-9b-chat] [--cap 6GiB] [--budget 8GiB --ctx 8192] [--accelerate]
+    python benchmarks/offload.py [--model glm-4-9b-chat] [--cap 6GiB,4GiB] [--budget 8GiB --ctx 8192] [--accelerate]
 
 Writes a random INT4 checkpoint with the model's real shapes (lowvram.converters.fullsize), then one
-`lowvram bench` per row: every block on the CPU, every block on the GPU, under --cap with the planner's
-split (the blocks that do not fit compute on the CPU, where their weights live), and the same cap with
+`lowvram bench` per row, each in its own process: every block on the CPU, every block on the GPU, under each
+--cap with the planner's split (the blocks that do not fit compute on the CPU, where their weights live), and the same cap with
 those blocks streamed through the GPU instead. Then the memory model against the GPU: --budget enforced
 with torch.cuda.set_per_process_memory_fraction, a --ctx-token prompt, the plan's bytes for cuda:0
 beside torch.cuda.max_memory_allocated. --accelerate adds transformers + accelerate's offload of the
@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,28 +34,47 @@ from lowvram.loading import embeddings_will_map  # noqa: E402
 from lowvram.placement import parse_size, plan  # noqa: E402
 
 
-def lowvram_rows(path: Path, cap: int, prompt: int, steps: int) -> tuple[list[dict], list[int]]:
+def bench_in_child(path: Path, prompt: int, steps: int, kw: dict) -> dict:
+    """One `bench` in its own process: its peak RSS and GPU memory are that row's alone (this process wrote the
+    checkpoint, and a process's peak RSS never goes down)."""
+    code = ("import json, sys; from lowvram.bench import bench; "
+            "r = bench(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), **json.loads(sys.argv[4])); "
+            "print('\\n' + json.dumps(r))")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(prompt), str(steps), json.dumps(kw)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"bench {kw} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def lowvram_rows(path: Path, caps: list[int], prompt: int, steps: int) -> tuple[list[dict], int, list[int]]:
+    """All CPU, all GPU, then per cap the planner's split and the same cap streamed. Returns the rows and the
+    first cap that put blocks on the CPU with those blocks (the accelerate rows reuse that split)."""
     rows = [("all CPU", dict(device="cpu"))]
-    cpu_blocks: list[int] = []
+    split_cap, split_blocks = caps[0], []
     if torch.cuda.is_available():
-        capped = dict(device="cuda", max_memory={"cuda:0": cap, "cpu": 1 << 40}, ctx=prompt + steps + 8)
-        p = plan(load_config(path), capped["max_memory"], capped["ctx"], 4, 128,
-                 mapped_embeddings=embeddings_will_map(path))
-        cpu_blocks = p.blocks.get("cpu", [])
-        rows += [("all GPU", dict(device="cuda")),
-                 (f"cap {cap / 2**30:.1f} GiB: {len(cpu_blocks)} blocks on the CPU", capped),
-                 (f"cap {cap / 2**30:.1f} GiB, streamed", dict(capped, stream=True))]
+        rows.append(("all GPU", dict(device="cuda")))
+        for cap in caps:
+            capped = dict(device="cuda", max_memory={"cuda:0": cap, "cpu": 1 << 40}, ctx=prompt + steps + 8)
+            p = plan(load_config(path), capped["max_memory"], capped["ctx"], 4, 128,
+                     mapped_embeddings=embeddings_will_map(path))
+            cpu_blocks = p.blocks.get("cpu", [])
+            if not cpu_blocks:  # the cap rows would repeat "all GPU"
+                print(f"cap {cap / 2**30:.1f} GiB: every block fits on the GPU at {capped['ctx']} tokens "
+                      f"({p.bytes['cuda:0'] / 2**30:.2f} GiB planned); no split to measure")
+                continue
+            if not split_blocks:
+                split_cap, split_blocks = cap, cpu_blocks
+            rows += [(f"cap {cap / 2**30:.1f} GiB: {len(cpu_blocks)} blocks on the CPU", capped),
+                     (f"cap {cap / 2**30:.1f} GiB, streamed", dict(capped, stream=True))]
     out = []
     for label, kw in rows:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        r = bench(path, prompt, steps, **kw)
+        r = bench_in_child(path, prompt, steps, kw)
         r["row"] = label
         out.append(r)
         print(f"| lowvram | {label} | {r['decode_ms_median']:.1f} | {r['prefill_tok_s']:.1f} | "
-              f"{r.get('peak_cuda_bytes', 0) / 2**30:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} |", flush=True)
-    return out, cpu_blocks
+              f"{(r.get('peak_cuda_bytes') or 0) / 2**30:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} |", flush=True)
+    return out, split_cap, split_blocks
 
 
 def memory_check(path: Path, budget: int, ctx: int) -> dict:
@@ -124,7 +144,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="glm-4-9b-chat")
     ap.add_argument("--layers", type=int, help="fewer blocks than the real model (same shapes): a quick check")
-    ap.add_argument("--cap", default="6GiB", help="GPU memory for the split rows")
+    ap.add_argument("--cap", default="6GiB,4GiB", help="GPU memory caps for the split rows, comma-separated "
+                    "(GLM-4-9B INT4 fits 6 GiB whole at a 536-token context; 4 GiB splits it)")
     ap.add_argument("--budget", default="8GiB", help="GPU memory for the memory-model check")
     ap.add_argument("--ctx", type=int, default=8192, help="context of the memory-model check")
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -144,9 +165,9 @@ def main():
               f"{a.prompt_len}-token prompt, {a.decode_steps} decode steps")
         print("| runtime | placement | decode ms/token | prefill tok/s | peak GPU GiB | peak RSS GiB |")
         print("| --- | --- | --- | --- | --- | --- |")
-        cap = parse_size(a.cap)
+        caps = [parse_size(c) for c in a.cap.split(",")]
         res = {"gpu": gpu}
-        res["lowvram"], cpu_blocks = lowvram_rows(path, cap, a.prompt_len, a.decode_steps)
+        res["lowvram"], cap, cpu_blocks = lowvram_rows(path, caps, a.prompt_len, a.decode_steps)
         if a.accelerate:
             res["accelerate"] = accelerate_rows(a.model, a.layers, d, cap, cpu_blocks, a.prompt_len, a.decode_steps,
                                                 "cuda" if torch.cuda.is_available() else "cpu")
