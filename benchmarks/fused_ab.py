@@ -22,6 +22,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=40)
     a = ap.parse_args()
     m = lowvram.load(a.checkpoint, tokenizer=False)
+    if not any(type(x).__module__ == "lowvram.kernels.native" for x in m.net.modules()):
+        raise SystemExit(f"{a.checkpoint}: no linear runs on the native kernel (unquantized, or another backend), "
+                         "so a block is never one call and both paths would be the same")
     ids = list(range(100, 164))
     caches = m.new_cache(len(ids) + 2 * a.rounds + 1)
     res = {True: [], False: []}
