@@ -99,19 +99,8 @@ def test_bad_rank_file(tmp_path):
 
 def test_tokenizer_json_layout(tmp_path):
     """glm / glm4 (transformers-native) checkpoints: tokenizer.json via the `tokenizers` package."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers
-
-    # a byte-level BPE with no merges (256 byte symbols) plus the GLM-4 specials as added tokens
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    t = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    t.add_special_tokens(list(GLM4_SPECIALS))
     d = tmp_path / "hf"
-    d.mkdir()
-    t.save(str(d / "tokenizer.json"))
-    (d / "config.json").write_text(json.dumps({"model_type": "glm", "eos_token_id": [256, 263, 265]}))
+    _hf_tokenizer(d, model_type="glm")  # a byte-level BPE with no merges plus the GLM-4 specials as added tokens
     tok = load_tokenizer(d)
     assert tok.chat_format == "glm4" and tok.stop_ids == [256, 263, 265]
     user, asst = tok.special_ids["<|user|>"], tok.special_ids["<|assistant|>"]
@@ -148,7 +137,7 @@ TEMPLATE_ITEM_TOOLS = ("[gMASK]<sop>{% for item in messages %}{% if item['tools'
                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _hf_tokenizer(d, template=None):
+def _hf_tokenizer(d, template=None, model_type="glm4"):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -159,7 +148,7 @@ def _hf_tokenizer(d, template=None):
     t.add_special_tokens(list(GLM4_SPECIALS))
     d.mkdir()
     t.save(str(d / "tokenizer.json"))
-    (d / "config.json").write_text(json.dumps({"model_type": "glm4", "eos_token_id": [256, 263, 265]}))
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "eos_token_id": [256, 263, 265]}))
     if template is not None:
         (d / "chat_template.jinja").write_text(template)
     return t
