@@ -18,32 +18,61 @@ def available() -> str | None:
     return None
 
 
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def tinygemm_group(w: PackedWeight) -> int | None:
+    """The group size torch's int4pack kernels (tinygemm on CUDA, its MPS twin) run this 4-bit weight with,
+    or None where they cannot. They take K in whole 128-column tiles (8 inner k-tiles of 16), N in rows of
+    8, and groups of 32..256 columns of equal size; a per-row scale (group -1, THUDM's int4) is the same
+    scale repeated over groups of 128, which is exact."""
+    k, n = w.in_features, w.out_features
+    if w.bits != 4 or k % 128 or n % 8:
+        return None
+    counts = torch.bincount(w.group_index())
+    if not bool((counts == counts[0]).all()):  # act-order files whose groups differ in size
+        return None
+    g = int(counts[0])
+    if g == k:
+        return 128
+    return g if g in TINYGEMM_GROUPS and k % g == 0 else None
+
+
 def use_tinygemm(w: PackedWeight, capability: tuple[int, int]) -> bool:
-    return w.bits == 4 and capability >= (8, 0) and w.group_size in (32, 64, 128, 256) and w.in_features % 1024 == 0
+    return capability >= (8, 0) and tinygemm_group(w) is not None
 
 
-def tinygemm_pack(w: PackedWeight, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(packed int4 weight, scales_and_zeros [K/g, N, 2] bf16, input permutation or None)."""
+def tinygemm_operands(w: PackedWeight, group: int, sz_dtype: torch.dtype):
+    """(uint8 [N, K/2] with the even column in the high nibble, scales_and_zeros [K/group, N, 2], input
+    permutation or None): the kernel computes (q - 8) * scale + zero, so zero = scale * (8 - z) gives GPTQ's
+    scale * (q - z). Built on the CPU; scales and zeros go straight from fp32 to the activation dtype."""
     q = unpack_rows(w.qweight, 4)
     z = unpack_cols(w.qzeros, 4)[:, : w.out_features]
     g = w.group_index()
     perm = torch.argsort(g, stable=True) if w.has_act_order() else None
     if perm is not None:
         q, g = q[perm], g[perm]
-    blk = g[torch.arange(w.in_features // w.group_size) * w.group_size]
+    blk = g[torch.arange(w.in_features // group) * group]  # the checkpoint's group of each kernel group
     s = w.scales.float()[blk]
-    sz = torch.stack([s, s * (8 - z[blk].float())], dim=-1).to(torch.bfloat16)
+    sz = torch.stack([s, s * (8 - z[blk].float())], dim=-1).to(sz_dtype).contiguous()
     qt = q.t().contiguous()  # [N, K]
-    u8 = (qt[:, 0::2] << 4 | qt[:, 1::2]).to(torch.uint8).to(device)  # tinygemm: even column in the high nibble
-    packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
-    return packed, sz.to(device).contiguous(), None if perm is None else perm.to(device)
+    u8 = (qt[:, 0::2] << 4 | qt[:, 1::2]).to(torch.uint8)
+    return u8, sz, perm
+
+
+def tinygemm_pack(w: PackedWeight, device, sz_dtype: torch.dtype = torch.bfloat16):
+    """(packed int4 weight, scales_and_zeros, input permutation or None, group) on `device`."""
+    group = tinygemm_group(w)
+    u8, sz, perm = tinygemm_operands(w, group, sz_dtype)
+    packed = torch.ops.aten._convert_weight_to_int4pack(u8.to(device), 8)
+    return packed, sz.to(device), None if perm is None else perm.to(device), group
 
 
 class TinyGemmLinear(nn.Module):
     def __init__(self, w: PackedWeight, dtype, device):
         super().__init__()
-        self.out_features, self.group, self.dtype = w.out_features, w.group_size, dtype
-        self.packed, self.sz, self.perm = tinygemm_pack(w, device)
+        self.out_features, self.dtype = w.out_features, dtype
+        self.packed, self.sz, self.perm, self.group = tinygemm_pack(w, device)  # tinygemm: bf16 only
         self.bias = None if w.bias is None else w.bias.to(device, dtype)
 
     def forward(self, x):
@@ -134,6 +163,11 @@ class GraphedStep:
 
     def __init__(self, fn, *inputs, warmup: int = 2):
         self.inputs = inputs
+        self.device = inputs[0].device  # streams and the capture belong to the model's GPU, not the current one
+        with torch.cuda.device(self.device):
+            self._capture(fn, inputs, warmup)
+
+    def _capture(self, fn, inputs, warmup):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # allocations made while warming up must not land in the graph's pool
@@ -145,7 +179,8 @@ class GraphedStep:
             self.out = fn(*inputs)
 
     def __call__(self, *values):
-        for buf, v in zip(self.inputs, values):
-            buf.copy_(v, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            for buf, v in zip(self.inputs, values):
+                buf.copy_(v, non_blocking=True)
+            self.graph.replay()
         return self.out

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import PackedWeight
-from .cuda import DequantLinear, Int8Linear, tinygemm_pack
+from .cuda import DequantLinear, Int8Linear, tinygemm_group, tinygemm_pack
 
 
 def available() -> str | None:
@@ -22,8 +22,10 @@ def available() -> str | None:
 class MpsInt4Linear(nn.Module):
     def __init__(self, w: PackedWeight, dtype):
         super().__init__()
-        self.out_features, self.group, self.dtype = w.out_features, w.group_size, dtype
-        self.packed, self.sz, self.perm = tinygemm_pack(w, "mps")
+        self.out_features, self.dtype = w.out_features, dtype
+        # the Metal kernel reads scales and zeros in the activation dtype: made from fp32 directly (through
+        # bf16 they lost ~5x more precision)
+        self.packed, self.sz, self.perm, self.group = tinygemm_pack(w, "mps", dtype)
         self.bias = None if w.bias is None else w.bias.to("mps", dtype)
 
     def forward(self, x):
@@ -31,7 +33,7 @@ class MpsInt4Linear(nn.Module):
         a = x.reshape(-1, shape[-1])
         if self.perm is not None:
             a = a[:, self.perm]
-        y = torch.ops.aten._weight_int4pack_mm(a.to(self.dtype).contiguous(), self.packed, self.group, self.sz.to(self.dtype))
+        y = torch.ops.aten._weight_int4pack_mm(a.to(self.dtype).contiguous(), self.packed, self.group, self.sz)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -39,7 +41,7 @@ class MpsInt4Linear(nn.Module):
 
 def kind(w: PackedWeight) -> str:
     """Which kernel a weight gets: torch's MPS int4pack, int8 weight-only, or dequantize per call."""
-    if w.bits == 4 and w.group_size in (32, 64, 128, 256) and w.in_features % w.group_size == 0:
+    if tinygemm_group(w) is not None:
         return "int4"
     counts = torch.bincount(w.group_index())
     if w.bits == 8 and bool((counts == counts[0]).all()):

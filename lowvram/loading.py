@@ -30,7 +30,9 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
         return DTYPES[dtype]
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 in hardware from Ampere (sm 8.0) on; is_bf16_supported() also says yes for Turing/Pascal, where it is
+        # emulated (slow), and asks the current device rather than this one
+        return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device)) >= (8, 0) else torch.float16
     if kind == "mps":
         return torch.float16
     return torch.bfloat16

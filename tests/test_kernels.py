@@ -209,6 +209,20 @@ def test_cuda_dispatch_and_packing_on_cpu():
     assert torch.allclose(y, x @ dequantize(w).t(), atol=1e-4)
 
 
+def test_cuda_default_dtype_follows_the_cards_generation(monkeypatch):
+    """bf16 where the GPU has it in hardware (Ampere and newer), fp16 on Turing/Pascal laptops, where
+    torch.cuda.is_bf16_supported() also says yes (emulated); asked of the model's GPU, not the current one."""
+    from lowvram.loading import resolve_dtype
+
+    asked = []
+    caps = {0: (8, 6), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or caps[d.index or 0])
+    assert resolve_dtype(None, "cuda:0") == torch.bfloat16
+    assert resolve_dtype(None, "cuda:1") == torch.float16
+    assert [d.index for d in asked] == [0, 1]
+    assert resolve_dtype("bfloat16", "cuda:1") == torch.bfloat16  # asked for: given
+
+
 @pytest.mark.parametrize("backend", ["native", "ort", "cpu"])
 def test_model_through_fast_backends(backend, tiny, tmp_path):
     _need(backend)
@@ -342,19 +356,47 @@ def test_mps_dispatch_on_cpu():
     assert mps.kind(odd) == "dequant"
 
 
-def test_tinygemm_packing_round_trip_on_cpu():
-    """tinygemm's input (high nibble = even column, w = (q-8)*s + z) reproduces the weight, act-order included."""
+def _tinygemm_weight(u8, sz, group):
+    """What tinygemm (and torch's MPS int4 kernel) computes from its operands, written from the format:
+    W[n, k] = (nibble - 8) * scale[k // group, n] + zero[k // group, n], the even column in the high nibble."""
+    n = u8.shape[0]
+    q = torch.stack([(u8 >> 4).int(), (u8 & 15).int()], -1).view(n, -1)
+    s, z = sz[..., 0].float(), sz[..., 1].float()  # [K/group, N]
+    return (q - 8).float() * s.repeat_interleave(group, 0).t() + z.repeat_interleave(group, 0).t()
+
+
+@pytest.mark.parametrize("k,group,act_order", [(256, 64, True), (256, 32, False), (13696, 128, False),
+                                               (512, 512, False), (384, 128, True)])
+def test_tinygemm_operands_reproduce_the_weight(k, group, act_order):
+    """tinygemm's operands as the CUDA and MPS backends build them give back the checkpoint's weight: act-order,
+    GLM's 13696-wide down projection (107 groups of 128), a per-row scale (THUDM int4, group -1) spread over
+    groups of 128."""
+    w = random_packed(64, k, 4, group, act_order, False, seed=k)
+    g = kcuda.tinygemm_group(w)
+    assert g == (128 if group == k else group)
+    u8, sz, perm = kcuda.tinygemm_operands(w, g, torch.float32)
+    ref = dequantize(w)
+    if perm is not None:
+        ref = ref[:, perm]
+    assert sz.shape == (k // g, 64, 2)
+    assert torch.allclose(_tinygemm_weight(u8, sz, g), ref, atol=1e-5)
+    # MPS builds scales and zeros in fp16 straight from fp32; through bf16 they were ~8x less precise
+    err16 = (_tinygemm_weight(*kcuda.tinygemm_operands(w, g, torch.float16)[:2], g) - ref).abs().max()
+    errbf = (_tinygemm_weight(*kcuda.tinygemm_operands(w, g, torch.bfloat16)[:2], g) - ref).abs().max()
+    assert err16 < errbf / 2, (err16, errbf)
+
+
+def test_tinygemm_refuses_what_it_cannot_run():
+    """Shapes torch's int4pack kernels do not take go to the int8 or dequantize paths instead of failing there."""
+    assert kcuda.tinygemm_group(random_packed(64, 13696, 4, 256, False, False, seed=1)) is None  # 53.5 groups
+    assert kcuda.tinygemm_group(random_packed(64, 192, 4, 64, False, False)) is None  # K not whole 128-tiles
+    assert kcuda.tinygemm_group(random_packed(64, 256, 8, 64, False, False)) is None  # 8 bits
     w = random_packed(64, 256, 4, 64, True, False)
-    q = kcuda.unpack_rows(w.qweight, 4)
-    perm = torch.argsort(w.group_index(), stable=True)
-    u8 = (q[perm].t()[:, 0::2] << 4 | q[perm].t()[:, 1::2]).to(torch.uint8)
-    hi, lo = (u8 >> 4).int(), (u8 & 15).int()
-    qn = torch.stack([hi, lo], -1).view(64, 256)  # [N, K] in permuted column order
-    z = kcuda.unpack_cols(w.qzeros, 4)[:, :64]
-    g = w.group_index()[perm]
-    s = w.scales.float()
-    wt = (qn - 8).float() * s[g].t() + (s * (8 - z).float())[g].t()
-    assert torch.allclose(wt, dequantize(w)[:, perm], atol=1e-5)
+    w.g_idx = torch.cat([torch.zeros(96), torch.ones(32), torch.full((128,), 2), torch.full((0,), 3)]).int()
+    assert kcuda.tinygemm_group(w) is None  # act-order groups of unequal size
+    from lowvram.kernels import mps
+
+    assert mps.kind(w) == "dequant"
 
 
 def _greedy_tensor_slot(m, ids, steps):
