@@ -32,8 +32,13 @@ def graphed_step(model, caches, next_slot: int):
     Capturing runs the step on placeholder input, which writes cache slot `next_slot`: the first real
     step overwrites it."""
     from lowvram.kernels.cuda import GraphedStep
+    from lowvram.streaming import StreamedBlock
 
     net, dev = model.net, model.net.layer_device(0)
+    if any(isinstance(b, StreamedBlock) for b in net.layers):  # its copies and events live outside a graph
+        raise ValueError("--cuda-graph needs every block resident on the GPU (not --stream)")
+    if any(type(m).__module__.endswith("kernels.bnb") for m in net.modules()):  # LLM.int8 syncs with the host
+        raise ValueError("--cuda-graph does not capture the bnb backend; use the cuda backend")
     if any(net.layer_device(i) != dev for i in range(len(net.layers))) or dev.type != "cuda":
         raise ValueError("--cuda-graph needs the whole model on one CUDA device")
     if model.kv_int8:

@@ -116,8 +116,19 @@ class Plan:
                 "notes": self.notes}
 
 
+def head_bits_at_load(cfg: GLMConfig, bits: int | None, device: str) -> int | None:
+    """What the output layer is in memory on `device` (None: float): a head the checkpoint quantized keeps its
+    bits; otherwise a quantized model's float head becomes int8 per row on the CPU (quantized.int8_head) and
+    stays float on a GPU or Mac, as does an unquantized model's."""
+    q = cfg.quantization or {}
+    for key, over in (q.get("dynamic") or {}).items():
+        if key.startswith("+:") and ("output_layer" in key or "lm_head" in key):
+            return int(over.get("bits", q.get("bits", 8)))
+    return 8 if bits is not None and _kind(device) == "cpu" else None
+
+
 def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | None = 4, group: int = 128,
-         head_bits: int | None = 8, dtype: str = "bfloat16", kv_dtype: str | None = None,
+         head_bits: int | None | str = "auto", dtype: str = "bfloat16", kv_dtype: str | None = None,
          bandwidth: dict[str, float] | None = None, vision_bytes: int = 0, mapped_embeddings: bool = False,
          stream: bool = False) -> Plan:
     """Contiguous block ranges per device; a ValueError says how much is missing and what would help.
@@ -128,8 +139,10 @@ def plan(cfg: GLMConfig, budgets: dict[str, int], ctx: int = 2048, bits: int | N
     stream: blocks that do not fit on the first accelerator keep their weights in CPU memory and are copied to
     it for each forward (streaming.py) instead of computing on the CPU: faster prompts, about the same decode.
     The accelerator then holds their KV caches and room to stage two blocks (the running one, the next)."""
-    fp = footprint(cfg, bits, group, head_bits, dtype, kv_dtype)
     order = sorted(budgets, key=lambda d: (_kind(d) == "cpu", d))  # accelerators first, CPU last
+    if head_bits == "auto":
+        head_bits = head_bits_at_load(cfg, bits, order[0])
+    fp = footprint(cfg, bits, group, head_bits, dtype, kv_dtype)
     free = {d: budgets[d] - RUNTIME_OVERHEAD.get(_kind(d), 0) for d in order}
     used = {d: 0 for d in order}
     if "cpu" not in free and not any(_kind(d) == "cpu" for d in order):

@@ -17,8 +17,9 @@ from torch import nn
 
 from .kernels import PackedWeight
 
-# Backends that hand raw pointers of their weights to native code: their tensors cannot be swapped.
-_POINTER_BACKENDS = ("kernels.native", "kernels.ort")
+# Backends whose weights cannot be swapped: native code holds raw pointers to them (native, ort), or the
+# tensors carry state a plain copy drops (bitsandbytes' Params4bit/Int8Params and their quant_state).
+_POINTER_BACKENDS = ("kernels.native", "kernels.ort", "kernels.bnb")
 
 
 def tensor_slots(module: nn.Module) -> list[tuple[object, str]]:
@@ -27,8 +28,8 @@ def tensor_slots(module: nn.Module) -> list[tuple[object, str]]:
     slots: list[tuple[object, str]] = []
     for m in module.modules():
         if type(m).__module__.endswith(_POINTER_BACKENDS):
-            raise ValueError(f"cannot stream a block computed by {type(m).__module__} (it holds raw pointers); "
-                             "streamed blocks run on a GPU backend")
+            raise ValueError(f"cannot stream a block computed by {type(m).__module__} (its weights cannot be "
+                             "copied in and out); streamed blocks run on the cuda backend")
         for d in (m._parameters, m._buffers):
             slots += [(d, k) for k, v in d.items() if v is not None]
         for k, v in vars(m).items():
@@ -82,7 +83,9 @@ class StreamedBlock(nn.Module):
         if self._staged is not None:
             return
         if self.device.type == "cuda":
-            side = _side_streams.setdefault(self.device, torch.cuda.Stream(self.device))
+            if self.device not in _side_streams:  # one copy stream per GPU, made once
+                _side_streams[self.device] = torch.cuda.Stream(self.device)
+            side = _side_streams[self.device]
             with torch.cuda.stream(side):
                 self._staged = [t.to(self.device, non_blocking=True) for t in self.host]
                 self._event = torch.cuda.Event()

@@ -1,6 +1,7 @@
 """Memory model, planner, `lowvram plan`, and execution split across placement targets."""
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
@@ -88,9 +89,9 @@ def test_needs_cpu_offload():
 
 
 def test_mapped_embeddings_do_not_count_against_the_cpu():
-    """GLM-4-9B INT4 on a 2 GiB GPU + 4 GiB of CPU: the 1.16 GiB fp16 table is looked up in the file,
+    """GLM-4-9B INT4 on a 2.5 GiB GPU + 4 GiB of CPU: the 1.16 GiB fp16 table is looked up in the file,
     so the CPU budget holds blocks instead; ChatGLM-6B's tied head reads the whole table, so it stays resident."""
-    budgets = {"cuda:0": 2 * GiB, "cpu": 4 * GiB}
+    budgets = {"cuda:0": 5 * GiB // 2, "cpu": 4 * GiB}
     with pytest.raises(ValueError, match="does not fit"):
         plan(cfg("glm-4-9b-chat"), budgets, ctx=2048)
     p = plan(cfg("glm-4-9b-chat"), budgets, ctx=2048, mapped_embeddings=True)
@@ -99,6 +100,24 @@ def test_mapped_embeddings_do_not_count_against_the_cpu():
     a = plan(tied, {"cpu": 16 * GiB}, ctx=2048)
     b = plan(tied, {"cpu": 16 * GiB}, ctx=2048, mapped_embeddings=True)
     assert a.bytes == b.bytes and not b.notes
+
+
+def test_the_output_layer_as_each_device_holds_it():
+    """A quantized checkpoint's float head becomes int8 at load on the CPU only; on a GPU it stays bf16 (twice the
+    bytes), unless the checkpoint quantized it (--quantize-head), which the plan then reads from its config."""
+    from lowvram.memory import footprint
+    from lowvram.placement import head_bits_at_load
+
+    c = cfg("glm-4-9b-chat")
+    gpu, cpu = {"cuda:0": 16 * GiB, "cpu": 16 * GiB}, {"cpu": 32 * GiB}
+    head_bf16, head_int8 = footprint(c, 4, 128, None).output, footprint(c, 4, 128, 8).output
+    assert head_bf16 == 2 * c.vocab_size * c.hidden_size and head_int8 < head_bf16 * 0.51
+    assert (plan(c, gpu, ctx=2048).bytes["cuda:0"] - plan(c, gpu, ctx=2048, head_bits=8).bytes["cuda:0"]
+            == head_bf16 - head_int8)
+    assert plan(c, cpu, ctx=2048).bytes == plan(c, cpu, ctx=2048, head_bits=8).bytes
+    assert head_bits_at_load(c, None, "cpu") is None  # an unquantized model keeps its float head everywhere
+    c.quantization = {"bits": 4, "group_size": 128, "dynamic": {r"+:transformer\.output_layer": {"bits": 8}}}
+    assert head_bits_at_load(c, 4, "cuda:0") == 8 and head_bits_at_load(c, 4, "mps") == 8
 
 
 def test_needs_two_gpus():
@@ -257,6 +276,16 @@ def test_streamed_blocks_compute_what_resident_ones_do(quantized, tiny, tmp_path
     if quantized and lowvram.kernels.native.fast():  # bf16 on the CPU: the native kernel holds raw pointers
         with pytest.raises(ValueError, match="cannot stream a block computed by .*native"):
             lowvram.load(src, placement="cpu=0-0,stream:cpu=1-1")
+    if quantized:
+        from lowvram.bench import graphed_step
+
+        with pytest.raises(ValueError, match=r"--cuda-graph needs every block resident on the GPU \(not --stream\)"):
+            graphed_step(m, m.new_cache(8), 0)  # a streamed block's copies and events cannot be captured
+        if importlib.util.find_spec("bitsandbytes"):  # Params4bit lose their quant_state when copied out and in
+            with pytest.raises(ValueError, match="cannot stream a block computed by .*bnb"):
+                lowvram.load(src, backend="bnb", dtype="bfloat16", placement="cpu=0-0,stream:cpu=1-1")
+            with pytest.raises(ValueError, match="--cuda-graph does not capture the bnb backend"):
+                graphed_step(lowvram.load(src, backend="bnb", dtype="bfloat16"), None, 0)
 
 
 def test_chat_and_bench_take_the_planner_flags(tiny):
