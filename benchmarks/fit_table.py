@@ -10,8 +10,9 @@ from lowvram.placement import plan
 GiB = 1 << 30
 MODELS = ["chatglm-6b", "chatglm3-6b", "glm-4-9b-chat", "glm-4-9b-chat-1m", "glm-4v-9b"]
 TARGETS = [("6 GB GPU", {"cuda:0": 6 * GiB, "cpu": 16 * GiB}), ("8 GB GPU", {"cuda:0": 8 * GiB, "cpu": 16 * GiB}),
-           # macOS lets the GPU use about two thirds of unified memory
-           ("16 GB Mac", {"mps": int(16 * GiB * 2 / 3), "cpu": 16 * GiB // 3})]
+           # macOS lets the GPU use about two thirds of unified memory; GPU and CPU together about 3/4 of it
+           # (placement.unified_cpu_share)
+           ("16 GB Mac", {"mps": int(16 * GiB * 2 / 3), "cpu": 16 * GiB * 3 // 4 - int(16 * GiB * 2 / 3)})]
 
 
 def vision_bytes(cfg) -> int:

@@ -54,6 +54,13 @@ class PackedWeight:
         plain = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
         return not torch.equal(self.g_idx.long(), plain)
 
+    def cols(self, n0: int, n1: int) -> "PackedWeight":
+        """Outputs n0..n1 only (n0 and n1 multiples of 32 / bits, where the packed zeros' words begin)."""
+        per = 32 // self.bits
+        assert n0 % per == 0 and (n1 % per == 0 or n1 == self.out_features)
+        return PackedWeight(self.qweight[:, n0:n1], self.qzeros[:, n0 // per : -(-n1 // per)], self.scales[:, n0:n1],
+                            self.g_idx, self.bits, self.group_size, None if self.bias is None else self.bias[n0:n1])
+
     def nbytes(self) -> int:
         ts = [self.qweight, self.qzeros, self.scales, self.g_idx, self.bias]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)

@@ -87,8 +87,13 @@ class TinyGemmLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+DEQUANT_CHUNK = 1 << 24  # weights dequantized at a time: ~0.4 GB of temporaries, not ~2.7 GB for 27392 x 4096
+
+
 class DequantLinear(nn.Module):
-    """Keeps the GPTQ packing on the GPU and dequantizes per call: correct everywhere, memory stays 4/8-bit."""
+    """Keeps the GPTQ packing on the GPU and dequantizes per call: correct everywhere, memory stays 4/8-bit.
+    Dequantizes a slice of outputs at a time: the whole matrix's int32/fp32 temporaries would take ~24 bytes per
+    weight, gigabytes on a card that holds the model in a few."""
 
     def __init__(self, w: PackedWeight, dtype, device):
         super().__init__()
@@ -98,7 +103,13 @@ class DequantLinear(nn.Module):
                               None if w.bias is None else w.bias.to(device, dtype))
 
     def forward(self, x):
-        return nn.functional.linear(x.to(self.dtype), dequantize(self.w, self.dtype), self.w.bias)
+        x, w = x.to(self.dtype), self.w
+        per = 32 // w.bits
+        step = max(per, DEQUANT_CHUNK // w.in_features // per * per)
+        if step >= w.out_features:
+            return nn.functional.linear(x, dequantize(w, self.dtype), w.bias)
+        parts = [w.cols(n0, min(n0 + step, w.out_features)) for n0 in range(0, w.out_features, step)]
+        return torch.cat([nn.functional.linear(x, dequantize(p, self.dtype), p.bias) for p in parts], dim=-1)
 
 
 class Int8Linear(nn.Module):
@@ -136,10 +147,15 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(a.contiguous(), self.q, self.s.view(-1)).to(self.dtype)
             if self.bias is not None:
                 y = y + self.bias
-        else:
+        else:  # a slice of outputs at a time, as DequantLinear
             n, k = self.q.shape
-            wd = (self.q.view(n, -1, self.group).to(self.dtype) * self.s - self.zs).view(n, k)
-            y = nn.functional.linear(a, wd, self.bias)
+            step = max(1, DEQUANT_CHUNK // k)
+            ys = []
+            for r in range(0, n, step):
+                q, sc, zs = self.q[r : r + step], self.s[r : r + step], self.zs[r : r + step]
+                wd = (q.view(len(q), -1, self.group).to(self.dtype) * sc - zs).view(len(q), k)
+                ys.append(nn.functional.linear(a, wd, None if self.bias is None else self.bias[r : r + step]))
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         return y.view(*shape[:-1], self.out_features)
 
 

@@ -84,7 +84,18 @@ def detect_budgets() -> dict[str, int]:
         import os
 
         out["cpu"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    if "mps" in out:
+        out["cpu"] = unified_cpu_share(out["mps"], out["cpu"])
     return out
+
+
+def unified_cpu_share(gpu_share: int, cpu_free: int) -> int:
+    """On a Mac the GPU's share and the CPU's come out of one RAM: counted apart, a plan could commit more than
+    the machine has. Together they get at most 3/4 of it (the system and other apps keep the rest)."""
+    import os
+
+    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(0, min(cpu_free, phys * 3 // 4 - gpu_share))
 
 
 def _kind(dev: str) -> str:

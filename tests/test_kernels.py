@@ -209,6 +209,19 @@ def test_cuda_dispatch_and_packing_on_cpu():
     assert torch.allclose(y, x @ dequantize(w).t(), atol=1e-4)
 
 
+
+@pytest.mark.parametrize("bits,act_order", [(4, True), (8, False)])
+def test_dequantize_path_in_slices_of_outputs(bits, act_order, monkeypatch):
+    """Old cards dequantize per call, a slice of outputs at a time (its temporaries would otherwise be ~24 bytes
+    per weight): the same result as the whole matrix, bias and act-order included."""
+    w = random_packed(96, 256, bits, 64, act_order, bias=True, seed=bits)
+    x = torch.randn(5, 256)
+    whole = kcuda.DequantLinear(w, torch.float32, "cpu")(x)
+    assert torch.allclose(whole, x @ dequantize(w).t() + w.bias, atol=1e-4)
+    monkeypatch.setattr(kcuda, "DEQUANT_CHUNK", 256 * 40)  # slices of 40 outputs (rounded to 32/bits), 3 of them
+    assert torch.allclose(kcuda.DequantLinear(w, torch.float32, "cpu")(x), whole, atol=1e-5)
+
+
 def test_cuda_default_dtype_follows_the_cards_generation(monkeypatch):
     """bf16 where the GPU has it in hardware (Ampere and newer), fp16 on Turing/Pascal laptops, where
     torch.cuda.is_bf16_supported() also says yes (emulated); asked of the model's GPU, not the current one."""
@@ -329,8 +342,12 @@ def test_cuda_linear_matches_dequantized_reference(dtype, bits, group, k, act_or
     assert err < 2e-2, (type(mod).__name__, err)
 
 
-def test_cuda_int8_module_on_cpu():
-    """The CUDA int8 weight-only module is device-agnostic: grouped, act-order and per-channel on CPU."""
+@pytest.mark.parametrize("chunk", [None, 256 * 40])
+def test_cuda_int8_module_on_cpu(chunk, monkeypatch):
+    """The CUDA int8 weight-only module is device-agnostic: grouped, act-order and per-channel on CPU; grouped
+    weights dequantize a slice of outputs at a time (here also in slices of 40)."""
+    if chunk:
+        monkeypatch.setattr(kcuda, "DEQUANT_CHUNK", chunk)
     for group, act_order in [(32, False), (64, True), (256, False)]:
         w = random_packed(96, 256, 8, group, act_order, bias=True, seed=group)
         x = torch.randn(4, 256)

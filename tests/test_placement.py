@@ -120,6 +120,21 @@ def test_the_output_layer_as_each_device_holds_it():
     assert head_bits_at_load(c, 4, "cuda:0") == 8 and head_bits_at_load(c, 4, "mps") == 8
 
 
+def test_a_macs_gpu_and_cpu_budgets_share_one_ram(monkeypatch):
+    """Detected budgets on unified memory: the MPS share and the CPU's together stay within 3/4 of the RAM."""
+    import os
+
+    from lowvram import placement
+
+    ram = 16 * GiB
+    monkeypatch.setattr(os, "sysconf", lambda k: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": ram // 4096}[k])
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: ram * 2 // 3, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    b = placement.detect_budgets()
+    assert b["mps"] == ram * 2 // 3 and b["mps"] + b["cpu"] <= ram * 3 // 4 and b["cpu"] > 0
+
+
 def test_needs_two_gpus():
     p = plan(cfg("glm-4-9b-chat"), {"cuda:0": 4 * GiB, "cuda:1": 4 * GiB, "cpu": 16 * GiB}, ctx=2048)
     assert p.blocks["cuda:0"] and p.blocks["cuda:1"] and not p.blocks["cpu"]
