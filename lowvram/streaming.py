@@ -122,11 +122,12 @@ class StreamedBlock(nn.Module):
 
 
 def stream_blocks(net, streamed: dict[int, torch.device]) -> None:
-    """Wrap the blocks `streamed` maps to their compute device, each linked to the next for prefetching."""
-    prev = None
+    """Wrap the blocks `streamed` maps to their compute device, each linked to the next for prefetching; the
+    last to the first, whose copy then overlaps the resident blocks and sampling before the next token (still
+    at most two blocks staged: the plan's room)."""
+    wrapped = []
     for i in sorted(streamed):
-        sb = StreamedBlock(net.layers[i], streamed[i])
-        net.layers[i] = sb
-        if prev is not None:
-            object.__setattr__(prev, "next", sb)
-        prev = sb
+        net.layers[i] = StreamedBlock(net.layers[i], streamed[i])
+        wrapped.append(net.layers[i])
+    for a, b in zip(wrapped, wrapped[1:] + wrapped[:1]):
+        object.__setattr__(a, "next", b)

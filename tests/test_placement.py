@@ -284,7 +284,7 @@ def test_streamed_blocks_compute_what_resident_ones_do(quantized, tiny, tmp_path
     ref = lowvram.load(src, dtype="float32")
     m = lowvram.load(src, dtype="float32", placement="cpu=0-0,stream:cpu=1-1")
     sb = m.net.layers[1]
-    assert isinstance(sb, StreamedBlock) and m.report["streamed_layers"] == [1] and sb.next is None
+    assert isinstance(sb, StreamedBlock) and m.report["streamed_layers"] == [1] and sb.next is sb  # next token's
     assert torch.equal(m.logits(ids), ref.logits(ids))
     assert m.generate(ids, max_new_tokens=6) == ref.generate(ids, max_new_tokens=6)
     assert sb.block.attn_norm.weight is sb.host[[k for _, k in sb.slots].index("weight")]
@@ -301,6 +301,22 @@ def test_streamed_blocks_compute_what_resident_ones_do(quantized, tiny, tmp_path
                 lowvram.load(src, backend="bnb", dtype="bfloat16", placement="cpu=0-0,stream:cpu=1-1")
             with pytest.raises(ValueError, match="--cuda-graph does not capture the bnb backend"):
                 graphed_step(lowvram.load(src, backend="bnb", dtype="bfloat16"), None, 0)
+
+
+def test_streamed_blocks_prefetch_in_a_ring(tiny):
+    """Each streamed block stages the next while it runs, the last the first (for the next token): the same
+    tokens as resident blocks; between tokens only the first stays staged."""
+    import lowvram
+
+    src = tiny("glm-4-9b-chat", num_layers=4)
+    ref = lowvram.load(src, dtype="float32")
+    m = lowvram.load(src, dtype="float32", placement="cpu=0-0,stream:cpu=1-3")
+    sbs = [m.net.layers[i] for i in (1, 2, 3)]
+    assert [b.next for b in sbs] == sbs[1:] + sbs[:1]
+    ids = list(range(3, 20))
+    assert m.generate(ids, max_new_tokens=5) == ref.generate(ids, max_new_tokens=5)
+    assert sum(b._staged is not None for b in sbs) == 1  # the first, staged for the next token
+    assert torch.equal(m.logits(ids), ref.logits(ids))
 
 
 def test_chat_and_bench_take_the_planner_flags(tiny):
