@@ -137,13 +137,16 @@ class Int8Linear(nn.Module):
         self.zs = (zc * s).t().contiguous().to(device, dtype).unsqueeze(-1)
         self.per_channel = ng == 1 and not bool(zc.any())
         self.bias = None if w.bias is None else w.bias.to(device, dtype)
+        # CUDA's _weight_int8pack_mm is one thread per output in fp32 (PyTorch's int8mm.cu): fine for a decode
+        # row, not for a prompt's hundreds, which dequantize slices and multiply on the tensor cores instead
+        self.prompt_rows = 16 if torch.device(device).type == "cuda" else None
 
     def forward(self, x):
         shape = x.shape
         a = x.reshape(-1, shape[-1]).to(self.dtype)
         if self.perm is not None:
             a = a[:, self.perm]
-        if self.per_channel:
+        if self.per_channel and (self.prompt_rows is None or a.shape[0] <= self.prompt_rows):
             y = torch.ops.aten._weight_int8pack_mm(a.contiguous(), self.q, self.s.view(-1)).to(self.dtype)
             if self.bias is not None:
                 y = y + self.bias

@@ -361,6 +361,9 @@ def test_cuda_int8_module_on_cpu(chunk, monkeypatch):
     x = torch.randn(4, 256)
     ref = x @ dequantize(w).t()
     assert ((mod(x.bfloat16()).float() - ref).norm() / ref.norm()) < 1e-2
+    mod.prompt_rows = 2  # as on CUDA (16 there): more rows than that dequantize slices instead of int8pack_mm
+    assert ((mod(x.bfloat16()).float() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(mod(x[:2].bfloat16()), torch.ops.aten._weight_int8pack_mm(x[:2].bfloat16(), mod.q, mod.s.view(-1)))
 
 
 def test_mps_dispatch_on_cpu():
