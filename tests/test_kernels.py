@@ -330,11 +330,13 @@ NO_CUDA = "no CUDA device (CUDA kernels run only where a GPU is present)"
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,group,k", [(4, 32, 1024), (4, 64, 1024), (4, 128, 2048), (4, 128, 320), (8, 32, 256),
-                                          (8, 128, 512), (8, 512, 512)])
+                                          (8, 128, 512), (8, 512, 512), (4, 128, 13696), (4, 1024, 1024)])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_cuda_linear_matches_dequantized_reference(dtype, bits, group, k, act_order):
+@pytest.mark.parametrize("rows", [7, 40])  # a decode-sized batch, and a prompt (int8 per-channel: another path)
+def test_cuda_linear_matches_dequantized_reference(dtype, bits, group, k, act_order, rows):
+    """(4, 128, 13696): GLM's down projection; (4, 1024, 1024): one scale per row, as THUDM's int4."""
     w = random_packed(192, k, bits, group, act_order, bias=True, seed=bits + group)
-    x = torch.randn(7, k)
+    x = torch.randn(rows, k)
     ref = x @ dequantize(w).t() + w.bias
     mod = make_linear(w, "cuda", dtype, "cuda")
     y = mod(x.to("cuda", dtype)).float().cpu()
