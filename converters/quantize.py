@@ -259,7 +259,7 @@ def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, ms
         net.embed.to("meta")
         T = x.shape[1]
         rope = rope_tables(cfg, torch.cat([model.positions(s, 0, T) for s in ids]).to(device))
-        mask = model._mask(ids[0], 0, T)
+        mask = _calibration_mask(model, ids, T)
         mask = None if mask is None else mask.to(device)
         for i, block in enumerate(net.layers):
             _materialise(net, ckpt, cfg, owners.get(i, []), device)
@@ -282,6 +282,7 @@ def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, ms
                     for slot, (qw, sc, zz, w, d) in enumerate(parts):
                         write(cnames[(name, slot)], {"qweight": qw, "qzeros": pack_cols(zz.contiguous(), bits),
                                                      "scales": sc, "g_idx": tensors["g_idx"].clone()}, w, d)
+                    del z, parts, qw, sc, zz, w, d  # views of this block's weights: gone with the block
                 else:
                     write(cnames[(name, None)], tensors, m.weight, deq)
                 m.weight.copy_(deq)  # later blocks see this block quantized
@@ -296,13 +297,27 @@ def _calibrate(src, cfg, ckpt, ids, bits, group, sym, act_order, device, bar, ms
 CALIB_CHUNK_TOKENS = 2048
 
 
+def _calibration_mask(model, ids, T):
+    """ChatGLM-6B's attention mask of each calibration row (its bidirectional span ends at that row's <sop>):
+    one [T, T] mask when the rows agree, else one per row [S, 1, T, T]; None for causal models."""
+    masks = [model._mask(s, 0, T) for s in ids]
+    if all(m is None for m in masks):
+        return None
+    if all(m is not None and torch.equal(m, masks[0]) for m in masks):
+        return masks[0]
+    pre = model.config.pre_seq_len
+    causal = torch.ones(T, pre + T, dtype=torch.bool).tril(pre)  # prefix slots, then causal
+    return torch.stack([causal if m is None else m for m in masks])[:, None]
+
+
 def in_chunks(block, x, rope, mask, out):
     """The block over the calibration samples a few at a time: its intermediates (the MLP's 2 x 13696 columns,
     attention scores) then take memory for ~2048 tokens, not for all of them (128 x 2048 tokens would need
     tens of GB at ChatGLM3-6B's widths)."""
     c = max(1, CALIB_CHUNK_TOKENS // x.shape[1])
     for s in range(0, x.shape[0], c):
-        y = block(x[s : s + c], tuple(r[s : s + c] for r in rope), None, 0, mask)
+        m = mask[s : s + c] if mask is not None and mask.dim() == 4 else mask
+        y = block(x[s : s + c], tuple(r[s : s + c] for r in rope), None, 0, m)
         if out is not None:
             out[s : s + c] = y
 

@@ -263,3 +263,20 @@ def test_prompt_cache_after_an_early_stop(tiny):
     p2 = p + [t1, t2, 33]
     assert m.generate(p2, max_new_tokens=3, stop_token_ids=[], prompt_cache=pc) == \
         m.generate(p2, max_new_tokens=3, stop_token_ids=[]) and pc.reused == len(p) + 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_int8_cache_decodes_without_a_rescaled_copy(dtype, tol):
+    """A decode step over the INT8 KV cache attends with the codes and scales apart (scores times each slot's scale)
+    and gives what attending over the cache read back in the compute dtype gives (the prompt path's way)."""
+    from lowvram.models.glm import Int8KV, decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, G, S, D = 2, 8, 2, 37, 32
+    cache = Int8KV((B, G, S + 1, D), dtype, "cpu")
+    cache.write(0, *(torch.randn(B, G, S, D, generator=g).to(dtype) for _ in range(2)))
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    ref = decode_attention(q, *Int8KV.read(cache, S))
+    got = cache.attend_one(q, S)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol

@@ -541,3 +541,25 @@ def test_gptq_calibration_in_chunks_matches_one_pass(tiny, tmp_path, monkeypatch
 
     wa, wb = dequantize(a), dequantize(b)
     assert (wa == wb).float().mean() > 0.99 and rel(wb, wa) < 1e-2
+
+
+def test_chatglm6b_calibration_rows_keep_their_own_masks(tiny, monkeypatch):
+    """GPTQ runs calibration rows together; ChatGLM-6B's bidirectional span ends at each row's own <sop>, so
+    rows that differ get their own masks (all rows took the first row's), and each chunk of rows its slice."""
+    from lowvram.converters.quantize import _calibration_mask, in_chunks
+
+    m = lowvram.load(tiny("chatglm-6b"), dtype="float32", tokenizer=False)
+    g, sop = m.config.gmask_token_id, m.config.sop_token_id
+    rows = [[5, 6, g, sop, 7, 8], [5, g, sop, 6, 7, 8], [5, 6, 7, 8, 9, 10]]
+    mask = _calibration_mask(m, rows, 6)
+    assert mask.shape == (3, 1, 6, 6)
+    for r, row in enumerate(rows):
+        own = m._mask(row, 0, 6)
+        assert torch.equal(mask[r, 0], own if own is not None else torch.ones(6, 6, dtype=torch.bool).tril())
+    assert torch.equal(_calibration_mask(m, rows[:1] * 2, 6), m._mask(rows[0], 0, 6))  # rows that agree: one mask
+    assert _calibration_mask(lowvram.load(tiny("chatglm3-6b"), dtype="float32", tokenizer=False), rows, 6) is None
+    seen = []
+    block = lambda x, rope, cache, start, mk: seen.append(mk) or x  # noqa: E731
+    monkeypatch.setattr("lowvram.converters.quantize.CALIB_CHUNK_TOKENS", 12)  # two rows a chunk
+    in_chunks(block, torch.zeros(3, 6, 4), (torch.zeros(3, 6),), mask, None)
+    assert [s.shape[0] for s in seen] == [2, 1] and torch.equal(torch.cat(seen), mask)

@@ -117,6 +117,20 @@ class Int8KV:
     def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple((q[:, :, :end].float() * s[:, :, :end]).to(self.dtype) for q, s in zip(self.q, self.s))
 
+    def attend_one(self, q: torch.Tensor, end: int) -> torch.Tensor:
+        """decode_attention over slots 0..end with the scales kept out of the cache: int8 values are exact in
+        bf16/fp16, so the codes are only cast, and each slot's scale multiplies its score and its weight. Reading
+        the cache back scaled in fp32 and again in the compute dtype moved ~29 bytes per cached value, not ~5: at
+        a 128K context that is most of a token's time."""
+        B, H, _, D = q.shape
+        (kq, vq), (ks, vs) = [t[:, :, :end] for t in self.q], [t[:, :, :end] for t in self.s]
+        G = kq.shape[1]
+        cdt = torch.float32 if q.device.type == "cpu" else q.dtype  # the CPU's bf16 matmuls are the slow ones
+        qg = q.view(B, G, H // G, D).to(cdt)
+        sc = torch.matmul(qg, kq.to(cdt).transpose(-1, -2)).float() * (ks.transpose(-1, -2) * D**-0.5)
+        p = torch.softmax(sc, dim=-1) * vs.transpose(-1, -2)  # [B, G, H/G, S]
+        return torch.matmul(p.to(cdt), vq.to(cdt)).view(B, H, 1, D).to(q.dtype)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GLMConfig):
@@ -149,15 +163,17 @@ class Attention(nn.Module):
             return self.out(decode_attention(q, kc, vc, start).transpose(1, 2).reshape(B, T, H * D))
         if isinstance(cache, Int8KV):
             cache.write(start, k, v)
+            if T == 1 and mask is None:
+                return self.out(cache.attend_one(q, start + 1).transpose(1, 2).reshape(B, T, H * D))
             k, v = cache.read(start + T)
         elif cache is not None:
             kc, vc = cache
             kc[:, :, start : start + T] = k
             vc[:, :, start : start + T] = v
             k, v = kc[:, :, : start + T], vc[:, :, : start + T]
-        if T == 1 and mask is None:
+        if T == 1 and mask is None and not q.is_cuda:
             o = decode_attention(q, k, v)
-        else:
+        else:  # CUDA's SDPA reads the bf16 cache as it is (decode_attention's fp32 copies would move 5x its bytes)
             if mask is None and k.shape[2] > T:  # causal over the cache slots: row i sees slots 0..start+i
                 mask = torch.arange(k.shape[2], device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
             causal = mask is None and T > 1
