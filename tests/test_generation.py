@@ -280,3 +280,16 @@ def test_int8_cache_decodes_without_a_rescaled_copy(dtype, tol):
     got = cache.attend_one(q, S)
     assert got.dtype == dtype and got.shape == ref.shape
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+
+def test_one_query_sdpa_equals_decode_attention():
+    """On CUDA a decode step attends through SDPA (no mask, not causal: one query sees every cached slot), on the
+    CPU through decode_attention; the two agree (checked here on the CPU, with grouped kv heads)."""
+    import torch.nn.functional as F
+
+    from lowvram.models.glm import decode_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 8, 1, 32, generator=g), torch.randn(2, 2, 19, 32, generator=g), torch.randn(2, 2, 19, 32, generator=g)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=True)
+    assert torch.allclose(sdpa, decode_attention(q, k, v), atol=1e-5)

@@ -125,9 +125,11 @@ class Int8KV:
         B, H, _, D = q.shape
         (kq, vq), (ks, vs) = [t[:, :, :end] for t in self.q], [t[:, :, :end] for t in self.s]
         G = kq.shape[1]
-        cdt = torch.float32 if q.device.type == "cpu" else q.dtype  # the CPU's bf16 matmuls are the slow ones
-        qg = q.view(B, G, H // G, D).to(cdt)
-        sc = torch.matmul(qg, kq.to(cdt).transpose(-1, -2)).float() * (ks.transpose(-1, -2) * D**-0.5)
+        # scores in fp32 (a bf16 product of unscaled codes would round each score by 0.4%: softmax weights off by
+        # several %); the weighted sum of values in the compute dtype on a GPU (its result is rounded to it anyway)
+        cdt = torch.float32 if q.device.type == "cpu" else q.dtype
+        qg = q.view(B, G, H // G, D).float()
+        sc = torch.matmul(qg, kq.float().transpose(-1, -2)) * (ks.transpose(-1, -2) * D**-0.5)
         p = torch.softmax(sc, dim=-1) * vs.transpose(-1, -2)  # [B, G, H/G, S]
         return torch.matmul(p.to(cdt), vq.to(cdt)).view(B, H, 1, D).to(q.dtype)
 
@@ -174,7 +176,7 @@ class Attention(nn.Module):
         if T == 1 and mask is None and not q.is_cuda:
             o = decode_attention(q, k, v)
         else:  # CUDA's SDPA reads the bf16 cache as it is (decode_attention's fp32 copies would move 5x its bytes)
-            if mask is None and k.shape[2] > T:  # causal over the cache slots: row i sees slots 0..start+i
+            if mask is None and k.shape[2] > T > 1:  # causal over the cache slots: row i sees slots 0..start+i
                 mask = torch.arange(k.shape[2], device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
             causal = mask is None and T > 1
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=G != H)
