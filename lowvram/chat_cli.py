@@ -19,6 +19,7 @@ def _model_arguments(p):
     p.add_argument("--placement", default=None, help='blocks per device, e.g. "cuda:0=0-19,cpu=20-27"')
     placement_arguments(p)
     p.add_argument("--ctx", type=int, default=None, help="context window to allocate (default: the model's)")
+    p.add_argument("--kv-int8", action="store_true", help="int8 KV cache: half of bf16's memory, for long contexts")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -94,6 +95,7 @@ def _load(args, chat_format=None):
             sys.stderr.write(f"repacked weights {cache}: later loads map them (LOWVRAM_CACHE=0 turns this off)\n")
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer files (tokenizer.model, ice_text.model or tokenizer.json)")
+    model.kv_int8 = args.kv_int8
     return model
 
 

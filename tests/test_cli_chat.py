@@ -119,6 +119,18 @@ def test_generate_piped(example):
     assert r2.returncode == 0 and r2.stdout == r.stdout  # --prompt and stdin (echo's newline dropped) are one prompt
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_kv_int8_flag_reaches_the_model(command, example):
+    """chat/generate --kv-int8: the loaded model keeps its KV cache in int8 (as bench --kv-int8 does)."""
+    from lowvram.chat_cli import _load
+    from lowvram.cli import parser
+    from lowvram.models.glm import Int8KV
+
+    for flags, int8 in (([], False), (["--kv-int8"], True)):
+        m = _load(parser().parse_args([command, str(example), *flags]))
+        assert m.kv_int8 is int8 and isinstance(m.new_cache(4)[0], Int8KV) is int8
+
+
 def test_system_prompt_where_the_format_has_none(tiny, tmp_path):
     """ChatGLM2 has no system role: one line saying so, non-zero exit, before any turn."""
     if not CMD[0]:
