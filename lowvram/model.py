@@ -363,12 +363,11 @@ def load(path: str | Path, device: str = "cpu", dtype=None, backend: str | None 
 
 def _auto_placement(cfg, max_memory, ctx, path=None, stream=False):
     from .loading import embeddings_will_map
-    from .placement import check_budgets, detect_budgets, plan
+    from .placement import check_budgets, detect_budgets, plan, quantized_as
 
     budgets = detect_budgets() if max_memory is None else check_budgets(max_memory)
-    q = cfg.quantization or {}
-    bits = q.get("bits") or q.get("thudm_bits")
-    p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, int(q.get("group_size", 128) or 128),
+    bits, group = quantized_as(cfg)
+    p = plan(cfg, budgets, ctx or min(cfg.max_length, 8192), bits, group,
              mapped_embeddings=path is not None and embeddings_will_map(path), stream=stream)
     return p.placement(), p.devices[0]
 

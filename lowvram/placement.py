@@ -81,21 +81,22 @@ def detect_budgets() -> dict[str, int]:
             info = dict(line.split(":", 1) for line in f)
         out["cpu"] = int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError):
-        import os
-
-        out["cpu"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        out["cpu"] = _ram() // 2
     if "mps" in out:
         out["cpu"] = unified_cpu_share(out["mps"], out["cpu"])
     return out
 
 
+def _ram() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def unified_cpu_share(gpu_share: int, cpu_free: int) -> int:
     """On a Mac the GPU's share and the CPU's come out of one RAM: counted apart, a plan could commit more than
     the machine has. Together they get at most 3/4 of it (the system and other apps keep the rest)."""
-    import os
-
-    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(0, min(cpu_free, phys * 3 // 4 - gpu_share))
+    return max(0, min(cpu_free, _ram() * 3 // 4 - gpu_share))
 
 
 def _kind(dev: str) -> str:
@@ -125,6 +126,17 @@ class Plan:
                 "modes": {str(i): ("streamed" if d.startswith("stream:") else "resident")
                           for d, b in self.blocks.items() for i in b},
                 "notes": self.notes}
+
+
+def quantized_as(cfg: GLMConfig) -> tuple[int | None, int]:
+    """(bits, group size) of a checkpoint: GPTQ's quantization_config, or THUDM's quantization_bit (one scale per
+    row: -1); (None, 128) when it is not quantized."""
+    q = cfg.quantization or {}
+    if q.get("bits"):
+        return int(q["bits"]), int(q.get("group_size", 128) or 128)
+    if q.get("thudm_bits"):
+        return int(q["thudm_bits"]), -1
+    return None, 128
 
 
 def head_bits_at_load(cfg: GLMConfig, bits: int | None, device: str) -> int | None:

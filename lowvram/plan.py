@@ -9,7 +9,7 @@ from .checkpoint import Checkpoint
 from .config import load_config, parse_config
 from .known import known_config
 from .loading import embeddings_will_map
-from .placement import budgets_from_arguments, detect_budgets, placement_arguments, plan
+from .placement import budgets_from_arguments, detect_budgets, placement_arguments, plan, quantized_as
 
 
 def model_config(model: str):
@@ -46,11 +46,11 @@ def check_arguments(args, cfg) -> None:
     that can be made."""
     if args.ctx is None:
         args.ctx = min(2048, cfg.max_length)
-    q = cfg.quantization or {}
+    bits, group = quantized_as(cfg)
     if args.bits is None:
-        args.bits = int(q.get("bits") or q.get("thudm_bits") or 4)
+        args.bits = bits or 4  # an unquantized checkpoint: what `lowvram quantize` makes of it
     if args.group_size is None:
-        args.group_size = int(q.get("group_size", 128)) if "bits" in q else (-1 if q else 128)
+        args.group_size = group
     if not 1 <= args.ctx <= cfg.max_length:
         raise ValueError(f"--ctx must be from 1 to the model's context of {cfg.max_length} tokens, got {args.ctx}")
     g = args.group_size
