@@ -60,25 +60,46 @@ def _cache_ok(cache, rope, dtype) -> bool:
             and sin.is_contiguous() and cos.dtype == torch.float32)
 
 
+def _int8_cache(cache, rope) -> tuple | None:
+    """An INT8 KV cache (lowvram.models.glm.Int8KV: codes `q` and per-slot scales `s`, each [k, v]) of a batch of
+    one as lvq_attend_one_i8 reads it: (k codes, k scales, v codes, v scales), or None."""
+    q, s = getattr(cache, "q", None), getattr(cache, "s", None)
+    if q is None or s is None:
+        return None
+    (kq, vq), (ks, vs) = q, s
+    cos, sin = rope
+    ok = (native.fast() and kq.shape[-1] % 8 == 0  # AVX2 or better: in plain C loops torch's matmuls are faster
+          and kq.dtype == vq.dtype == torch.int8 and ks.dtype == vs.dtype == torch.float32 and kq.shape[0] == 1
+          and all(t.device.type == "cpu" and t.is_contiguous() for t in (kq, vq, ks, vs, cos, sin))
+          and cos.dtype == torch.float32)
+    return (kq, ks, vq, vs) if ok else None
+
+
 def attend_one(cfg, qkv: torch.Tensor, rope, cache, start, threads: int = 0) -> torch.Tensor | None:
     """One new token of a batch of one: RoPE on its q and k (in place in qkv), k and v into cache slot
-    `start`, attention over slots 0..start. Returns [1, 1, heads * head_dim], or None.
+    `start`, attention over slots 0..start. Returns [1, 1, heads * head_dim], or None. The cache is a bf16
+    (k, v) pair, or an INT8 one (codes and per-slot scales, quantized as Int8KV.write does).
 
     threads: the native linears' count (LOWVRAM_THREADS overrides; 0: OpenMP's default, which is 1 during a
     decode step, as torch is set to one thread there)."""
     if (cfg.rope != "interleaved" or cfg.layout == "chatglm-v1" or not isinstance(start, int)
-            or not isinstance(cache, tuple) or qkv.shape[0] != 1 or qkv.shape[1] != 1 or not _ok(qkv)):
+            or qkv.shape[0] != 1 or qkv.shape[1] != 1 or not _ok(qkv)):
         return None
-    if not _cache_ok(cache, rope, qkv.dtype):
-        return None
-    kc, vc = cache
-    cos, sin = rope
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cos, sin = rope
     o = torch.empty(1, 1, H * D, dtype=qkv.dtype)
-    rc = native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
-                                    kc.shape[2], start, _p(o), _THREADS or threads)
+    if (i8 := _int8_cache(cache, rope)) is not None:
+        kq, ks, vq, vs = i8
+        rc = native._lib.lvq_attend_one_i8(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kq),
+                                           _p(ks), _p(vq), _p(vs), kq.shape[2], start, _p(o), _THREADS or threads)
+    elif isinstance(cache, tuple) and _cache_ok(cache, rope, qkv.dtype):
+        kc, vc = cache
+        rc = native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
+                                        kc.shape[2], start, _p(o), _THREADS or threads)
+    else:
+        return None
     if rc:
-        raise MemoryError(f"lvq_attend_one: no scratch for {H} heads x {kc.shape[2]} slots")
+        raise MemoryError(f"lvq_attend_one: no scratch for {H} heads x {start + 1} slots")
     return o
 
 
@@ -161,18 +182,22 @@ def _run(blocks, x: torch.Tensor, rope, caches, start) -> torch.Tensor | None:
     fixed = [_fixed(b) for b in blocks]
     if None in fixed:
         return None
-    slots = None
-    for c in caches:
-        if not isinstance(c, tuple) or not _cache_ok(c, rope, x.dtype) or c[0].shape[2] != (slots or c[0].shape[2]):
-            return None
-        slots = c[0].shape[2]
+    i8 = [_int8_cache(c, rope) for c in caches]
+    if all(c is not None for c in i8):  # INT8 caches: (k codes, k scales, v codes, v scales)
+        arrays = [[c[i] for c in i8] for i in range(4)]
+    elif all(isinstance(c, tuple) and _cache_ok(c, rope, x.dtype) for c in caches):
+        arrays = [[c[0] for c in caches], None, [c[1] for c in caches], None]
+    else:
+        return None
+    if len({t.shape[2] for t in arrays[0]}) != 1:
+        return None
+    slots = arrays[0][0].shape[2]
     n = len(blocks)
-    kc = (ctypes.c_void_p * n)(*(c[0].data_ptr() for c in caches))
-    vc = (ctypes.c_void_p * n)(*(c[1].data_ptr() for c in caches))
+    kc, ks, vc, vs = [None if a is None else (ctypes.c_void_p * n)(*(t.data_ptr() for t in a)) for a in arrays]
     cos, sin = rope
     cfg = blocks[0].attn.cfg
     y = torch.empty_like(x)
-    rc = native._lib.lvq_decode_blocks(_p(x), _p(y), (_Block * n)(*fixed), n, kc, vc, _p(cos), _p(sin),
+    rc = native._lib.lvq_decode_blocks(_p(x), _p(y), (_Block * n)(*fixed), n, kc, vc, ks, vs, _p(cos), _p(sin),
                                        cfg.rotary_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, slots, start,
                                        _THREADS)
     if rc == -11:

@@ -49,8 +49,10 @@ def _load():
     lib.lvq_swiglu.argtypes = [p, i32, i64, i64, p, i32]
     lib.lvq_attend_one.argtypes = [p, i32, p, p, i64, i64, i64, i64, p, p, i64, i64, p, i32]
     lib.lvq_attend_rows.argtypes = [p, p, p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i32]
-    lib.lvq_decode_blocks.argtypes = [p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
-    for f in (lib.lvq_rmsnorm, lib.lvq_swiglu, lib.lvq_attend_one, lib.lvq_attend_rows, lib.lvq_decode_blocks):
+    lib.lvq_attend_one_i8.argtypes = [p, i32, p, p, i64, i64, i64, i64, p, p, p, p, i64, i64, p, i32]
+    lib.lvq_decode_blocks.argtypes = [p, p, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
+    for f in (lib.lvq_rmsnorm, lib.lvq_swiglu, lib.lvq_attend_one, lib.lvq_attend_one_i8, lib.lvq_attend_rows,
+              lib.lvq_decode_blocks):
         f.restype = ctypes.c_int
     lib.lvq_hugepages.argtypes = [p, i64]
     lib.lvq_hugepages.restype = None

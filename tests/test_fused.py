@@ -48,20 +48,20 @@ def test_rms_norm_and_swiglu_match_torch(path):
 
 
 @pytest.mark.parametrize("path", native.ISAS)
-@pytest.mark.parametrize("slot", [0, 37, 700])
-# groups of 4 query heads per kv head, groups with heads left over, and ChatGLM3's heads (whose 700-slot cache
-# is long enough to split the heads across threads)
+@pytest.mark.parametrize("slot", [0, 37, 700, 5000])
+# groups of 4 query heads per kv head, groups with heads left over, and ChatGLM3's heads (whose 700- and 5000-slot
+# caches are long enough to split into chunks across threads)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (3, 1, 32), (32, 2, 128)])
 def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv_heads, head_dim):
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
     cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
                     num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
-                    max_length=1024, rotary_dim=16)
+                    max_length=8192, rotary_dim=16)
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     torch.manual_seed(slot)
     qkv = torch.randn(1, 1, (H + 2 * G) * D).bfloat16()
-    cache = [torch.randn(1, G, 800, D).bfloat16() for _ in range(2)]
+    cache = [torch.randn(1, G, slot + 100, D).bfloat16() for _ in range(2)]
     rope = glm.rope_tables(cfg, torch.tensor([[slot]]))
     # the torch path of Attention.forward, written out
     q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
@@ -82,6 +82,48 @@ def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv
     assert torch.equal(cache[0][:, :, slot + 1 :], kc[:, :, slot + 1 :])  # nothing else written
     v1 = GLMConfig(**{**cfg.__dict__, "rope": "2d", "layout": "chatglm-v1"})
     assert fused.attend_one(v1, qkv, rope, tuple(cache), slot) is None  # ChatGLM-6B's 2D RoPE: torch code
+
+
+@pytest.mark.parametrize("path", native.ISAS)
+@pytest.mark.parametrize("slot", [0, 37, 700, 5000])
+# heads per kv head: 16 (ChatGLM2/3, GLM-4: AVX-512's sixteen-head loop), 7 and 3 (the four-head and one-head
+# loops); head sizes off AVX-512's 16 (40: the AVX2 loops there); 5000 slots: several chunks merged, on threads
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 2, 128), (14, 2, 40), (3, 1, 32), (21, 3, 64)])
+def test_attend_one_over_an_int8_cache_matches_torch(path, slot, heads, kv_heads, head_dim):
+    """lvq_attend_one_i8: the token's k and v quantized into the INT8 cache exactly as Int8KV.write does, and its
+    attention equal to Int8KV.attend_one (torch, fp32) to the output's bf16 rounding."""
+    if native.ISAS.index(path) > native.ISAS.index(native.isa()):
+        pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
+    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
+                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
+                    max_length=8192, rotary_dim=16)
+    H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    torch.manual_seed(slot + heads)
+    qkv = (torch.randn(1, 1, (H + 2 * G) * D) * 3).bfloat16()
+    shape = (1, G, slot + 9, D)
+    cache = glm.Int8KV(shape, torch.bfloat16, "cpu")
+    cache.write(0, torch.randn(1, G, slot, D) * 2, torch.randn(1, G, slot, D))
+    ref = glm.Int8KV(shape, torch.bfloat16, "cpu")
+    for a, b in zip(ref.q + ref.s, cache.q + cache.s):
+        a.copy_(b)
+    rope = glm.rope_tables(cfg, torch.tensor([[slot]]))
+    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+    q, k, v = q.view(1, 1, H, D), k.view(1, 1, G, D), v.view(1, 1, G, D)
+    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    ref.write(slot, k.transpose(1, 2), v.transpose(1, 2))
+    expect = ref.attend_one(q.transpose(1, 2).float(), slot + 1).transpose(1, 2).reshape(1, 1, H * D)
+    native.set_isa(path)
+    try:
+        o = fused.attend_one(cfg, qkv.clone(), rope, cache, slot)
+    finally:
+        native.set_isa(None)
+    if path == "generic":
+        assert o is None  # plain C loops lose to torch's matmuls here: the torch code runs
+        return
+    assert o.shape == (1, 1, H * D)
+    assert _rel(o, expect) < 4e-3  # bf16 rounding of the output
+    for a, b in zip(cache.q + cache.s, ref.q + ref.s):
+        assert torch.equal(a, b)  # the new slot's codes and scales as torch writes them; nothing else touched
 
 
 @pytest.mark.parametrize("path", native.ISAS)
@@ -218,3 +260,32 @@ def test_decode_block_equals_the_blocks_separate_calls(generation, bits, tiny, t
         ref = steps()
     assert torch.equal(per_block, ref), _rel(per_block, ref)
     assert torch.equal(whole, ref), _rel(whole, ref)
+
+
+@pytest.mark.parametrize("generation", ["chatglm3-6b", "glm-4-0414"])
+def test_decode_over_an_int8_cache_in_c_equals_torch(generation, tiny, tmp_path, monkeypatch):
+    """With the INT8 KV cache (the long-context option), a quantized bf16 model decodes every block of a step in
+    one C call, bit for bit as the blocks' separate C calls, and to bf16 rounding as the torch code."""
+    import lowvram
+    from lowvram.converters.quantize import quantize
+
+    kw = (dict(hidden_size=128, head_dim=32, intermediate_size=256) if generation == "glm-4-0414"
+          else dict(hidden_size=128, kv_channels=32, ffn_hidden_size=256))
+    src = tiny(generation, **kw)
+    model = lowvram.load(quantize(src, tmp_path / "q", bits=4, group_size=128, progress=False)["out"],
+                         dtype="bfloat16", backend="native")
+    model.kv_int8 = True
+    ids = list(range(3, 40))
+    calls = []
+    real = fused.decode_blocks
+    monkeypatch.setattr(fused, "decode_blocks", lambda *a, **k: (r := real(*a, **k), calls.append(r is not None))[0])
+    with torch.inference_mode():
+        whole = _decode_logits(model, ids, 12)
+        assert sum(calls) == len(ids) - 12  # every decode step in one call, over the INT8 caches
+        monkeypatch.setattr(fused, "decode_blocks", lambda *a, **k: None)
+        separate = _decode_logits(model, ids, 12)
+        monkeypatch.setattr(fused, "decode_block", lambda *a, **k: None)
+        monkeypatch.setattr(fused, "attend_one", lambda *a, **k: None)
+        ref = _decode_logits(model, ids, 12)  # Int8KV.write and Int8KV.attend_one in torch
+    assert torch.equal(whole, separate)
+    assert _rel(whole, ref) < 2e-2, _rel(whole, ref)

@@ -1815,9 +1815,10 @@ int lvq_swiglu(const void *h, int t, int64_t rows, int64_t n, void *y, int nthre
 }
 
 /* One token's qkv row (type t) before attention: rotate the first `rot` dims of every q and k head by GPT-J
- * pairs with cos/sin [rot/2], in place, then write its k and v into slot `slot` of the caches [G][slots][D]. */
-static void rope_cache_row(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
-                           int64_t D, void *kc, void *vc, int64_t slots, int64_t slot) {
+ * pairs with cos/sin [rot/2], in place; rope_cache_row then writes its k and v into slot `slot` of the caches
+ * [G][slots][D]. */
+static void rope_row(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
+                     int64_t D) {
     for (int64_t h = 0; h < H + G; h++) { /* q heads, then k heads */
         int64_t base = h * D;
         for (int64_t j = 0; j < rot / 2; j++) {
@@ -1826,6 +1827,11 @@ static void rope_cache_row(void *qkv, int t, const float *cos, const float *sin,
             stf(qkv, t, base + 2 * j + 1, x1 * cos[j] + x0 * sin[j]);
         }
     }
+}
+
+static void rope_cache_row(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
+                           int64_t D, void *kc, void *vc, int64_t slots, int64_t slot) {
+    rope_row(qkv, t, cos, sin, rot, H, G, D);
     size_t es = t == 1 ? 2 : 4;
     for (int64_t g = 0; g < G; g++) {
         memcpy((char *)kc + ((g * slots + slot) * D) * es, (char *)qkv + ((H + g) * D) * es, D * es);
@@ -1837,9 +1843,21 @@ static void rope_cache_row(void *qkv, int t, const float *cos, const float *sin,
  * rotate the first `rot` dims of every q and k head by GPT-J pairs with cos/sin [rot/2], write k and v
  * into slot `slot` of the caches [G][slots][D], then o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]
  * over slots 0..slot, g = h / (H/G). Returns -11 when its scratch cannot be allocated. */
+static int chunk_path(int64_t D);
+#ifdef LVQ_X86
+static int attend_cached(int path, int kt, const void *qkv, int t, int64_t H, int64_t G, int64_t D, const void *kc,
+                         const float *ks, const void *vc, const float *vs, int64_t slots, int64_t S, void *o,
+                         int nthreads);
+#endif
+
 int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
                    int64_t D, void *kc, void *vc, int64_t slots, int64_t slot, void *o, int nthreads) {
     rope_cache_row(qkv, t, cos, sin, rot, H, G, D, kc, vc, slots, slot);
+#ifdef LVQ_X86
+    const int path = chunk_path(D);
+    if (t == 1 && path) /* a bf16 cache: chunked over the threads, the kv head's heads together */
+        return attend_cached(path, 1, qkv, t, H, G, D, kc, NULL, vc, NULL, slots, slot + 1, o, nthreads);
+#endif
     int64_t S = slot + 1, per = H / G;
     float scale = 1.0f / sqrtf((float)D);
 #ifdef _OPENMP
@@ -1863,8 +1881,8 @@ int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t
             q[u] = buf + (h0 + u) * (2 * D + S), acc[u] = q[u] + D, s[u] = acc[u] + D;
             for (int64_t d = 0; d < D; d++) q[u][d] = ldf(qkv, t, (h0 + u) * D + d);
         }
-        const uint16_t *kg = (const uint16_t *)kc + g * slots * D, *vg = (const uint16_t *)vc + g * slots * D;
 #ifdef LVQ_X86
+        const uint16_t *kg = (const uint16_t *)kc + g * slots * D, *vg = (const uint16_t *)vc + g * slots * D;
         if (nh == 4) {
             attend4_avx2(q, kg, vg, S, D, scale, s, acc);
             for (int64_t u = 0; u < 4; u++)
@@ -1911,6 +1929,7 @@ int lvq_attend_one(void *qkv, int t, const float *cos, const float *sin, int64_t
     return 0;
 }
 
+#ifdef LVQ_X86
 /* A prompt chunk's keys and values of one kv head as float, once per layer for every row and head: K in blocks
  * of 32 keys, kt[b][d][32] (zeros past S), so a block's scores are broadcast-q FMAs over contiguous rows with no
  * horizontal sums; V as vf[S][D]. */
@@ -1967,6 +1986,8 @@ VNNI static void attend4_avx512(float *const *q, const float *kt, const float *v
             for (int z = 0; z < 4; z++) _mm512_storeu_ps(acc[h] + d0 + 16 * z, a[4 * h + z]);
     }
 }
+
+#endif
 
 /* A prompt's T bf16 rows through attention, in place on their qkv rows [T][(H + 2G) D]: RoPE on q and k
  * (cos/sin [T][rot/2], one row per position), k and v into slots start..start+T-1 of the caches [G][slots][D],
@@ -2036,6 +2057,476 @@ int lvq_attend_rows(uint16_t *qkv, const float *cos, const float *sin, int64_t r
 #endif
 }
 
+/* ---- One new token's attention over an INT8 KV cache (Int8KV in lowvram/models/glm.py) ----
+ * The cache holds int8 codes [G][slots][D] with one float scale per (kv head, slot), half of bf16's bytes, for the
+ * 128K/1M-context models. Torch multiplied the codes as float matrices (~25 ms a ChatGLM3-6B layer at 32K slots on
+ * 2 threads, ~0.7 s a token); here each kv head's keys are read once for all the query heads that share it, in
+ * chunks that split a long cache across threads (flash-decoding: each chunk's max, sum and weighted values, merged
+ * at the end). */
+
+#ifdef LVQ_X86
+/* One head's D values (type t) to int8 as Int8KV.write rounds them: scale = max|x| / 127 (max|x| at least 1e-12),
+ * codes = x / scale rounded half to even. */
+static void quant_head_i8(const void *x, int t, int64_t off, int64_t D, int8_t *q, float *s) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < D; d++) {
+        float a = fabsf(ldf(x, t, off + d));
+        amax = a > amax ? a : amax;
+    }
+    float sc = (amax > 1e-12f ? amax : 1e-12f) / 127.f;
+    for (int64_t d = 0; d < D; d++) q[d] = (int8_t)nearbyintf(ldf(x, t, off + d) / sc);
+    *s = sc;
+}
+
+/* Scores of NH query heads against nk <= 16 int8 key rows (D bytes apart): q[h] . k[j].
+ * A gather brings four dims of all 16 keys at once (lane j = key j), so the products accumulate per key across
+ * lanes with no horizontal sums; the query is broadcast. D a multiple of 4. The query is in int16 (qp: per head,
+ * D/2 words, each two int16 as q16_pairs lays them out): vpdpwssd multiplies two dims of 16 keys by two of the
+ * query and sums into int32 lanes, half the instructions of float FMAs and no conversion of the codes (a float
+ * FMA chain was half a ChatGLM3-6B layer's attention at 32K slots). The int16 query is exact to 1/65534 of its
+ * largest element; the sums are exact. Written scaled (by the query's scale qsc[h], the keys' ks[j] and `scale`) to
+ * s[h * CH + j]. */
+VNNI static inline __attribute__((always_inline)) void scores16_w16(const int32_t *qp, const float *qsc, int64_t D,
+                                                                   const int NH, const int8_t *k, const float *ks,
+                                                                   int64_t nk, float scale, float *s, int64_t CH) {
+    __m512i a[16];
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; h++) a[h] = _mm512_setzero_si512();
+    const __mmask16 m = nk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nk) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)D));
+    for (int64_t i = 0; i < 16 * D; i += 64) _mm_prefetch((const char *)(k + 16 * D + i), _MM_HINT_T0);
+    for (int64_t d = 0; d < D; d += 4) {
+        const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, k + d, 1);
+        const __m512i e02 = _mm512_srai_epi16(_mm512_slli_epi16(x, 8), 8), e13 = _mm512_srai_epi16(x, 8);
+#pragma GCC unroll 16
+        for (int h = 0; h < NH; h++) {
+            const int32_t *qh = qp + h * (D / 2) + d / 2;
+            a[h] = _mm512_dpwssd_epi32(a[h], e02, _mm512_set1_epi32(qh[0]));
+            a[h] = _mm512_dpwssd_epi32(a[h], e13, _mm512_set1_epi32(qh[1]));
+        }
+    }
+    const __m512 kscale = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ks), _mm512_set1_ps(scale));
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; h++)
+        _mm512_mask_storeu_ps(s + h * CH, m, _mm512_mul_ps(_mm512_cvtepi32_ps(a[h]),
+                                                           _mm512_mul_ps(_mm512_set1_ps(qsc[h]), kscale)));
+}
+
+#define LVQ_SCORES16(NH)                                                                                               \
+    VNNI static void scores16_w16_##NH(const int32_t *qp, const float *qsc, int64_t D, const int8_t *k,             \
+                                       const float *ks, int64_t nk, float scale, float *s, int64_t CH) {           \
+        scores16_w16(qp, qsc, D, NH, k, ks, nk, scale, s, CH);                                                     \
+    }
+LVQ_SCORES16(16)
+LVQ_SCORES16(4)
+LVQ_SCORES16(1)
+
+/* scores16_w16 on AVX2, in float (AVX2 has no vpdpwssd): eight keys a gather, eight heads at most (sixteen
+ * registers); q[h] at q + h * D. */
+AVX2 static inline __attribute__((always_inline)) void scores8_i8(const float *q, int64_t D, const int NH,
+                                                                 const int8_t *k, int64_t nk, float *s) {
+    __m256 a[8];
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; h++) a[h] = _mm256_setzero_ps();
+    int32_t lanes[8];
+    for (int j = 0; j < 8; j++) lanes[j] = j < nk ? -1 : 0;
+    const __m256i m = _mm256_loadu_si256((const __m256i *)lanes);
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)D));
+    for (int64_t i = 0; i < 8 * D; i += 64) _mm_prefetch((const char *)(k + 8 * D + i), _MM_HINT_T0);
+    for (int64_t d = 0; d < D; d += 4) {
+        const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(k + d), idx, m, 1);
+        const __m256 k0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 24), 24));
+        const __m256 k1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 16), 24));
+        const __m256 k2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 8), 24));
+        const __m256 k3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(x, 24));
+#pragma GCC unroll 8
+        for (int h = 0; h < NH; h++) {
+            const float *qh = q + h * D + d;
+            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh), k0, a[h]);
+            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + 1), k1, a[h]);
+            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + 2), k2, a[h]);
+            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + 3), k3, a[h]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; h++) _mm256_storeu_ps(s + 8 * h, a[h]);
+}
+
+AVX2 static void scores8_i8_8(const float *q, int64_t D, const int8_t *k, int64_t nk, float *s) {
+    scores8_i8(q, D, 8, k, nk, s);
+}
+AVX2 static void scores8_i8_1(const float *q, int64_t D, const int8_t *k, int64_t nk, float *s) {
+    scores8_i8(q, D, 1, k, nk, s);
+}
+
+/* Scores of NH query heads (float, q[h] at q + h * D) against nk <= 16 bf16 key rows (D apart), scaled by `scale`
+ * into s[h * CH + j]: as scores16_w16, a gather brings two dims of all 16 keys (lane j = key j), so no horizontal
+ * sums; bf16 to float is a shift (even dim) or a mask (odd dim). D even. */
+VNNI static inline __attribute__((always_inline)) void scores16_bf(const float *q, int64_t D, const int NH,
+                                                                  const uint16_t *k, int64_t nk, float scale, float *s,
+                                                                  int64_t CH) {
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; h++) a[h] = _mm512_setzero_ps();
+    const __mmask16 m = nk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nk) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)D));
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t i = 0; i < 16 * D; i += 32) _mm_prefetch((const char *)(k + 16 * D + i), _MM_HINT_T0);
+    for (int64_t d = 0; d < D; d += 2) {
+        const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, k + d, 2);
+        const __m512 k0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), k1 = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+#pragma GCC unroll 16
+        for (int h = 0; h < NH; h++) {
+            a[h] = _mm512_fmadd_ps(_mm512_set1_ps(q[h * D + d]), k0, a[h]);
+            a[h] = _mm512_fmadd_ps(_mm512_set1_ps(q[h * D + d + 1]), k1, a[h]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; h++) _mm512_mask_storeu_ps(s + h * CH, m, _mm512_mul_ps(a[h], _mm512_set1_ps(scale)));
+}
+
+#define LVQ_SCORES16_BF(NH)                                                                                            \
+    VNNI static void scores16_bf_##NH(const float *q, int64_t D, const uint16_t *k, int64_t nk, float scale, float *s, \
+                                      int64_t CH) {                                                                   \
+        scores16_bf(q, D, NH, k, nk, scale, s, CH);                                                                   \
+    }
+LVQ_SCORES16_BF(16)
+LVQ_SCORES16_BF(4)
+LVQ_SCORES16_BF(1)
+
+/* scores16_bf on AVX2: eight keys a gather, eight heads at most. */
+AVX2 static inline __attribute__((always_inline)) void scores8_bf(const float *q, int64_t D, const int NH,
+                                                                 const uint16_t *k, int64_t nk, float scale, float *s,
+                                                                 int64_t CH) {
+    __m256 a[8];
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; h++) a[h] = _mm256_setzero_ps();
+    int32_t lanes[8];
+    for (int j = 0; j < 8; j++) lanes[j] = j < nk ? -1 : 0;
+    const __m256i m = _mm256_loadu_si256((const __m256i *)lanes);
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)D));
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int64_t i = 0; i < 8 * D; i += 32) _mm_prefetch((const char *)(k + 8 * D + i), _MM_HINT_T0);
+    for (int64_t d = 0; d < D; d += 2) {
+        const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(k + d), idx, m, 2);
+        const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), k1 = _mm256_castsi256_ps(_mm256_and_si256(x, hi));
+#pragma GCC unroll 8
+        for (int h = 0; h < NH; h++) {
+            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + h * D + d), k0, a[h]);
+            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + h * D + d + 1), k1, a[h]);
+        }
+    }
+    float r[8];
+    for (int h = 0; h < NH; h++) {
+        _mm256_storeu_ps(r, _mm256_mul_ps(a[h], _mm256_set1_ps(scale)));
+        for (int64_t j = 0; j < nk; j++) s[h * CH + j] = r[j];
+    }
+}
+
+AVX2 static void scores8_bf_8(const float *q, int64_t D, const uint16_t *k, int64_t nk, float scale, float *s, int64_t CH) {
+    scores8_bf(q, D, 8, k, nk, scale, s, CH);
+}
+AVX2 static void scores8_bf_1(const float *q, int64_t D, const uint16_t *k, int64_t nk, float scale, float *s, int64_t CH) {
+    scores8_bf(q, D, 1, k, nk, scale, s, CH);
+}
+
+VNNI static void bf_to_f32_avx512(const uint16_t *x, int64_t n, float *y) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16)));
+    for (; i < n; i++) y[i] = bf2f(x[i]);
+}
+
+AVX2 static void bf_to_f32_avx2(const uint16_t *x, int64_t n, float *y) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, ld8bf(x + i));
+    for (; i < n; i++) y[i] = bf2f(x[i]);
+}
+
+/* acc[h][0..D) += sum_j p[h][j] vf[j][0..D) for nh <= 4 heads (p rows P apart, acc rows D apart) over n value rows
+ * of float: sixteen accumulators in registers, D a multiple of 16. */
+VNNI static void pv4_avx512(const float *p, int64_t P, int nh, const float *vf, int64_t n, int64_t D, float *acc) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int nv = D - d0 >= 64 ? 4 : (int)((D - d0) / 16);
+        __m512 a[4][4];
+        for (int h = 0; h < 4; h++)
+            for (int z = 0; z < 4; z++)
+                a[h][z] = h < nh && z < nv ? _mm512_loadu_ps(acc + h * D + d0 + 16 * z) : _mm512_setzero_ps();
+        if (nh == 4 && nv == 4) {
+            for (int64_t j = 0; j < n; j++) {
+                const float *vr = vf + j * D + d0;
+                const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+                             v3 = _mm512_loadu_ps(vr + 48);
+                for (int h = 0; h < 4; h++) {
+                    const __m512 w = _mm512_set1_ps(p[h * P + j]);
+                    a[h][0] = _mm512_fmadd_ps(w, v0, a[h][0]);
+                    a[h][1] = _mm512_fmadd_ps(w, v1, a[h][1]);
+                    a[h][2] = _mm512_fmadd_ps(w, v2, a[h][2]);
+                    a[h][3] = _mm512_fmadd_ps(w, v3, a[h][3]);
+                }
+            }
+        } else {
+            for (int64_t j = 0; j < n; j++)
+                for (int h = 0; h < nh; h++) {
+                    const __m512 w = _mm512_set1_ps(p[h * P + j]);
+                    for (int z = 0; z < nv; z++)
+                        a[h][z] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf + j * D + d0 + 16 * z), a[h][z]);
+                }
+        }
+        for (int h = 0; h < nh; h++)
+            for (int z = 0; z < nv; z++) _mm512_storeu_ps(acc + h * D + d0 + 16 * z, a[h][z]);
+    }
+}
+
+/* pv4_avx512 on AVX2: four heads x sixteen dims, eight accumulators; D a multiple of 8. */
+AVX2 static void pv4_avx2(const float *p, int64_t P, int nh, const float *vf, int64_t n, int64_t D, float *acc) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const int nv = D - d0 >= 16 ? 2 : 1;
+        __m256 a[4][2];
+        for (int h = 0; h < 4; h++)
+            for (int z = 0; z < 2; z++)
+                a[h][z] = h < nh && z < nv ? _mm256_loadu_ps(acc + h * D + d0 + 8 * z) : _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 v0 = _mm256_loadu_ps(vf + j * D + d0), v1 = nv == 2 ? _mm256_loadu_ps(vf + j * D + d0 + 8) : v0;
+            for (int h = 0; h < nh; h++) {
+                const __m256 w = _mm256_broadcast_ss(p + h * P + j);
+                a[h][0] = _mm256_fmadd_ps(w, v0, a[h][0]);
+                a[h][1] = _mm256_fmadd_ps(w, v1, a[h][1]);
+            }
+        }
+        for (int h = 0; h < nh; h++)
+            for (int z = 0; z < nv; z++) _mm256_storeu_ps(acc + h * D + d0 + 8 * z, a[h][z]);
+    }
+}
+
+/* n int8 codes to float. */
+VNNI static void i8_to_f32_avx512(const int8_t *x, int64_t n, float *y) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(x + i)))));
+    for (; i < n; i++) y[i] = (float)x[i];
+}
+
+AVX2 static void i8_to_f32_avx2(const int8_t *x, int64_t n, float *y) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(x + i)))));
+    for (; i < n; i++) y[i] = (float)x[i];
+}
+
+/* A chunk's scores s[0..n): *mx = their max, s[j] = exp(s[j] - max) * vs[j] (vs NULL: 1); returns the sum of the
+ * exps. */
+AVX2 static float softmax_part_avx2(float *s, int64_t n, const float *vs, float *mx) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    float m4[8], m = -INFINITY;
+    _mm256_storeu_ps(m4, m8);
+    for (int i = 0; i < 8; i++) m = m4[i] > m ? m4[i] : m;
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(m)));
+        sum8 = _mm256_add_ps(sum8, e);
+        _mm256_storeu_ps(s + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
+    }
+    float sum = hsum256(sum8);
+    for (; j < n; j++) {
+        float e = expf(s[j] - m);
+        sum += e;
+        s[j] = vs ? e * vs[j] : e;
+    }
+    *mx = m;
+    return sum;
+}
+
+/* One head's D float query values as int16 for scores16_w16 (D a multiple of 4): per four dims d..d+3 two words,
+ * (q[d], q[d+2]) and (q[d+1], q[d+3]), the pairs the gathered key bytes split into; returns the scale. */
+static float q16_pairs(const float *q, int64_t D, int32_t *qp) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < D; d++) amax = fabsf(q[d]) > amax ? fabsf(q[d]) : amax;
+    const float sc = amax > 0.f ? amax / 32767.f : 1.f;
+    for (int64_t d = 0; d < D; d += 4) {
+        int32_t v[4];
+        for (int u = 0; u < 4; u++) v[u] = (int32_t)nearbyintf(q[d + u] / sc);
+        qp[d / 2] = (int32_t)((uint32_t)(uint16_t)v[0] | (uint32_t)(uint16_t)v[2] << 16);
+        qp[d / 2 + 1] = (int32_t)((uint32_t)(uint16_t)v[1] | (uint32_t)(uint16_t)v[3] << 16);
+    }
+    return sc;
+}
+#endif
+
+/* Which loops the chunked attention below runs: 2 = AVX-512, 1 = AVX2, 0 = none (lvq_attend_one's own loops for
+ * a bf16 cache; for an INT8 one the caller's torch code, faster than plain C loops there). */
+static int chunk_path(int64_t D) {
+#ifdef LVQ_X86
+    if (lvq_isa() >= ISA_VNNI && D % 16 == 0) return 2;
+    if (lvq_isa() >= ISA_AVX2 && D % 8 == 0) return 1;
+#endif
+    return 0;
+}
+
+#ifdef LVQ_X86
+/* Keys [j0, j1) of one kv head for its `per` query heads (float, q[h] at q + h * D), over a cache of int8 codes
+ * with per-slot scales ks/vs (kt 0) or of bf16 (kt 1, ks/vs NULL): the chunk's max score m[h], the sum of
+ * exp(score - m) l[h] and acc[h][D] = sum_j exp(score_j - m) * vs[j] * v_j. Scratch: s (per x CH floats, CH >=
+ * j1 - j0 rounded up to 16) and vf (64 x D floats); qp, qsc: the int16 query and its scales (int8, AVX-512). */
+static void attend_chunk(int path, int kt, const float *q, const int32_t *qp, const float *qsc, int64_t per,
+                         int64_t D, const void *kc, const float *ks, const void *vc, const float *vs, int64_t j0,
+                         int64_t j1, float scale, int64_t CH, float *s, float *vf, float *m, float *l, float *acc) {
+    const int64_t n = j1 - j0, step = path == 2 ? 16 : 8;
+    /* scores, scaled by 1/sqrt(D) (and an int8 cache's key scales, the int16 query's scale) */
+    for (int64_t j = 0; j < n; j += step) {
+        const int64_t nk = n - j < step ? n - j : step;
+        const int8_t *k8 = (const int8_t *)kc + (j0 + j) * D;
+        const uint16_t *k16 = (const uint16_t *)kc + (j0 + j) * D;
+        for (int64_t h = 0; h < per;) {
+            float *sh = s + h * CH + j;
+            int nh;
+            if (path == 2) {
+                nh = per - h >= 16 ? 16 : per - h >= 4 ? 4 : 1;
+                const int32_t *qh = kt ? NULL : qp + h * (D / 2);
+                if (kt == 0 && nh == 16) scores16_w16_16(qh, qsc + h, D, k8, ks + j0 + j, nk, scale, sh, CH);
+                else if (kt == 0 && nh == 4) scores16_w16_4(qh, qsc + h, D, k8, ks + j0 + j, nk, scale, sh, CH);
+                else if (kt == 0) scores16_w16_1(qh, qsc + h, D, k8, ks + j0 + j, nk, scale, sh, CH);
+                else if (nh == 16) scores16_bf_16(q + h * D, D, k16, nk, scale, sh, CH);
+                else if (nh == 4) scores16_bf_4(q + h * D, D, k16, nk, scale, sh, CH);
+                else scores16_bf_1(q + h * D, D, k16, nk, scale, sh, CH);
+            } else {
+                nh = per - h >= 8 ? 8 : 1;
+                if (kt == 1) {
+                    if (nh == 8) scores8_bf_8(q + h * D, D, k16, nk, scale, sh, CH);
+                    else scores8_bf_1(q + h * D, D, k16, nk, scale, sh, CH);
+                } else {
+                    float blk[8 * 8];
+                    if (nh == 8) scores8_i8_8(q + h * D, D, k8, nk, blk);
+                    else scores8_i8_1(q + h * D, D, k8, nk, blk);
+                    for (int u = 0; u < nh; u++)
+                        for (int64_t i = 0; i < nk; i++) sh[u * CH + i] = blk[8 * u + i] * (ks[j0 + j + i] * scale);
+                }
+            }
+            h += nh;
+        }
+    }
+    /* per head: max, exp, sum; weights times each value's scale */
+    for (int64_t h = 0; h < per; h++) {
+        m[h] = -INFINITY;
+        l[h] = softmax_part_avx2(s + h * CH, n, vs ? vs + j0 : NULL, m + h);
+        memset(acc + h * D, 0, sizeof(float) * D);
+    }
+    /* weighted values, 64 rows at a time converted to float once for all heads */
+    for (int64_t b = 0; b < n; b += 64) {
+        const int64_t nb = n - b < 64 ? n - b : 64;
+        if (kt == 0 && path == 2) i8_to_f32_avx512((const int8_t *)vc + (j0 + b) * D, nb * D, vf);
+        else if (kt == 0) i8_to_f32_avx2((const int8_t *)vc + (j0 + b) * D, nb * D, vf);
+        else if (path == 2) bf_to_f32_avx512((const uint16_t *)vc + (j0 + b) * D, nb * D, vf);
+        else bf_to_f32_avx2((const uint16_t *)vc + (j0 + b) * D, nb * D, vf);
+        for (int64_t h = 0; h < per; h += 4) {
+            const int nh = per - h >= 4 ? 4 : (int)(per - h);
+            if (path == 2) pv4_avx512(s + h * CH + b, CH, nh, vf, nb, D, acc + h * D);
+            else pv4_avx2(s + h * CH + b, CH, nh, vf, nb, D, acc + h * D);
+        }
+    }
+}
+
+/* o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g] over slots 0..S-1 for the H query heads of a (rotated) qkv row of
+ * type t, g = h / (H/G), from caches [G][slots][D] of int8 codes with per-slot scales (kt 0) or of bf16 (kt 1).
+ * Each kv head's keys are read once for all the query heads that share it, in chunks that split a long cache
+ * across threads (flash-decoding: each chunk's max, sum and weighted values, merged at the end); one head at a
+ * time, as lvq_attend_one did before, ran ~4x below the machine's read rate at 32K slots. */
+static int attend_cached(int path, int kt, const void *qkv, int t, int64_t H, int64_t G, int64_t D, const void *kc,
+                         const float *ks, const void *vc, const float *vs, int64_t slots, int64_t S, void *o,
+                         int nthreads) {
+    const int64_t per = H / G;
+    const float scale = 1.0f / sqrtf((float)D);
+    const size_t es = kt ? 2 : 1;
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = omp_get_max_threads();
+#endif
+    if (nthreads < 1 || S * H * D < (1 << 20)) nthreads = 1; /* short caches: not worth waking threads */
+    /* chunks of at most 2048 keys (at most 256 of them), and about two per thread per kv head */
+    int64_t nc = (S + 2047) / 2048, want = (2 * nthreads + G - 1) / G;
+    if (nc < want) nc = want < (S + 255) / 256 ? want : (S + 255) / 256;
+    if (nc > 256) nc = 256;
+    if (nc < 1) nc = 1;
+    const int64_t CH = ((S + nc - 1) / nc + 15) / 16 * 16;
+    nc = (S + CH - 1) / CH;
+    /* per (kv head, chunk): m, l and acc of its `per` heads; then the query as float, one head's merged output,
+     * the query's int16 scales and pairs */
+    float *part = (float *)malloc(sizeof(float) * (G * nc * per * (D + 2) + H * D + D + H + H * (D / 2)));
+    if (!part) return -11;
+    float *qf = part + G * nc * per * (D + 2), *qsc = qf + H * D + D;
+    int32_t *qp = (int32_t *)(qsc + H);
+    for (int64_t i = 0; i < H * D; i++) qf[i] = ldf(qkv, t, i);
+    if (path == 2 && kt == 0)
+        for (int64_t h = 0; h < H; h++) qsc[h] = q16_pairs(qf + h * D, D, qp + h * (D / 2));
+    int fail = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = (float *)malloc(sizeof(float) * (per * CH + 64 * D));
+        if (!buf) {
+#pragma omp atomic write
+            fail = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < G * nc; task++) {
+            if (!buf) continue;
+            const int64_t g = task / nc, c = task % nc, j1 = (c + 1) * CH < S ? (c + 1) * CH : S;
+            float *pm = part + task * per * (D + 2), *pl = pm + per, *pa = pl + per;
+            attend_chunk(path, kt, qf + g * per * D, qp + g * per * (D / 2), qsc + g * per, per, D,
+                         (const char *)kc + g * slots * D * es, ks ? ks + g * slots : NULL,
+                         (const char *)vc + g * slots * D * es, vs ? vs + g * slots : NULL, c * CH, j1, scale, CH, buf,
+                         buf + per * CH, pm, pl, pa);
+        }
+        free(buf);
+    }
+    if (!fail)
+        for (int64_t h = 0; h < H; h++) { /* merge the chunks: rescale each to the overall max */
+            const int64_t g = h / per, u = h % per;
+            float M = -INFINITY, L = 0.f, *acc = qf + H * D;
+            for (int64_t c = 0; c < nc; c++) {
+                const float mc = part[(g * nc + c) * per * (D + 2) + u];
+                M = mc > M ? mc : M;
+            }
+            memset(acc, 0, sizeof(float) * D);
+            for (int64_t c = 0; c < nc; c++) {
+                const float *pm = part + (g * nc + c) * per * (D + 2), *pa = pm + 2 * per + u * D;
+                const float w = expf(pm[u] - M);
+                L += pm[per + u] * w;
+                for (int64_t d = 0; d < D; d++) acc[d] += pa[d] * w;
+            }
+            for (int64_t d = 0; d < D; d++) stf(o, t, h * D + d, acc[d] / L);
+        }
+    free(part);
+    return fail ? -11 : 0;
+}
+#endif
+
+/* lvq_attend_one over an INT8 cache: RoPE on the token's q and k (in place in its qkv row, type t), its k and v
+ * quantized into slot `slot` of kq/vq [G][slots][D] with their scales in ks/vs [G][slots] (as Int8KV.write), then
+ * o[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g] over slots 0..slot with K, V the codes times their scales.
+ * Returns -11 when its scratch cannot be allocated, -1 (having done nothing) without AVX2 or with D not a multiple
+ * of 8. */
+int lvq_attend_one_i8(void *qkv, int t, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G,
+                      int64_t D, int8_t *kq, float *ks, int8_t *vq, float *vs, int64_t slots, int64_t slot, void *o,
+                      int nthreads) {
+    const int path = chunk_path(D);
+    if (!path) return -1;
+#ifdef LVQ_X86
+    rope_row(qkv, t, cos, sin, rot, H, G, D);
+    for (int64_t g = 0; g < G; g++) {
+        quant_head_i8(qkv, t, (H + g) * D, D, kq + (g * slots + slot) * D, ks + g * slots + slot);
+        quant_head_i8(qkv, t, (H + G + g) * D, D, vq + (g * slots + slot) * D, vs + g * slots + slot);
+    }
+    return attend_cached(path, 0, qkv, t, H, G, D, kq, ks, vq, vs, slots, slot + 1, o, nthreads);
+#else
+    return -1;
+#endif
+}
+
 /* One quantized linear of a block, as lvq_decode_block takes it (all fields 8 bytes: no padding). */
 typedef struct {
     int64_t K;
@@ -2058,12 +2549,13 @@ static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *y, int64_t 
 /* One bf16 token through a whole pre-norm block (ChatGLM2/3, GLM-4; GLM-4-0414 with post norms pn1/pn2):
  * the same C steps as the block's separate calls (lvq_rmsnorm, lvq_gemm, lvq_attend_one, lvq_swiglu, a
  * bf16 residual add), in one call (Python reaches it through lvq_decode_blocks, one block or all): ~10
- * Python calls a block cost more than the attention itself on a 2-core CPU. Norm weights of type nt (0 float32, 1 bf16); pn1/pn2 NULL without post norms; y may be x. */
+ * Python calls a block cost more than the attention itself on a 2-core CPU. Norm weights of type nt (0 float32, 1 bf16); pn1/pn2 NULL without post norms; y may be x.
+ * ks/vs: the scales of an INT8 cache (kc, vc its codes: lvq_attend_one_i8), or NULL for a bf16 one. */
 static int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, const void *pn1,
                             const void *pn2, int nt, float eps, const lvq_lin *qkv, const lvq_lin *out,
                             const lvq_lin *up, const lvq_lin *down, const float *cos, const float *sin, int64_t rot,
-                            int64_t H, int64_t G, int64_t D, void *kc, void *vc, int64_t slots, int64_t slot,
-                            int nthreads, int athreads) {
+                            int64_t H, int64_t G, int64_t D, void *kc, void *vc, float *ks, float *vs, int64_t slots,
+                            int64_t slot, int nthreads, int athreads) {
     int64_t hid = qkv->K, ffn = down->K;
     if (out->N != hid || up->K != hid || down->N != hid || up->N != 2 * ffn || qkv->N != (H + 2 * G) * D ||
         out->K != H * D)
@@ -2074,7 +2566,9 @@ static int lvq_decode_block(const void *x, void *y, const void *n1, const void *
     int rc = 0;
     lvq_rmsnorm(x, 1, n1, nt, 1, hid, eps, h);
     if ((rc = lin_bf16(qkv, h, q, nthreads))) goto done;
-    if ((rc = lvq_attend_one(q, 1, cos, sin, rot, H, G, D, kc, vc, slots, slot, o, athreads))) goto done;
+    rc = ks ? lvq_attend_one_i8(q, 1, cos, sin, rot, H, G, D, kc, ks, vc, vs, slots, slot, o, athreads)
+            : lvq_attend_one(q, 1, cos, sin, rot, H, G, D, kc, vc, slots, slot, o, athreads);
+    if (rc) goto done;
     if ((rc = lin_bf16(out, o, a, nthreads))) goto done;
     if (pn1) lvq_rmsnorm(a, 1, pn1, nt, 1, hid, eps, a);
     add_bf16(x, a, y, hid);
@@ -2098,17 +2592,17 @@ typedef struct {
     int64_t nthreads;
 } lvq_block;
 
-/* One token through n blocks, layer i with its caches kc[i], vc[i]: lvq_decode_block per block, in one
- * call; attention on athreads threads, or (athreads < 1) on each block's own. Between calls from Python a
+/* One token through n blocks, layer i with its caches kc[i], vc[i] (bf16; or int8 codes with their scales in
+ * ks[i], vs[i], where ks is not NULL): lvq_decode_block per block, in one call; attention on athreads threads, or (athreads < 1) on each block's own. Between calls from Python a
  * 2-core CPU spent ~300 us per block: the interpreter's data had to come back from DRAM after every block
  * had streamed ~100 MB of weights through the caches (~8 ms a token). */
 int lvq_decode_blocks(const void *x, void *y, const lvq_block *b, int64_t n, void *const *kc, void *const *vc,
-                      const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G, int64_t D,
+                      float *const *ks, float *const *vs, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G, int64_t D,
                       int64_t slots, int64_t slot, int athreads) {
     for (int64_t i = 0; i < n; i++) {
         int rc = lvq_decode_block(i ? y : x, y, b[i].n1, b[i].n2, b[i].pn1, b[i].pn2, (int)b[i].nt, (float)b[i].eps,
                                   b[i].qkv, b[i].out, b[i].up, b[i].down, cos, sin, rot, H, G, D, kc[i], vc[i],
-                                  slots, slot, (int)b[i].nthreads, athreads > 0 ? athreads : (int)b[i].nthreads);
+                                  ks ? ks[i] : NULL, vs ? vs[i] : NULL, slots, slot, (int)b[i].nthreads, athreads > 0 ? athreads : (int)b[i].nthreads);
         if (rc) return rc;
     }
     return 0;

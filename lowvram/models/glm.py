@@ -100,7 +100,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
 
 class Int8KV:
     """A layer's KV cache in int8 with one scale per (head, slot): half of bf16's bytes, for the 128K/1M
-    context models. Same [batch, kv_heads, slots, head_dim] layout; read back in the compute dtype."""
+    context models. Same [batch, kv_heads, slots, head_dim] layout; read back in the compute dtype. A bf16
+    decode step on the CPU writes and reads it in C (kernels.fused.attend_one: the same rounding as `write`)."""
 
     def __init__(self, shape, dtype, device):
         self.dtype = dtype
