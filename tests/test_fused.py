@@ -167,6 +167,46 @@ def test_attend_rows_matches_rope_cache_write_and_causal_attention(path, start, 
     assert torch.equal(cache[0][:, :, :start], kc[:, :, :start])
 
 
+@pytest.mark.parametrize("start,rows", [(0, 45), (37, 5), (300, 64)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 40), (32, 2, 128)])
+def test_attend_rows_over_an_int8_cache(start, rows, heads, kv_heads, head_dim):
+    """A prompt chunk over the INT8 KV cache in C: the rows' keys and values written as Int8KV.write rounds them,
+    nothing else touched, and attention over the cache's earlier slots and the chunk's own rows before rounding
+    (the torch code rounds those first: int8's rounding apart)."""
+    if not native.fast():
+        pytest.skip(f"the prompt attention in C needs AVX2; this CPU runs the kernel's {native.isa()} path")
+    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
+                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
+                    max_length=1024, rotary_dim=16)
+    H, G, D, T = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows
+    torch.manual_seed(start + rows)
+    qkv = (torch.randn(1, T, (H + 2 * G) * D) * 2).bfloat16()
+    cache, ref = (glm.Int8KV((1, G, 400, D), torch.bfloat16, "cpu") for _ in range(2))
+    cache.write(0, torch.randn(1, G, start, D), torch.randn(1, G, start, D))
+    for a, b in zip(ref.q + ref.s, cache.q + cache.s):
+        a.copy_(b)
+    rope = glm.rope_tables(cfg, torch.arange(start, start + T)[None])
+    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+    q, k, v = q.view(1, T, H, D), k.view(1, T, G, D), v.view(1, T, G, D)
+    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    ref.write(start, k.transpose(1, 2), v.transpose(1, 2))
+    mask = torch.arange(start + T) <= torch.arange(start, start + T)[:, None]
+
+    def sdpa(keys, values):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2).float(), keys.float(), values.float(), attn_mask=mask,
+                                           enable_gqa=True)
+        return o.transpose(1, 2).reshape(1, T, H * D)
+
+    # the earlier slots as the cache holds them, the chunk's rows before rounding
+    expect = sdpa(*(torch.cat([c[:, :, :start], x.transpose(1, 2)], 2) for c, x in zip(ref.read(start), (k, v))))
+    o = fused.attend_rows(cfg, qkv.clone(), rope, cache, start)
+    assert o.shape == (1, T, H * D)
+    assert _rel(o, expect) < 4e-3  # bf16 rounding of the output
+    assert _rel(o, sdpa(*ref.read(start + T))) < 2e-2  # the torch code, every row rounded
+    for a, b in zip(cache.q + cache.s, ref.q + ref.s):
+        assert torch.equal(a, b)  # the rows' codes and scales as torch writes them; nothing else touched
+
+
 @pytest.mark.parametrize("generation,kw", [("chatglm3-6b", {}), ("glm-4-9b-chat", {}), ("glm-4-0414", {}),
                                            ("chatglm3-6b", {"pre_seq_len": 4})])
 def test_prompt_attention_in_c_equals_sdpa(generation, kw, tiny, monkeypatch):
