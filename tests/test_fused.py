@@ -15,6 +15,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _attention_cfg(heads, kv_heads, head_dim):
+    """One ChatGLM3-style layer with these attention shapes (the kernels read only these and the RoPE width)."""
+    return GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
+                     num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
+                     max_length=8192, rotary_dim=16)
+
+
 def _decode_logits(model, ids, prompt):
     """Prefill `prompt` ids, then each further id as one decode step: the logits of every step."""
     caches = model.new_cache(model.config.pre_seq_len + len(ids))
@@ -55,9 +62,7 @@ def test_rms_norm_and_swiglu_match_torch(path):
 def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv_heads, head_dim):
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
-    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
-                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
-                    max_length=8192, rotary_dim=16)
+    cfg = _attention_cfg(heads, kv_heads, head_dim)
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     torch.manual_seed(slot)
     qkv = torch.randn(1, 1, (H + 2 * G) * D).bfloat16()
@@ -94,9 +99,7 @@ def test_attend_one_over_an_int8_cache_matches_torch(path, slot, heads, kv_heads
     attention equal to Int8KV.attend_one (torch, fp32) to the output's bf16 rounding."""
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
-    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
-                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
-                    max_length=8192, rotary_dim=16)
+    cfg = _attention_cfg(heads, kv_heads, head_dim)
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     torch.manual_seed(slot + heads)
     qkv = (torch.randn(1, 1, (H + 2 * G) * D) * 3).bfloat16()
@@ -134,9 +137,7 @@ def test_attend_rows_matches_rope_cache_write_and_causal_attention(path, start, 
     own (earlier slots: a prefix or an earlier chunk), against the torch code with an explicit mask."""
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
-    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
-                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
-                    max_length=1024, rotary_dim=16)
+    cfg = _attention_cfg(heads, kv_heads, head_dim)
     H, G, D, T = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows
     torch.manual_seed(start + rows)
     qkv = (torch.randn(1, T, (H + 2 * G) * D) * 2).bfloat16()
@@ -175,9 +176,7 @@ def test_attend_rows_over_an_int8_cache(start, rows, heads, kv_heads, head_dim):
     (the torch code rounds those first: int8's rounding apart)."""
     if not native.fast():
         pytest.skip(f"the prompt attention in C needs AVX2; this CPU runs the kernel's {native.isa()} path")
-    cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=256, num_layers=1,
-                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=64, norm_eps=1e-5,
-                    max_length=1024, rotary_dim=16)
+    cfg = _attention_cfg(heads, kv_heads, head_dim)
     H, G, D, T = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows
     torch.manual_seed(start + rows)
     qkv = (torch.randn(1, T, (H + 2 * G) * D) * 2).bfloat16()

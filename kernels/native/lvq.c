@@ -2122,44 +2122,6 @@ LVQ_SCORES16(16)
 LVQ_SCORES16(4)
 LVQ_SCORES16(1)
 
-/* scores16_w16 on AVX2, in float (AVX2 has no vpdpwssd): eight keys a gather, eight heads at most (sixteen
- * registers); q[h] at q + h * D. */
-AVX2 static inline __attribute__((always_inline)) void scores8_i8(const float *q, int64_t D, const int NH,
-                                                                 const int8_t *k, int64_t nk, float *s) {
-    __m256 a[8];
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; h++) a[h] = _mm256_setzero_ps();
-    int32_t lanes[8];
-    for (int j = 0; j < 8; j++) lanes[j] = j < nk ? -1 : 0;
-    const __m256i m = _mm256_loadu_si256((const __m256i *)lanes);
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)D));
-    for (int64_t i = 0; i < 8 * D; i += 64) _mm_prefetch((const char *)(k + 8 * D + i), _MM_HINT_T0);
-    for (int64_t d = 0; d < D; d += 4) {
-        const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(k + d), idx, m, 1);
-        const __m256 k0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 24), 24));
-        const __m256 k1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 16), 24));
-        const __m256 k2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 8), 24));
-        const __m256 k3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(x, 24));
-#pragma GCC unroll 8
-        for (int h = 0; h < NH; h++) {
-            const float *qh = q + h * D + d;
-            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh), k0, a[h]);
-            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + 1), k1, a[h]);
-            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + 2), k2, a[h]);
-            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + 3), k3, a[h]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int h = 0; h < NH; h++) _mm256_storeu_ps(s + 8 * h, a[h]);
-}
-
-AVX2 static void scores8_i8_8(const float *q, int64_t D, const int8_t *k, int64_t nk, float *s) {
-    scores8_i8(q, D, 8, k, nk, s);
-}
-AVX2 static void scores8_i8_1(const float *q, int64_t D, const int8_t *k, int64_t nk, float *s) {
-    scores8_i8(q, D, 1, k, nk, s);
-}
-
 /* Scores of NH query heads (float, q[h] at q + h * D) against nk <= 16 bf16 key rows (D apart), scaled by `scale`
  * into s[h * CH + j]: as scores16_w16, a gather brings two dims of all 16 keys (lane j = key j), so no horizontal
  * sums; bf16 to float is a shift (even dim) or a mask (odd dim). D even. */
@@ -2196,41 +2158,56 @@ LVQ_SCORES16_BF(16)
 LVQ_SCORES16_BF(4)
 LVQ_SCORES16_BF(1)
 
-/* scores16_bf on AVX2: eight keys a gather, eight heads at most. */
-AVX2 static inline __attribute__((always_inline)) void scores8_bf(const float *q, int64_t D, const int NH,
-                                                                 const uint16_t *k, int64_t nk, float scale, float *s,
-                                                                 int64_t CH) {
+/* The scores on AVX2, in float (no vpdpwssd there), scaled into s[h * CH + j] like scores16_w16 (int8 codes, kt 0:
+ * times ks[j]) and scores16_bf (bf16, kt 1): eight keys a gather, eight heads at most (sixteen registers). */
+AVX2 static inline __attribute__((always_inline)) void scores8(const float *q, int64_t D, const int NH, const int kt,
+                                                              const void *k, const float *ks, int64_t nk, float scale,
+                                                              float *s, int64_t CH) {
     __m256 a[8];
 #pragma GCC unroll 8
     for (int h = 0; h < NH; h++) a[h] = _mm256_setzero_ps();
     int32_t lanes[8];
     for (int j = 0; j < 8; j++) lanes[j] = j < nk ? -1 : 0;
     const __m256i m = _mm256_loadu_si256((const __m256i *)lanes);
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)D));
-    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-    for (int64_t i = 0; i < 8 * D; i += 32) _mm_prefetch((const char *)(k + 8 * D + i), _MM_HINT_T0);
-    for (int64_t d = 0; d < D; d += 2) {
-        const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(k + d), idx, m, 2);
-        const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), k1 = _mm256_castsi256_ps(_mm256_and_si256(x, hi));
-#pragma GCC unroll 8
-        for (int h = 0; h < NH; h++) {
-            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + h * D + d), k0, a[h]);
-            a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + h * D + d + 1), k1, a[h]);
+    const int64_t rowb = kt ? 2 * D : D; /* bytes per key row */
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)rowb));
+    const char *kb = (const char *)k;
+    for (int64_t i = 0; i < 8 * rowb; i += 64) _mm_prefetch(kb + 8 * rowb + i, _MM_HINT_T0);
+    for (int64_t d = 0; d < D; d += kt ? 2 : 4) {
+        const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(kb + d * (kt ? 2 : 1)),
+                                                      idx, m, 1);
+        __m256 kd[4];
+        if (kt) { /* bf16 pairs: the even dim by a shift, the odd by a mask */
+            kd[0] = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+            kd[1] = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+        } else { /* four int8 codes, sign-extended */
+            kd[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 24), 24));
+            kd[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 16), 24));
+            kd[2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(x, 8), 24));
+            kd[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(x, 24));
         }
+#pragma GCC unroll 8
+        for (int h = 0; h < NH; h++)
+            for (int u = 0; u < (kt ? 2 : 4); u++)
+                a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + h * D + d + u), kd[u], a[h]);
     }
-    float r[8];
+    float r[8], f[8];
+    for (int j = 0; j < 8; j++) f[j] = kt ? scale : j < nk ? ks[j] * scale : 0.f;
     for (int h = 0; h < NH; h++) {
-        _mm256_storeu_ps(r, _mm256_mul_ps(a[h], _mm256_set1_ps(scale)));
+        _mm256_storeu_ps(r, _mm256_mul_ps(a[h], _mm256_loadu_ps(f)));
         for (int64_t j = 0; j < nk; j++) s[h * CH + j] = r[j];
     }
 }
 
-AVX2 static void scores8_bf_8(const float *q, int64_t D, const uint16_t *k, int64_t nk, float scale, float *s, int64_t CH) {
-    scores8_bf(q, D, 8, k, nk, scale, s, CH);
-}
-AVX2 static void scores8_bf_1(const float *q, int64_t D, const uint16_t *k, int64_t nk, float scale, float *s, int64_t CH) {
-    scores8_bf(q, D, 1, k, nk, scale, s, CH);
-}
+#define LVQ_SCORES8(NH, KT)                                                                                            \
+    AVX2 static void scores8_##NH##_##KT(const float *q, int64_t D, const void *k, const float *ks, int64_t nk,      \
+                                         float scale, float *s, int64_t CH) {                                         \
+        scores8(q, D, NH, KT, k, ks, nk, scale, s, CH);                                                               \
+    }
+LVQ_SCORES8(8, 0)
+LVQ_SCORES8(1, 0)
+LVQ_SCORES8(8, 1)
+LVQ_SCORES8(1, 1)
 
 VNNI static void bf_to_f32_avx512(const uint16_t *x, int64_t n, float *y) {
     int64_t i = 0;
@@ -2397,16 +2374,12 @@ static void attend_chunk(int path, int kt, const float *q, const int32_t *qp, co
                 else scores16_bf_1(q + h * D, D, k16, nk, scale, sh, CH);
             } else {
                 nh = per - h >= 8 ? 8 : 1;
-                if (kt == 1) {
-                    if (nh == 8) scores8_bf_8(q + h * D, D, k16, nk, scale, sh, CH);
-                    else scores8_bf_1(q + h * D, D, k16, nk, scale, sh, CH);
-                } else {
-                    float blk[8 * 8];
-                    if (nh == 8) scores8_i8_8(q + h * D, D, k8, nk, blk);
-                    else scores8_i8_1(q + h * D, D, k8, nk, blk);
-                    for (int u = 0; u < nh; u++)
-                        for (int64_t i = 0; i < nk; i++) sh[u * CH + i] = blk[8 * u + i] * (ks[j0 + j + i] * scale);
-                }
+                const void *kj = kt ? (const void *)k16 : (const void *)k8;
+                const float *ksj = kt ? NULL : ks + j0 + j;
+                if (nh == 8 && kt) scores8_8_1(q + h * D, D, kj, ksj, nk, scale, sh, CH);
+                else if (kt) scores8_1_1(q + h * D, D, kj, ksj, nk, scale, sh, CH);
+                else if (nh == 8) scores8_8_0(q + h * D, D, kj, ksj, nk, scale, sh, CH);
+                else scores8_1_0(q + h * D, D, kj, ksj, nk, scale, sh, CH);
             }
             h += nh;
         }
