@@ -32,8 +32,8 @@ import lowvram
 from lowvram.kernels import PackedWeight, fused, native, pack_cols, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_attend_rows", "lvq_decode_blocks",
-         "lvq_dequant_bf16", "lvq_repack", "lvq_hugepages")
+FUNCS = ("lvq_gemm", "lvq_rmsnorm", "lvq_swiglu", "lvq_attend_one", "lvq_attend_one_i8", "lvq_attend_rows",
+         "lvq_decode_blocks", "lvq_dequant_bf16", "lvq_repack", "lvq_hugepages")
 
 
 def build(rev: str, out: Path) -> ctypes.CDLL:
@@ -49,8 +49,8 @@ def build(rev: str, out: Path) -> ctypes.CDLL:
     for f in FUNCS:
         if not hasattr(lib, f):  # older than the function: decode then runs the separate calls on both sides
             print(f"{rev} has no {f}")
-            if f == "lvq_decode_blocks":
-                fused.decode_blocks = fused.decode_block = lambda *a, **k: None
+            if f in ("lvq_decode_blocks", "lvq_attend_one_i8"):  # lvq_decode_blocks took INT8 caches' scales since
+                fused.decode_blocks = fused.decode_block = lambda *a, **k: None  # lvq_attend_one_i8 came
             if f == "lvq_attend_rows":  # prompts then attend through SDPA on both sides
                 fused.attend_rows = lambda *a, **k: None
             continue

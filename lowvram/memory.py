@@ -180,4 +180,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     T = min(prompt_len, prefill_chunk)
     up = 2 * cfg.ffn_hidden_size if cfg.mlp == "swiglu" else cfg.ffn_hidden_size
     work = T * (4 * cfg.hidden_size + up + cfg.q_size + 2 * cfg.kv_size) * 4 + cfg.vocab_size * 4
+    # the prompt attention in C (lvq_attend_rows) holds a layer's keys and values in float32, up to 16K slots; an
+    # INT8 cache is first read back in the compute dtype
+    work += 2 * cfg.kv_size * (min(slots, 16384) * 4 + (slots * db if kv_int8 else 0))
     return RSSPrediction(runtime, weights, mapped, kv, work, transient, head_first)
