@@ -274,7 +274,9 @@ def run_llama_cpp(path, prompt_len, steps, threads):
     import numpy as np
 
     t = time.perf_counter()
-    llm = llama_cpp.Llama(str(path), n_ctx=prompt_len + steps + 16, n_batch=prompt_len, n_ubatch=prompt_len,
+    # the prompt in one call, computed 512 rows at a time (llama.cpp's default, and lowvram's prefill chunk): a
+    # whole 4096-token batch held 3.5 GB more of compute buffers
+    llm = llama_cpp.Llama(str(path), n_ctx=prompt_len + steps + 16, n_batch=prompt_len, n_ubatch=min(prompt_len, 512),
                           n_threads=threads, n_threads_batch=threads, use_mmap=False, verbose=False)
     load_s = time.perf_counter() - t
     ids = prompt_ids(prompt_len)
