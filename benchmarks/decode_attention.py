@@ -2,6 +2,7 @@
 which a step's weight stream has pushed out to DRAM (a single layer's cache timed in a loop stays in L3).
 
     python benchmarks/decode_attention.py [--slots 8000] [--kv bf16|int8] [--rev REV] [--rounds 7] [--threads 2]
+                                          [--isa avx2]
 
 ChatGLM3-6B's attention shapes (28 layers, 32 query heads over 2 kv heads of 128) at `--slots` cached tokens,
 bf16 or the INT8 cache (codes and per-slot scales, as lowvram.models.glm.Int8KV holds them). The installed
@@ -60,6 +61,7 @@ def main():
     ap.add_argument("--rev", help="also time the kernel of this git revision")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", choices=native.ISAS, help="cap both kernels at this path (AVX2's loops on an AVX-512 CPU)")
     args = ap.parse_args()
     if native.available() is not None:
         sys.exit(native.available())
@@ -71,6 +73,9 @@ def main():
             print(f"{args.rev} has no lvq_attend_one_i8 (its INT8 cache was read in torch): installed kernel only")
         else:
             libs[args.rev] = lib
+    if args.isa:
+        for lib in libs.values():
+            lib.lvq_set_isa(native.ISAS.index(args.isa))
     cfg = GLMConfig(layout="chatglm", generation="chatglm3-6b", vocab_size=64, hidden_size=H * D, num_layers=LAYERS,
                     num_heads=H, num_kv_heads=G, head_dim=D, ffn_hidden_size=64, norm_eps=1e-5,
                     max_length=args.slots + 1, rotary_dim=64)
@@ -87,7 +92,7 @@ def main():
             times[name].append(step(lib, args.kv, kvs, rope, qkv0, o, args.slots, args.threads))
     cached = args.slots * LAYERS * 2 * G * D * (2 if args.kv == "bf16" else 1) / 1e9
     print(f"{args.kv} cache, {args.slots} slots, {LAYERS} layers ({cached:.2f} GB read per step), "
-          f"{args.threads} threads, {args.rounds} rounds")
+          f"{args.threads} threads, {args.rounds} rounds, {args.isa or native.isa()} path")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:>12}: {med * 1e3:7.2f} ms per step (min {min(ts) * 1e3:.2f}), {cached / med:.1f} GB/s")
