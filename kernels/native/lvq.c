@@ -2079,6 +2079,14 @@ static void quant_head_i8(const void *x, int t, int64_t off, int64_t D, int8_t *
     *s = sc;
 }
 
+/* The first nk of 16 lanes (key rows in a block), and lane j's offset j * stride (a gather's indices). */
+static inline __mmask16 lanes16(int64_t nk) { return nk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nk) - 1); }
+
+VNNI static inline __m512i rows16(int64_t stride) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)stride));
+}
+
 /* Scores of NH query heads against nk <= 16 int8 key rows (D bytes apart): q[h] . k[j].
  * A gather brings four dims of all 16 keys at once (lane j = key j), so the products accumulate per key across
  * lanes with no horizontal sums; the query is broadcast. D a multiple of 4. The query is in int16 (qp: per head,
@@ -2093,9 +2101,8 @@ VNNI static inline __attribute__((always_inline)) void scores16_w16(const int32_
     __m512i a[16];
 #pragma GCC unroll 16
     for (int h = 0; h < NH; h++) a[h] = _mm512_setzero_si512();
-    const __mmask16 m = nk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nk) - 1);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)D));
+    const __mmask16 m = lanes16(nk);
+    const __m512i idx = rows16(D);
     for (int64_t i = 0; i < 16 * D; i += 64) _mm_prefetch((const char *)(k + 16 * D + i), _MM_HINT_T0);
     for (int64_t d = 0; d < D; d += 4) {
         const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, k + d, 1);
@@ -2132,9 +2139,8 @@ VNNI static inline __attribute__((always_inline)) void scores16_bf(const float *
     __m512 a[16];
 #pragma GCC unroll 16
     for (int h = 0; h < NH; h++) a[h] = _mm512_setzero_ps();
-    const __mmask16 m = nk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nk) - 1);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)D));
+    const __mmask16 m = lanes16(nk);
+    const __m512i idx = rows16(D);
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
     for (int64_t i = 0; i < 16 * D; i += 32) _mm_prefetch((const char *)(k + 16 * D + i), _MM_HINT_T0);
     for (int64_t d = 0; d < D; d += 2) {
