@@ -56,9 +56,9 @@ def test_rms_norm_and_swiglu_match_torch(path):
 
 @pytest.mark.parametrize("path", native.ISAS)
 @pytest.mark.parametrize("slot", [0, 37, 700, 5000])
-# groups of 4 query heads per kv head, groups with heads left over, and ChatGLM3's heads (whose 700- and 5000-slot
-# caches are long enough to split into chunks across threads)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (3, 1, 32), (32, 2, 128)])
+# groups of 4 query heads per kv head, groups with heads left over, ChatGLM3's heads (whose 700- and 5000-slot
+# caches are long enough to split into chunks across threads), one query head per kv head
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (14, 2, 40), (3, 1, 32), (32, 2, 128), (4, 4, 48)])
 def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv_heads, head_dim):
     if native.ISAS.index(path) > native.ISAS.index(native.isa()):
         pytest.skip(f"this CPU runs the kernel's {native.isa()} path at best, not {path}")
@@ -92,8 +92,9 @@ def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv
 @pytest.mark.parametrize("path", native.ISAS)
 @pytest.mark.parametrize("slot", [0, 37, 700, 5000])
 # heads per kv head: 16 (ChatGLM2/3, GLM-4: AVX-512's sixteen-head loop), 7 and 3 (the four-head and one-head
-# loops); head sizes off AVX-512's 16 (40: the AVX2 loops there); 5000 slots: several chunks merged, on threads
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 2, 128), (14, 2, 40), (3, 1, 32), (21, 3, 64)])
+# loops) and 1; head sizes off AVX-512's 16 (40: the AVX2 loops there) and off its 64-wide value tile (48); 5000
+# slots: several chunks merged, on threads
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 2, 128), (14, 2, 40), (3, 1, 32), (21, 3, 64), (4, 4, 48)])
 def test_attend_one_over_an_int8_cache_matches_torch(path, slot, heads, kv_heads, head_dim):
     """lvq_attend_one_i8: the token's k and v quantized into the INT8 cache exactly as Int8KV.write does, and its
     attention equal to Int8KV.attend_one (torch, fp32) to the output's bf16 rounding."""
