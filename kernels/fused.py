@@ -92,6 +92,8 @@ def attend_one(cfg, qkv: torch.Tensor, rope, cache, start, threads: int = 0) -> 
         kq, ks, vq, vs = i8
         rc = native._lib.lvq_attend_one_i8(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kq),
                                            _p(ks), _p(vq), _p(vs), kq.shape[2], start, _p(o), _THREADS or threads)
+        if rc == -1:  # no loops for this CPU or head size (nothing was written): the torch code runs
+            return None
     elif isinstance(cache, tuple) and _cache_ok(cache, rope, qkv.dtype):
         kc, vc = cache
         rc = native._lib.lvq_attend_one(_p(qkv), _BF16, _p(cos), _p(sin), cfg.rotary_dim, H, G, D, _p(kc), _p(vc),
