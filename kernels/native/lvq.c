@@ -1706,26 +1706,36 @@ AVX2 static inline __m256 hsum8x(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* s[0..S) -> softmax(s), in place. */
-AVX2 static void softmax_avx2(float *s, int64_t S) {
-    float mx = -INFINITY;
+/* A chunk's scores s[0..n): *mx = their max, s[j] = exp(s[j] - max) * vs[j] (vs NULL: 1); returns the sum of the
+ * exps. */
+AVX2 static float softmax_part_avx2(float *s, int64_t n, const float *vs, float *mx) {
     __m256 m8 = _mm256_set1_ps(-INFINITY);
     int64_t j = 0;
-    for (; j + 8 <= S; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
-    float m4[8];
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    float m4[8], m = -INFINITY;
     _mm256_storeu_ps(m4, m8);
-    for (int i = 0; i < 8; i++) mx = m4[i] > mx ? m4[i] : mx; /* not fmaxf: a libm call here (16% of the time) */
-    for (; j < S; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int i = 0; i < 8; i++) m = m4[i] > m ? m4[i] : m; /* not fmaxf: a libm call here (16% of the time) */
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
     __m256 sum8 = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= S; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
-        _mm256_storeu_ps(s + j, e);
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(m)));
         sum8 = _mm256_add_ps(sum8, e);
+        _mm256_storeu_ps(s + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
     }
     float sum = hsum256(sum8);
-    for (; j < S; j++) sum += (s[j] = expf(s[j] - mx));
-    float inv = 1.f / sum;
-    for (j = 0; j < S; j++) s[j] *= inv;
+    for (; j < n; j++) {
+        float e = expf(s[j] - m);
+        sum += e;
+        s[j] = vs ? e * vs[j] : e;
+    }
+    *mx = m;
+    return sum;
+}
+
+/* s[0..S) -> softmax(s), in place. */
+AVX2 static void softmax_avx2(float *s, int64_t S) {
+    float mx, inv = 1.f / softmax_part_avx2(s, S, NULL, &mx);
+    for (int64_t j = 0; j < S; j++) s[j] *= inv;
 }
 
 /* Attention of four query heads that share a kv head (GQA: 16 of them in ChatGLM2/3 and GLM-4) over its S
@@ -2283,32 +2293,6 @@ AVX2 static void i8_to_f32_avx2(const int8_t *x, int64_t n, float *y) {
     for (; i < n; i++) y[i] = (float)x[i];
 }
 
-/* A chunk's scores s[0..n): *mx = their max, s[j] = exp(s[j] - max) * vs[j] (vs NULL: 1); returns the sum of the
- * exps. */
-AVX2 static float softmax_part_avx2(float *s, int64_t n, const float *vs, float *mx) {
-    __m256 m8 = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
-    float m4[8], m = -INFINITY;
-    _mm256_storeu_ps(m4, m8);
-    for (int i = 0; i < 8; i++) m = m4[i] > m ? m4[i] : m;
-    for (; j < n; j++) m = s[j] > m ? s[j] : m;
-    __m256 sum8 = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(m)));
-        sum8 = _mm256_add_ps(sum8, e);
-        _mm256_storeu_ps(s + j, vs ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)) : e);
-    }
-    float sum = hsum256(sum8);
-    for (; j < n; j++) {
-        float e = expf(s[j] - m);
-        sum += e;
-        s[j] = vs ? e * vs[j] : e;
-    }
-    *mx = m;
-    return sum;
-}
-
 /* One head's D float query values as int16 for scores16_w16 (D a multiple of 4): per four dims d..d+3 two words,
  * (q[d], q[d+2]) and (q[d+1], q[d+3]), the pairs the gathered key bytes split into; returns the scale. */
 static float q16_pairs(const float *q, int64_t D, int32_t *qp) {
@@ -2504,8 +2488,9 @@ static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *y, int64_t 
 /* One bf16 token through a whole pre-norm block (ChatGLM2/3, GLM-4; GLM-4-0414 with post norms pn1/pn2):
  * the same C steps as the block's separate calls (lvq_rmsnorm, lvq_gemm, lvq_attend_one, lvq_swiglu, a
  * bf16 residual add), in one call (Python reaches it through lvq_decode_blocks, one block or all): ~10
- * Python calls a block cost more than the attention itself on a 2-core CPU. Norm weights of type nt (0 float32, 1 bf16); pn1/pn2 NULL without post norms; y may be x.
- * ks/vs: the scales of an INT8 cache (kc, vc its codes: lvq_attend_one_i8), or NULL for a bf16 one. */
+ * Python calls a block cost more than the attention itself on a 2-core CPU. Norm weights of type nt (0 float32,
+ * 1 bf16); pn1/pn2 NULL without post norms; y may be x. ks/vs: the scales of an INT8 cache (kc, vc its codes:
+ * lvq_attend_one_i8), or NULL for a bf16 one. */
 static int lvq_decode_block(const void *x, void *y, const void *n1, const void *n2, const void *pn1,
                             const void *pn2, int nt, float eps, const lvq_lin *qkv, const lvq_lin *out,
                             const lvq_lin *up, const lvq_lin *down, const float *cos, const float *sin, int64_t rot,
@@ -2548,16 +2533,18 @@ typedef struct {
 } lvq_block;
 
 /* One token through n blocks, layer i with its caches kc[i], vc[i] (bf16; or int8 codes with their scales in
- * ks[i], vs[i], where ks is not NULL): lvq_decode_block per block, in one call; attention on athreads threads, or (athreads < 1) on each block's own. Between calls from Python a
- * 2-core CPU spent ~300 us per block: the interpreter's data had to come back from DRAM after every block
- * had streamed ~100 MB of weights through the caches (~8 ms a token). */
+ * ks[i], vs[i], where ks is not NULL): lvq_decode_block per block, in one call; attention on athreads threads,
+ * or (athreads < 1) on each block's own. Between calls from Python a 2-core CPU spent ~300 us per block: the
+ * interpreter's data had to come back from DRAM after every block had streamed ~100 MB of weights through the
+ * caches (~8 ms a token). */
 int lvq_decode_blocks(const void *x, void *y, const lvq_block *b, int64_t n, void *const *kc, void *const *vc,
-                      float *const *ks, float *const *vs, const float *cos, const float *sin, int64_t rot, int64_t H, int64_t G, int64_t D,
-                      int64_t slots, int64_t slot, int athreads) {
+                      float *const *ks, float *const *vs, const float *cos, const float *sin, int64_t rot, int64_t H,
+                      int64_t G, int64_t D, int64_t slots, int64_t slot, int athreads) {
     for (int64_t i = 0; i < n; i++) {
         int rc = lvq_decode_block(i ? y : x, y, b[i].n1, b[i].n2, b[i].pn1, b[i].pn2, (int)b[i].nt, (float)b[i].eps,
                                   b[i].qkv, b[i].out, b[i].up, b[i].down, cos, sin, rot, H, G, D, kc[i], vc[i],
-                                  ks ? ks[i] : NULL, vs ? vs[i] : NULL, slots, slot, (int)b[i].nthreads, athreads > 0 ? athreads : (int)b[i].nthreads);
+                                  ks ? ks[i] : NULL, vs ? vs[i] : NULL, slots, slot, (int)b[i].nthreads,
+                                  athreads > 0 ? athreads : (int)b[i].nthreads);
         if (rc) return rc;
     }
     return 0;
