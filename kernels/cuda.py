@@ -90,6 +90,14 @@ class TinyGemmLinear(nn.Module):
 DEQUANT_CHUNK = 1 << 24  # weights dequantized at a time: ~0.4 GB of temporaries, not ~2.7 GB for 27392 x 4096
 
 
+def linear_in_slices(x, n_out: int, step: int, weight, bias):
+    """x @ W.T + bias with W built `step` outputs at a time by weight(n0, n1): a dequantized slice's temporaries
+    instead of the whole matrix's."""
+    ys = [nn.functional.linear(x, weight(n0, min(n0 + step, n_out)), None if bias is None else bias[n0 : n0 + step])
+          for n0 in range(0, n_out, step)]
+    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+
 class DequantLinear(nn.Module):
     """Keeps the GPTQ packing on the GPU and dequantizes per call: correct everywhere, memory stays 4/8-bit.
     Dequantizes a slice of outputs at a time: the whole matrix's int32/fp32 temporaries would take ~24 bytes per
@@ -103,13 +111,10 @@ class DequantLinear(nn.Module):
                               None if w.bias is None else w.bias.to(device, dtype))
 
     def forward(self, x):
-        x, w = x.to(self.dtype), self.w
-        per = 32 // w.bits
-        step = max(per, DEQUANT_CHUNK // w.in_features // per * per)
-        if step >= w.out_features:
-            return nn.functional.linear(x, dequantize(w, self.dtype), w.bias)
-        parts = [w.cols(n0, min(n0 + step, w.out_features)) for n0 in range(0, w.out_features, step)]
-        return torch.cat([nn.functional.linear(x, dequantize(p, self.dtype), p.bias) for p in parts], dim=-1)
+        w, per = self.w, 32 // self.w.bits
+        step = max(per, DEQUANT_CHUNK // w.in_features // per * per)  # slices start where packed zeros' words do
+        return linear_in_slices(x.to(self.dtype), w.out_features, step,
+                                lambda n0, n1: dequantize(w.cols(n0, n1), self.dtype), w.bias)
 
 
 class Int8Linear(nn.Module):
@@ -152,13 +157,12 @@ class Int8Linear(nn.Module):
                 y = y + self.bias
         else:  # a slice of outputs at a time, as DequantLinear
             n, k = self.q.shape
-            step = max(1, DEQUANT_CHUNK // k)
-            ys = []
-            for r in range(0, n, step):
-                q, sc, zs = self.q[r : r + step], self.s[r : r + step], self.zs[r : r + step]
-                wd = (q.view(len(q), -1, self.group).to(self.dtype) * sc - zs).view(len(q), k)
-                ys.append(nn.functional.linear(a, wd, None if self.bias is None else self.bias[r : r + step]))
-            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+            def weight(n0, n1):
+                return (self.q[n0:n1].view(n1 - n0, -1, self.group).to(self.dtype) * self.s[n0:n1]
+                        - self.zs[n0:n1]).view(n1 - n0, k)
+
+            y = linear_in_slices(a, n, max(1, DEQUANT_CHUNK // k), weight, self.bias)
         return y.view(*shape[:-1], self.out_features)
 
 
