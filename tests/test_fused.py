@@ -22,6 +22,14 @@ def _attention_cfg(heads, kv_heads, head_dim):
                      max_length=8192, rotary_dim=16)
 
 
+def _rotated_qkv(cfg, qkv, rope):
+    """The torch path of Attention.forward up to attention: q, k, v [1, T, heads, head_dim], q and k rotated."""
+    H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+    q, k, v = q.unflatten(-1, (H, D)), k.unflatten(-1, (G, D)), v.unflatten(-1, (G, D))
+    return glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope), v
+
+
 def _decode_logits(model, ids, prompt):
     """Prefill `prompt` ids, then each further id as one decode step: the logits of every step."""
     caches = model.new_cache(model.config.pre_seq_len + len(ids))
@@ -68,10 +76,7 @@ def test_attend_one_matches_rope_cache_write_and_attention(path, slot, heads, kv
     qkv = torch.randn(1, 1, (H + 2 * G) * D).bfloat16()
     cache = [torch.randn(1, G, slot + 100, D).bfloat16() for _ in range(2)]
     rope = glm.rope_tables(cfg, torch.tensor([[slot]]))
-    # the torch path of Attention.forward, written out
-    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
-    q, k, v = q.view(1, 1, H, D), k.view(1, 1, G, D), v.view(1, 1, G, D)
-    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    q, k, v = _rotated_qkv(cfg, qkv, rope)
     kc, vc = (c.clone() for c in cache)
     kc[:, :, slot] = k[:, 0]
     vc[:, :, slot] = v[:, 0]
@@ -111,9 +116,7 @@ def test_attend_one_over_an_int8_cache_matches_torch(path, slot, heads, kv_heads
     for a, b in zip(ref.q + ref.s, cache.q + cache.s):
         a.copy_(b)
     rope = glm.rope_tables(cfg, torch.tensor([[slot]]))
-    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
-    q, k, v = q.view(1, 1, H, D), k.view(1, 1, G, D), v.view(1, 1, G, D)
-    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    q, k, v = _rotated_qkv(cfg, qkv, rope)
     ref.write(slot, k.transpose(1, 2), v.transpose(1, 2))
     expect = ref.attend_one(q.transpose(1, 2).float(), slot + 1).transpose(1, 2).reshape(1, 1, H * D)
     native.set_isa(path)
@@ -144,9 +147,7 @@ def test_attend_rows_matches_rope_cache_write_and_causal_attention(path, start, 
     qkv = (torch.randn(1, T, (H + 2 * G) * D) * 2).bfloat16()
     cache = [torch.randn(1, G, 400, D).bfloat16() for _ in range(2)]
     rope = glm.rope_tables(cfg, torch.arange(start, start + T)[None])
-    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
-    q, k, v = q.view(1, T, H, D), k.view(1, T, G, D), v.view(1, T, G, D)
-    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    q, k, v = _rotated_qkv(cfg, qkv, rope)
     kc, vc = (c.clone() for c in cache)
     kc[:, :, start : start + T] = k.transpose(1, 2)
     vc[:, :, start : start + T] = v.transpose(1, 2)
@@ -186,9 +187,7 @@ def test_attend_rows_over_an_int8_cache(start, rows, heads, kv_heads, head_dim):
     for a, b in zip(ref.q + ref.s, cache.q + cache.s):
         a.copy_(b)
     rope = glm.rope_tables(cfg, torch.arange(start, start + T)[None])
-    q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
-    q, k, v = q.view(1, T, H, D), k.view(1, T, G, D), v.view(1, T, G, D)
-    q, k = glm.apply_rope(cfg, q, *rope), glm.apply_rope(cfg, k, *rope)
+    q, k, v = _rotated_qkv(cfg, qkv, rope)
     ref.write(start, k.transpose(1, 2), v.transpose(1, 2))
     mask = torch.arange(start + T) <= torch.arange(start, start + T)[:, None]
 
