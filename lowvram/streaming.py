@@ -19,7 +19,7 @@ from .kernels import PackedWeight
 
 # Backends whose weights cannot be swapped: native code holds raw pointers to them (native, ort), or the
 # tensors carry state a plain copy drops (bitsandbytes' Params4bit/Int8Params and their quant_state).
-_POINTER_BACKENDS = ("kernels.native", "kernels.ort", "kernels.bnb")
+_UNSWAPPABLE_BACKENDS = ("kernels.native", "kernels.ort", "kernels.bnb")
 
 
 def tensor_slots(module: nn.Module) -> list[tuple[object, str]]:
@@ -27,7 +27,7 @@ def tensor_slots(module: nn.Module) -> list[tuple[object, str]]:
     tensor attributes of quantized modules and the fields of their PackedWeights."""
     slots: list[tuple[object, str]] = []
     for m in module.modules():
-        if type(m).__module__.endswith(_POINTER_BACKENDS):
+        if type(m).__module__.endswith(_UNSWAPPABLE_BACKENDS):
             raise ValueError(f"cannot stream a block computed by {type(m).__module__} (its weights cannot be "
                              "copied in and out); streamed blocks run on the cuda backend")
         for d in (m._parameters, m._buffers):
