@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lowvram.kernels import pack_cols, pack_rows
+from lowvram.kernels import fp16_scale, pack_cols, pack_rows
 
 
 def fit(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: int = 100,
@@ -50,8 +50,7 @@ def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) 
         xmin = -xmax
     span = xmax - xmin
     span = torch.where(span == 0, torch.ones_like(span), span)
-    scale = (span / maxq).half().float()
-    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)
+    scale = fp16_scale(span / maxq).float()
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

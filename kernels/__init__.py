@@ -106,6 +106,16 @@ def pack_cols(vals: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
+def fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    """Quantization steps x (float) as the fp16 that files store: the nearest, except below 2**-14, where fp16 is
+    subnormal and its spacing (2**-24) a large part of a small step: there the next fp16 up, so a row or group of
+    small weights keeps its extremes on the grid (nearest rounding could shrink the step by a few percent, and the
+    extremes then clamped at the last code, up to a whole step off). Tiny steps never round to zero."""
+    h = x.to(torch.float16)
+    low = (h.float() < x) & (h < 2**-14)
+    return torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W [out_features, in_features] in `dtype`: the exact reference every backend must match."""
     q = unpack_rows(w.qweight, w.bits)  # [K, N]

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .kernels import PackedWeight, default_backend, make_linear, pack_cols, unpack_cols
+from .kernels import PackedWeight, default_backend, fp16_scale, make_linear, pack_cols, unpack_cols
 
 _KEYS = ("qweight", "qzeros", "scales")
 
@@ -189,8 +189,8 @@ def int8_rows(w: torch.Tensor, rows: int = 256) -> PackedWeight:
     qweight = torch.empty(k // 4, n, dtype=torch.int32)  # filled in place: slices and a cat of them were 2x the codes
     for n0 in range(0, n, rows):
         wf = w[n0 : n0 + rows].float()
-        s = (wf.abs().amax(1) / 127).half()  # rounded first: the codes are computed against it
-        s[s == 0] = 1.0  # an all-zero row (or one below fp16's range): codes 128, which dequantize to zero
+        s = fp16_scale(wf.abs().amax(1) / 127)  # rounded first: the codes are computed against it
+        s[s == 0] = 1.0  # an all-zero row: codes 128, which dequantize to zero
         scales[n0 : n0 + rows] = s
         q = (torch.clamp(torch.round(wf / s.float()[:, None]), -127, 127) + 128).to(torch.uint8)  # [rows, K]
         # GPTQ's int32 words hold four consecutive inputs of one output, low byte first: a byte transpose

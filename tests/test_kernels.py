@@ -490,20 +490,23 @@ def test_int8_kv_cache(name, over, tiny):
 def test_int8_rows_is_symmetric_per_row_rtn():
     from lowvram.quantized import int8_rows
 
-    # its own data: from the shared generator ~1 draw in 150 put a value at a rounding tie, where fp32's division
-    # missed the grid's half step by ~2e-6, and the outcome hung on which tests ran before
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 256, generator=g) * torch.rand(300, 1, generator=g)  # rows of different ranges; 300: slices
     # of 128 rows below
     w[7] = 0  # a padded vocabulary row
+    w[20:40] *= torch.logspace(-2, -7, 20)[:, None]  # rows whose steps fall among fp16's subnormals (< 2**-14)
     p = int8_rows(w.bfloat16(), rows=128)
     assert torch.equal(dequantize(p)[7], torch.zeros(256))
     assert p.bits == 8 and p.group_size == 256 and p.scales.shape == (1, 300)
     d = dequantize(p)
     step = p.scales.float().view(-1, 1)
-    assert ((d - w.bfloat16().float()).abs() <= step / 2 + 1e-6).all()  # round to nearest on each row's grid
-    live = torch.arange(300) != 7
-    assert torch.allclose(d.abs().amax(1)[live], w.bfloat16().float().abs().amax(1)[live], rtol=1e-3)  # max -> 127
+    # round to nearest on each row's grid, tiny rows too (their maxima had clamped at code 127, a step away); the
+    # slack is fp32's rounding of the division and of the comparison, not a tolerance of the quantizer
+    assert ((d - w.bfloat16().float()).abs() <= step * (0.5 + 1e-4)).all()
+    q = (d / step).round().abs().amax(1)
+    normal = (step.view(-1) >= 2**-14) & (torch.arange(300) != 7)  # fp16's subnormal steps are too coarse to
+    # reach 127 on rows of ~1e-9
+    assert (q[normal] == 127).all()  # max -> 127
 
 
 @pytest.mark.parametrize("env", [None, "0"])

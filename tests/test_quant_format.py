@@ -66,6 +66,23 @@ def test_rtn_writer_round_trips(bits, group):
     assert (deq - w).abs().max() <= step  # round-to-nearest: error within one step
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rtn_keeps_small_groups_on_their_grid(bits):
+    """Groups of small weights have steps below 2**-14, where fp16 is subnormal: rounded to the nearest fp16 the
+    step shrank by up to a few percent and the group's largest weight clamped at the last code, up to a whole
+    step off. Symmetric RTN stays within half a step of every weight, whatever the group's range, plus what
+    rounding a normal step to fp16 (2**-11 of it) moves the last code: GPTQ's symmetric grid ends half a step
+    short of the positive maximum."""
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(32, 256, generator=gen) * torch.logspace(0, -7, 32)[:, None]
+    tensors, deq = rtn(w, bits, 32)
+    s = tensors["scales"].float().repeat_interleave(32, 0).t()  # [N, K], each weight's step
+    assert (tensors["scales"] > 0).all()
+    assert ((deq - w).abs() <= s * (0.5 + 2 ** (bits - 1) * 2**-11 + 1e-4)).all()
+    ref = reference_dequant(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits, True)
+    assert torch.allclose(ref, deq, atol=1e-9, rtol=1e-5)
+
+
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (4, -1, True), (8, -1, True), (8, -1, False)])
 def test_mse_clip_search_never_worse_and_same_format(bits, group, sym):
     """The clipping search only picks other scales/zeros: the GPTQ tensors still round-trip through the
