@@ -274,12 +274,12 @@ class NativeLinear(nn.Module):
 
 def make(w: PackedWeight, dtype: torch.dtype) -> nn.Module:
     """The native module, or ONNX Runtime's for a shape the kernel does not take (in_features not a
-    multiple of 128, odd group sizes), so one model may mix both."""
+    multiple of 128, odd group sizes), so one model may mix both; torch's kernels where ONNX Runtime is missing."""
     if supports(w) is None:
         try:
             return NativeLinear(w, dtype)
         except ValueError:
             pass
-    from . import ort
+    from . import cpu, ort
 
-    return ort.make(w, dtype)
+    return ort.make(w, dtype) if ort.available() is None else cpu.make(w, dtype)
