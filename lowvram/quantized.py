@@ -102,19 +102,46 @@ class QuantizedEmbedding(torch.nn.Module):
 
 
 def fuse(ws: list[PackedWeight]) -> PackedWeight:
-    """Concatenate along the outputs (glm's q/k/v projections -> our qkv)."""
+    """Concatenate along the outputs (glm's q/k/v projections -> our qkv). Parts quantized differently (GPTQModel's
+    per-module `dynamic` settings, e.g. v_proj at 8 bits) are first brought to common settings without changing a
+    single weight: the most bits (a code and its zero point fit as they are) and groups of the sizes' gcd (each
+    group's scale and zero repeated)."""
     if len(ws) == 1:
         return ws[0]
+    if any((w.bits, w.group_size) != (ws[0].bits, ws[0].group_size) or not torch.equal(w.group_index(),
+                                                                                      ws[0].group_index())
+           for w in ws[1:]):
+        ws = _alike(ws)
     a = ws[0]
-    for w in ws[1:]:
-        if (w.bits, w.group_size) != (a.bits, a.group_size) or not torch.equal(w.group_index(), a.group_index()):
-            raise ValueError("q/k/v projections are quantized differently (bits, group size or g_idx); lowvram fuses "
-                             "them into one linear and needs them alike: quantize them with the same settings")
     zeros = torch.cat([unpack_cols(w.qzeros, w.bits)[:, : w.out_features] for w in ws], dim=1)
     biases = [w.bias for w in ws]
     return PackedWeight(torch.cat([w.qweight for w in ws], 1), pack_cols(zeros, a.bits),
                         torch.cat([w.scales for w in ws], 1), a.g_idx, a.bits, a.group_size,
                         None if any(b is None for b in biases) else torch.cat(biases))
+
+
+def _alike(ws: list[PackedWeight]) -> list[PackedWeight]:
+    import math
+
+    from .kernels import pack_rows, unpack_rows
+
+    k, bits = ws[0].in_features, max(w.bits for w in ws)
+    same_groups = all(torch.equal(w.group_index(), ws[0].group_index()) for w in ws[1:])
+    if not same_groups and any(w.has_act_order() for w in ws):
+        raise ValueError("q/k/v projections are quantized with different act-order groups (g_idx); lowvram fuses "
+                         "them into one linear and needs one grouping: quantize them with the same settings")
+    group = ws[0].group_size if same_groups else math.gcd(*(w.group_size for w in ws))
+    out = []
+    for w in ws:
+        q = pack_rows(unpack_rows(w.qweight, w.bits), bits) if w.bits != bits else w.qweight
+        z = unpack_cols(w.qzeros, w.bits)[:, : w.out_features]
+        g_idx, scales = w.g_idx, w.scales
+        if not same_groups:  # group m of `group` inputs lies inside the part's group m * group // its size
+            src = torch.arange(-(-k // group)) * group // w.group_size
+            scales, z = scales[src], z[src]
+            g_idx = None if k % group == 0 else torch.arange(k, dtype=torch.int32) // group
+        out.append(PackedWeight(q, pack_cols(z, bits), scales, g_idx, bits, group, w.bias))
+    return out
 
 
 def _file_name(cfg, mod_name: str, slot: int, nslots: int) -> str:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowvram.converters.gptq import rtn
-from lowvram.kernels import dequantize
+from lowvram.kernels import PackedWeight, dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
 from lowvram.quantized import from_gptq
 
 
@@ -104,8 +104,6 @@ def test_mse_clip_search_never_worse_and_same_format(bits, group, sym):
 
 
 def unpack_zeros(tensors, bits):
-    from lowvram.kernels import unpack_cols
-
     return unpack_cols(tensors["qzeros"], bits)
 
 
@@ -113,8 +111,6 @@ def unpack_zeros(tensors, bits):
 def test_column_packing_is_the_row_packing_transposed(bits):
     """pack_cols/unpack_cols work word by word along the columns in int32; they must equal the row packing of
     the transpose, including top values shifted into the sign bit."""
-    from lowvram.kernels import pack_cols, pack_rows, unpack_cols
-
     g = torch.Generator().manual_seed(bits)
     for r, c in ((1, 32), (7, 96), (128, 2048)):
         z = torch.randint(0, 2**bits, (r, c), generator=g, dtype=torch.int32)
@@ -147,3 +143,80 @@ def test_words_other_than_int32_and_three_bits_are_refused():
         from_gptq({"qweight": qweight.view(torch.int16), "qzeros": qzeros, "scales": scales}, 1, 128)
     with pytest.raises(ValueError, match="3-bit GPTQ, a bitstream across words, is not supported"):
         from_gptq({"qweight": qweight[:6], "qzeros": qzeros, "scales": scales}, 1, 64)
+
+
+def _part(bits, k, n, group, seed, act_order=False):
+    gen = torch.Generator().manual_seed(seed)
+    qweight, qzeros, scales, g_idx = random_gptq(bits, k, n, group, act_order, gen)
+    return from_gptq({"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}, 1, k, group)
+
+
+@pytest.mark.parametrize("parts", [[(4, 32), (4, 64), (8, 32)], [(8, 128), (4, 128), (4, 128)], [(4, -1), (4, 32), (4, 32)],
+                                   [(4, 48), (8, 96), (4, 48)]])
+def test_fusing_q_k_v_quantized_differently_changes_no_weight(parts):
+    """GPTQModel's `dynamic` settings can quantize q, k and v with their own bits and groups; lowvram runs them as
+    one linear: brought to the most bits and the groups' gcd, every weight and bias stays what it was."""
+    from lowvram.quantized import fuse
+
+    k = 192
+    ws = [_part(b, k, 32 * (i + 1), k if g <= 0 else g, seed=i) for i, (b, g) in enumerate(parts)]
+    for i, w in enumerate(ws):
+        w.bias = torch.randn(w.out_features, generator=torch.Generator().manual_seed(10 + i))
+    fused = fuse(ws)
+    assert fused.bits == max(b for b, _ in parts)
+    assert torch.equal(dequantize(fused), torch.cat([dequantize(w) for w in ws]))
+    assert torch.equal(fused.bias, torch.cat([w.bias for w in ws]))
+
+
+def test_fusing_differently_grouped_act_order_parts_is_refused():
+    from lowvram.quantized import fuse
+
+    ws = [_part(4, 128, 32, 32, seed=1, act_order=True), _part(4, 128, 32, 64, seed=2, act_order=True)]
+    with pytest.raises(ValueError, match="different act-order groups"):
+        fuse(ws)
+    same = [_part(4, 128, 32, 32, seed=3, act_order=True)]
+    same.append(PackedWeight(pack_rows(unpack_rows(same[0].qweight, 4), 8), pack_cols(unpack_cols(same[0].qzeros, 4), 8),
+                             same[0].scales, same[0].g_idx, 8, 32))  # one act-order grouping, other bits: fine
+    assert torch.equal(dequantize(fuse(same)), torch.cat([dequantize(w) for w in same]))
+
+
+def test_a_checkpoint_with_v_proj_at_8_bits_loads_and_equals_its_parts(tiny, tmp_path):
+    """A GLM-4-0414 GPTQ checkpoint whose v_proj and down_proj are 8-bit in groups of 64, the rest 4-bit in groups of
+    32 (as GPTQModel writes a `dynamic` override): the fused qkv of the float32 path is exactly the three parts'
+    weights, and the fast path computes the same logits to int8-activation rounding."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    import lowvram
+    from lowvram.converters.gptq import rtn
+    from lowvram.converters.quantize import quantize
+
+    src = tiny("glm-4-0414", hidden_size=128, head_dim=32, intermediate_size=256)
+    out = Path(quantize(src, tmp_path / "q", bits=4, group_size=32, progress=False)["out"])
+    fp = load_file(src / "model.safetensors")
+    (shard,) = sorted(out.glob("*.safetensors"))
+    st = load_file(shard)
+    for name in [n for n in fp if n.endswith(("v_proj.weight", "down_proj.weight"))]:
+        base = name.removesuffix(".weight")
+        tensors, _ = rtn(fp[name], 8, 64)
+        st.update({f"{base}.{key}": t for key, t in tensors.items()})
+    save_file(st, shard, metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["dynamic"] = {r"+:.*(v|down)_proj.*": {"bits": 8, "group_size": 64}}
+    (out / "config.json").write_text(json.dumps(cfg))
+
+    exact = lowvram.load(out, dtype="float32")
+    qkv = exact.net.layers[0].attn.qkv
+    base = "model.layers.0.self_attn."
+    parts = [from_gptq({key: st[f"{base}{p}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}, 1, 128, g)
+             for p, g in (("q_proj", 32), ("k_proj", 32), ("v_proj", 64))]
+    assert qkv.w.bits == 8 and qkv.w.group_size == 32
+    assert torch.equal(dequantize(qkv.w), torch.cat([dequantize(p) for p in parts]))
+    down = exact.net.layers[0].mlp.down.w  # a module of its own at its own settings
+    assert (down.bits, down.group_size) == (8, 64)
+    ids = list(range(3, 30))
+    ref = exact.logits(ids)
+    fast = lowvram.load(out).logits(ids)
+    assert ((fast - ref).norm() / ref.norm()).item() < 5e-2
