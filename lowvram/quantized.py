@@ -7,11 +7,13 @@ tensor shapes, so a checkpoint may mix them (an int8 output layer beside int4 bl
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
-from .kernels import PackedWeight, default_backend, fp16_scale, make_linear, pack_cols, unpack_cols
+from .kernels import (PackedWeight, default_backend, fp16_scale, make_linear, pack_cols, pack_rows, unpack_cols,
+                      unpack_rows)
 
 _KEYS = ("qweight", "qzeros", "scales")
 
@@ -76,8 +78,6 @@ def from_thudm(t: dict, bits: int, in_features: int) -> PackedWeight:
         raise ValueError(f"weight {tuple(w.shape)} holds {vals.shape[1]} inputs at {bits} bits, expected {in_features}")
     mid = 2 ** (bits - 1)
     q = (vals.to(torch.int32) + mid).t().contiguous()  # [K, N]
-    from .kernels import pack_rows
-
     n = q.shape[1]
     return PackedWeight(pack_rows(q, bits), pack_cols(torch.full((1, n), mid, dtype=torch.int32), bits),
                         s.reshape(1, n), None, bits, in_features, t.get("bias"))
@@ -121,10 +121,6 @@ def fuse(ws: list[PackedWeight]) -> PackedWeight:
 
 
 def _alike(ws: list[PackedWeight]) -> list[PackedWeight]:
-    import math
-
-    from .kernels import pack_rows, unpack_rows
-
     k, bits = ws[0].in_features, max(w.bits for w in ws)
     same_groups = all(torch.equal(w.group_index(), ws[0].group_index()) for w in ws[1:])
     if not same_groups and any(w.has_act_order() for w in ws):
