@@ -125,6 +125,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     mapped_name = embeddings_mappable(ckpt, cfg, torch.device("cpu"))
     weights = mapped = transient = head_first = 0
     quant_mods: dict[str, int] = {}
+    qkv_parts: dict[str, list[tuple[int, int]]] = {}  # a fused q/k/v's parts as (bits, codes), see quantized.fuse
     needs_ort = False  # the native kernel hands shapes it does not take to ORT (its libraries then load)
     for name in ckpt.names():
         m = map_name(cfg.layout, name)
@@ -137,6 +138,9 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
         if suffix in QUANT_SUFFIXES or not ckpt.dtype(name).is_floating_point:
             weights += fbytes
             quant_mods[mod] = quant_mods.get(mod, 0) + fbytes
+            if suffix == "qweight" and mod.endswith("attn.qkv") and m[1] is not None:
+                rows, n = ckpt.shape(name)
+                qkv_parts.setdefault(mod, []).append((32 * rows // cfg.hidden_size, cfg.hidden_size * n))
             if suffix == "weight":  # THUDM's int4/int8 layout: ORT takes it
                 needs_ort = True
             elif suffix == "g_idx":
@@ -160,6 +164,9 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
             head_first += numel * db + (fbytes if ckpt.dtype(name) != dt else 0)
         elif ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
             transient = max(transient, fbytes)
+    for parts in qkv_parts.values():  # parts of fewer bits widen to the most bits of the three when fused
+        top = max(b for b, _ in parts)
+        weights += sum(codes * (top - b) // 8 for b, codes in parts)
     if "embed" in quant_mods:  # THUDM quantized embeddings: the lookup table and the head's copy of its ints
         weights += quant_mods["embed"]
     head_q = quant_mods.get("output", 0)

@@ -180,33 +180,41 @@ def test_fusing_differently_grouped_act_order_parts_is_refused():
     assert torch.equal(dequantize(fuse(same)), torch.cat([dequantize(w) for w in same]))
 
 
-def test_a_checkpoint_with_v_proj_at_8_bits_loads_and_equals_its_parts(tiny, tmp_path):
-    """A GLM-4-0414 GPTQ checkpoint whose v_proj and down_proj are 8-bit in groups of 64, the rest 4-bit in groups of
-    32 (as GPTQModel writes a `dynamic` override): the fused qkv of the float32 path is exactly the three parts'
-    weights, and the fast path computes the same logits to int8-activation rounding."""
+def _wider_v_and_down(tiny, tmp_path):
+    """A GLM-4-0414 GPTQ checkpoint with v_proj and down_proj at 8 bits in groups of 64, the rest 4-bit in groups of
+    32, as GPTQModel writes a `dynamic` override; and the 4-bit-only checkpoint it was made from."""
     import json
+    import shutil
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
-    import lowvram
     from lowvram.converters.gptq import rtn
     from lowvram.converters.quantize import quantize
 
     src = tiny("glm-4-0414", hidden_size=128, head_dim=32, intermediate_size=256)
-    out = Path(quantize(src, tmp_path / "q", bits=4, group_size=32, progress=False)["out"])
+    uniform = Path(quantize(src, tmp_path / "q4", bits=4, group_size=32, progress=False)["out"])
+    out = tmp_path / "mixed"
+    shutil.copytree(uniform, out)
     fp = load_file(src / "model.safetensors")
     (shard,) = sorted(out.glob("*.safetensors"))
     st = load_file(shard)
     for name in [n for n in fp if n.endswith(("v_proj.weight", "down_proj.weight"))]:
-        base = name.removesuffix(".weight")
         tensors, _ = rtn(fp[name], 8, 64)
-        st.update({f"{base}.{key}": t for key, t in tensors.items()})
+        st.update({f"{name.removesuffix('.weight')}.{key}": t for key, t in tensors.items()})
     save_file(st, shard, metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["dynamic"] = {r"+:.*(v|down)_proj.*": {"bits": 8, "group_size": 64}}
     (out / "config.json").write_text(json.dumps(cfg))
+    return out, st, uniform
 
+
+def test_a_checkpoint_with_v_proj_at_8_bits_loads_and_equals_its_parts(tiny, tmp_path):
+    """q/k/v at different bits and groups: the fused qkv of the float32 path is exactly the three parts' weights,
+    down_proj keeps its own settings, and the fast path computes the same logits to int8-activation rounding."""
+    import lowvram
+
+    out, st, _ = _wider_v_and_down(tiny, tmp_path)
     exact = lowvram.load(out, dtype="float32")
     qkv = exact.net.layers[0].attn.qkv
     base = "model.layers.0.self_attn."
@@ -220,3 +228,21 @@ def test_a_checkpoint_with_v_proj_at_8_bits_loads_and_equals_its_parts(tiny, tmp
     ref = exact.logits(ids)
     fast = lowvram.load(out).logits(ids)
     assert ((fast - ref).norm() / ref.norm()).item() < 5e-2
+
+
+def test_the_memory_model_counts_the_widened_q_k_v(tiny, tmp_path):
+    """The RSS model counts quantized linears at their file bytes; q/k parts widened to v_proj's 8 bits take more
+    in memory than in the file, and the prediction grows by what the loaded modules grow by (to within the g_idx
+    and scales the two layouts hold differently)."""
+    import lowvram
+    from lowvram.memory import predict_rss
+
+    out, _, uniform = _wider_v_and_down(tiny, tmp_path)
+
+    def held(path):
+        m = lowvram.load(path, dtype="float32")
+        return sum(mod.w.nbytes() for mod in m.net.layers.modules() if isinstance(getattr(mod, "w", None), PackedWeight))
+
+    grown = predict_rss(out, dtype="float32").weights - predict_rss(uniform, dtype="float32").weights
+    actual = held(out) - held(uniform)
+    assert abs(grown - actual) <= 0.1 * actual, (grown, actual)
