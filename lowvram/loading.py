@@ -507,9 +507,9 @@ def fill(net: GLM, ckpt: Checkpoint, cfg: GLMConfig, dtype: torch.dtype, devs: l
 
     for name, parts in list(fused.items()):
         mod_name = name.rpartition(".")[0]
-        if mod_name in quant:  # a bias whose weight turned out quantized
+        if mod_name in quant:  # a bias whose weight turned out quantized, or a part left unquantized beside them
             for slot, t in parts.items():
-                quant[mod_name][slot]["bias"] = t
+                quant[mod_name][slot]["bias" if name.endswith(".bias") else "float"] = t
         else:
             misshaped.append(f"{name} (only parts {sorted(parts)} of {nparts} present)")
     for mod_name in sorted(quant):  # incomplete sets: build_linear names what is missing

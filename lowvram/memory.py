@@ -126,6 +126,7 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
     weights = mapped = transient = head_first = 0
     quant_mods: dict[str, int] = {}
     qkv_parts: dict[str, list[tuple[int, int]]] = {}  # a fused q/k/v's parts as (bits, codes), see quantized.fuse
+    float_qkv: set[str] = set()  # q/k/v with parts left float: all three run as one float linear
     needs_ort = False  # the native kernel hands shapes it does not take to ORT (its libraries then load)
     for name in ckpt.names():
         m = map_name(cfg.layout, name)
@@ -149,6 +150,8 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
                 groups = ckpt.shape(scales)[0] if scales in ckpt.names() else 0
                 needs_ort |= supports_shape(4, k, k // groups if groups else k) is not None
             continue
+        if suffix == "weight" and mod.endswith("attn.qkv") and m[1] is not None:
+            float_qkv.add(mod)
         if name == mapped_name:
             mapped += numel * db
             weights += min(prompt_len + new_tokens, cfg.vocab_size) * cfg.hidden_size * ckpt.dtype(name).itemsize
@@ -164,9 +167,12 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
             head_first += numel * db + (fbytes if ckpt.dtype(name) != dt else 0)
         elif ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
             transient = max(transient, fbytes)
-    for parts in qkv_parts.values():  # parts of fewer bits widen to the most bits of the three when fused
+    for mod, parts in qkv_parts.items():  # parts of fewer bits widen to the most bits of the three when fused
         top = max(b for b, _ in parts)
-        weights += sum(codes * (top - b) // 8 for b, codes in parts)
+        if mod in float_qkv:  # the quantized parts dequantized beside the float ones
+            weights += sum(codes for _, codes in parts) * db - quant_mods[mod]
+        else:
+            weights += sum(codes * (top - b) // 8 for b, codes in parts)
     if "embed" in quant_mods:  # THUDM quantized embeddings: the lookup table and the head's copy of its ints
         weights += quant_mods["embed"]
     head_q = quant_mods.get("output", 0)

@@ -12,8 +12,8 @@ import warnings
 
 import torch
 
-from .kernels import (PackedWeight, default_backend, fp16_scale, make_linear, pack_cols, pack_rows, unpack_cols,
-                      unpack_rows)
+from .kernels import (PackedWeight, default_backend, dequantize, fp16_scale, make_linear, pack_cols, pack_rows,
+                      unpack_cols, unpack_rows)
 
 _KEYS = ("qweight", "qzeros", "scales")
 
@@ -28,8 +28,7 @@ def from_gptq(t: dict, offset: int, in_features: int, group_size: int | None = N
     """group_size (the config's): needed only when the groups do not split the inputs evenly (13696 inputs in
     groups of 256: 54 groups, the last short) and the file has no g_idx saying which input is in which."""
     if set(t) <= {"bias"}:
-        raise ValueError("stored unquantized while the projections fused with it are quantized; lowvram fuses "
-                         "q/k/v into one linear and needs them quantized alike")
+        raise ValueError("has a bias but no weight (neither qweight nor a float weight)")
     missing = [k for k in _KEYS if k not in t]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (GPTQ needs qweight, qzeros, scales)")
@@ -158,7 +157,9 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
     for slot in sorted(parts):
         t = parts[slot]
         try:
-            if "qweight" in t or set(t) <= {"bias"}:
+            if "float" in t:  # left unquantized (GPTQModel's `dynamic` can exclude one of q/k/v)
+                packed.append(t)
+            elif "qweight" in t or set(t) <= {"bias"}:
                 packed.append(from_gptq(t, zero_offset(cfg), in_features, q.get("group_size")))
             elif "weight" in t:
                 bits = int(q.get("thudm_bits") or (4 if t["weight"].shape[1] * 2 == in_features else 8))
@@ -167,6 +168,8 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
                 raise ValueError(f"unrecognised quantized tensors {sorted(t)}")
         except ValueError as e:
             raise ValueError(f"{_file_name(cfg, mod_name, slot, len(parts))}: {e}") from None
+    if any(isinstance(p, dict) for p in packed):
+        return _partly_float(mod_name, packed, linear, device, dtype)
     w = fuse(packed)
     if w.out_features != linear.out_features:
         raise ValueError(f"{w.out_features} outputs, expected {linear.out_features}")
@@ -186,6 +189,29 @@ def build_linear(cfg, mod_name: str, parts: dict, linear, device, dtype, backend
         w = PackedWeight(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
                            (w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.group_size, w.bias)))
     return make_linear(w, "torch", dtype, device)
+
+
+def _partly_float(mod_name: str, parts: list, linear, device, dtype: torch.dtype) -> torch.nn.Linear:
+    """q/k/v of which some parts are stored unquantized: one float linear of the quantized parts' exact weights
+    beside the float ones (float32 stays the exact reference); it takes the compute dtype's memory for all three."""
+    ws = [p["float"].float() if isinstance(p, dict) else dequantize(p) for p in parts]
+    biases = [p.get("bias") if isinstance(p, dict) else p.bias for p in parts]
+    w = torch.cat(ws)
+    if w.shape != (linear.out_features, linear.in_features):
+        raise ValueError(f"{tuple(w.shape)} from its parts, expected {(linear.out_features, linear.in_features)}")
+    if dtype != torch.float32:
+        warnings.warn(f"{mod_name}: q/k/v partly unquantized in the file; they run as one {dtype} linear", stacklevel=3)
+    out = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    out.weight = torch.nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+    if linear.bias is not None:  # the parts' biases, or all three already fused into the linear's
+        if all(x is not None for x in biases):
+            b = torch.cat([x.float() for x in biases])
+        elif not linear.bias.is_meta:
+            b = linear.bias.detach()
+        else:
+            raise ValueError("a part has no bias while the others have one")
+        out.bias = torch.nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
+    return out
 
 
 def int8_head(cfg, device, dtype: torch.dtype, backend: str | None, in_features: int) -> bool:

@@ -246,3 +246,65 @@ def test_the_memory_model_counts_the_widened_q_k_v(tiny, tmp_path):
     grown = predict_rss(out, dtype="float32").weights - predict_rss(uniform, dtype="float32").weights
     actual = held(out) - held(uniform)
     assert abs(grown - actual) <= 0.1 * actual, (grown, actual)
+
+
+def test_a_checkpoint_with_k_proj_left_float_loads_as_its_parts(tiny, tmp_path):
+    """GPTQModel's `dynamic` can leave one of q/k/v unquantized (`-:` rule): the three then run as one float linear
+    holding the quantized parts' exact weights beside the stored float one, so the float32 path is still exact."""
+    import json
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    import lowvram
+
+    _, st, uniform = _wider_v_and_down(tiny, tmp_path)
+    out = tmp_path / "k-float"
+    shutil.copytree(uniform, out)
+    (shard,) = sorted(out.glob("*.safetensors"))
+    st = load_file(shard)
+    gen = torch.Generator().manual_seed(0)
+    kfloat = {}
+    for name in [n for n in st if n.endswith("k_proj.qweight")]:
+        base = name.removesuffix(".qweight")
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            del st[f"{base}.{key}"]
+        kfloat[base] = st[f"{base}.weight"] = torch.randn(64, 128, generator=gen).half()
+    save_file(st, shard, metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["dynamic"] = {r"-:.*k_proj.*": {}}
+    (out / "config.json").write_text(json.dumps(cfg))
+
+    exact = lowvram.load(out, dtype="float32")
+    qkv = exact.net.layers[0].attn.qkv
+    base = "model.layers.0.self_attn."
+    q, v = (from_gptq({key: st[f"{base}{p}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}, 1, 128, 32)
+            for p in ("q_proj", "v_proj"))
+    assert type(qkv) is torch.nn.Linear
+    assert torch.equal(qkv.weight, torch.cat([dequantize(q), kfloat[base + "k_proj"].float(), dequantize(v)]))
+    assert torch.equal(qkv.bias, torch.cat([st[f"{base}{p}_proj.bias"].float() for p in "qkv"]))
+    ids = list(range(3, 30))
+    ref = exact.logits(ids)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fast = lowvram.load(out)
+    assert any("partly unquantized" in str(w.message) for w in seen)
+    logits = fast.logits(ids)
+    assert ((logits - ref).norm() / ref.norm()).item() < 5e-2
+    assert torch.equal(lowvram.load(out).logits(ids), logits)  # again (from the repack cache where it is on)
+    from lowvram.memory import predict_rss
+
+    grown = predict_rss(out, dtype="float32").weights - predict_rss(uniform, dtype="float32").weights
+    actual = _held(exact) - _held(lowvram.load(uniform, dtype="float32"))
+    assert abs(grown - actual) <= 0.1 * actual, (grown, actual)  # the RSS model counts the float qkv as such
+
+
+def _held(model) -> int:
+    """Bytes a loaded model's blocks hold: parameters, buffers and packed weights."""
+    total = 0
+    for mod in model.net.layers.modules():
+        total += sum(t.numel() * t.element_size() for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)])
+        if isinstance(getattr(mod, "w", None), PackedWeight):
+            total += mod.w.nbytes()
+    return total
