@@ -163,6 +163,11 @@ def default_backend(device: str | torch.device, dtype: torch.dtype) -> str:
     native = importlib.import_module(BACKENDS["native"])
     if native.available() is None and native.fast():
         return "native"
+    return portable_cpu_backend()
+
+
+def portable_cpu_backend() -> str:
+    """The CPU backend where the native kernel does not run: ONNX Runtime, else torch's own int4/int8 kernels."""
     return "ort" if importlib.import_module(BACKENDS["ort"]).available() is None else "cpu"
 
 

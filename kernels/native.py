@@ -20,7 +20,7 @@ import threading
 import torch
 from torch import nn
 
-from . import PackedWeight, unpack_cols
+from . import PackedWeight, make_linear, portable_cpu_backend, unpack_cols
 
 _lib = None
 _why = None
@@ -280,6 +280,4 @@ def make(w: PackedWeight, dtype: torch.dtype) -> nn.Module:
             return NativeLinear(w, dtype)
         except ValueError:
             pass
-    from . import cpu, ort
-
-    return ort.make(w, dtype) if ort.available() is None else cpu.make(w, dtype)
+    return make_linear(w, portable_cpu_backend(), dtype)

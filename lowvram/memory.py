@@ -168,10 +168,10 @@ def predict_rss(path, dtype=None, backend: str | None = None, prompt_len: int = 
         elif ckpt.dtype(name) != dt:  # the file's copy lives while it is converted
             transient = max(transient, fbytes)
     for mod, parts in qkv_parts.items():  # parts of fewer bits widen to the most bits of the three when fused
-        top = max(b for b, _ in parts)
         if mod in float_qkv:  # the quantized parts dequantized beside the float ones
             weights += sum(codes for _, codes in parts) * db - quant_mods[mod]
         else:
+            top = max(b for b, _ in parts)
             weights += sum(codes * (top - b) // 8 for b, codes in parts)
     if "embed" in quant_mods:  # THUDM quantized embeddings: the lookup table and the head's copy of its ints
         weights += quant_mods["embed"]

@@ -107,10 +107,7 @@ def fuse(ws: list[PackedWeight]) -> PackedWeight:
     group's scale and zero repeated)."""
     if len(ws) == 1:
         return ws[0]
-    if any((w.bits, w.group_size) != (ws[0].bits, ws[0].group_size) or not torch.equal(w.group_index(),
-                                                                                      ws[0].group_index())
-           for w in ws[1:]):
-        ws = _alike(ws)
+    ws = _alike(ws)
     a = ws[0]
     zeros = torch.cat([unpack_cols(w.qzeros, w.bits)[:, : w.out_features] for w in ws], dim=1)
     biases = [w.bias for w in ws]
@@ -120,8 +117,11 @@ def fuse(ws: list[PackedWeight]) -> PackedWeight:
 
 
 def _alike(ws: list[PackedWeight]) -> list[PackedWeight]:
+    """The parts as they are when their bits and groups agree, else re-expressed at common ones (see fuse)."""
     k, bits = ws[0].in_features, max(w.bits for w in ws)
     same_groups = all(torch.equal(w.group_index(), ws[0].group_index()) for w in ws[1:])
+    if same_groups and all(w.bits == bits for w in ws):
+        return ws
     if not same_groups and any(w.has_act_order() for w in ws):
         raise ValueError("q/k/v projections are quantized with different act-order groups (g_idx); lowvram fuses "
                          "them into one linear and needs one grouping: quantize them with the same settings")

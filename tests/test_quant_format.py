@@ -6,6 +6,7 @@ import torch
 from lowvram.converters.gptq import rtn
 from lowvram.kernels import PackedWeight, dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
 from lowvram.quantized import from_gptq
+from test_thudm import resident_block_bytes
 
 
 def reference_dequant(qweight, qzeros, scales, g_idx, bits, v1):
@@ -238,13 +239,9 @@ def test_the_memory_model_counts_the_widened_q_k_v(tiny, tmp_path):
     from lowvram.memory import predict_rss
 
     out, _, uniform = _wider_v_and_down(tiny, tmp_path)
-
-    def held(path):
-        m = lowvram.load(path, dtype="float32")
-        return sum(mod.w.nbytes() for mod in m.net.layers.modules() if isinstance(getattr(mod, "w", None), PackedWeight))
-
     grown = predict_rss(out, dtype="float32").weights - predict_rss(uniform, dtype="float32").weights
-    actual = held(out) - held(uniform)
+    held = [resident_block_bytes(lowvram.load(p, dtype="float32")) for p in (out, uniform)]
+    actual = held[0] - held[1]
     assert abs(grown - actual) <= 0.1 * actual, (grown, actual)
 
 
@@ -296,15 +293,5 @@ def test_a_checkpoint_with_k_proj_left_float_loads_as_its_parts(tiny, tmp_path):
     from lowvram.memory import predict_rss
 
     grown = predict_rss(out, dtype="float32").weights - predict_rss(uniform, dtype="float32").weights
-    actual = _held(exact) - _held(lowvram.load(uniform, dtype="float32"))
+    actual = resident_block_bytes(exact) - resident_block_bytes(lowvram.load(uniform, dtype="float32"))
     assert abs(grown - actual) <= 0.1 * actual, (grown, actual)  # the RSS model counts the float qkv as such
-
-
-def _held(model) -> int:
-    """Bytes a loaded model's blocks hold: parameters, buffers and packed weights."""
-    total = 0
-    for mod in model.net.layers.modules():
-        total += sum(t.numel() * t.element_size() for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)])
-        if isinstance(getattr(mod, "w", None), PackedWeight):
-            total += mod.w.nbytes()
-    return total
